@@ -1,0 +1,39 @@
+"""Top-K routing: GShard / Mixtral, and Switch when k = 1."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_moe.estimators.base import Estimator
+from lightning_moe.estimators.registry import register_estimator
+from lightning_moe.routing import Routing
+
+
+@register_estimator("topk", description="Top-K softmax gates with plain autograd (Switch for k=1).")
+class TopK(Estimator):
+    """Top-K softmax gating; the router gradient is plain autograd through the K chosen gates.
+
+    Args:
+        renormalize: divide the chosen gates by their sum (Mixtral); off by default, as
+            in GShard / Switch, where gates are the softmax over all experts.
+        jitter_eps: in training, multiply the logits by noise drawn from U(1 - eps, 1 + eps)
+            before selection (Switch Transformer's router jitter, applied to the logits).
+    """
+
+    def __init__(self, renormalize: bool = False, jitter_eps: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= jitter_eps < 1.0:
+            raise ValueError(f"jitter_eps must be in [0, 1), got {jitter_eps}")
+        self.renormalize = renormalize
+        self.jitter_eps = jitter_eps
+
+    def route(self, logits_TE: Tensor, top_k: int) -> Routing:
+        if self.training and self.jitter_eps > 0:
+            noise = torch.empty_like(logits_TE).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
+            logits_TE = logits_TE * noise
+        probs_TE = logits_TE.softmax(dim=-1)
+        weights_TK, indices_TK = probs_TE.topk(top_k, dim=-1)
+        if self.renormalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        return Routing(indices=indices_TK, weights=weights_TK, probs=probs_TE)

@@ -1,0 +1,150 @@
+"""Dropless expert FFNs behind one parameter layout and several interchangeable backends.
+
+Shape legend: T tokens, D model width, F expert hidden width, E experts, K experts per
+token, N = T * K (token, slot) pairs.
+
+Every backend computes ``y_T = sum_k weights_TK[t, k] * FFN_{indices_TK[t, k]}(x_T)`` for
+every pair (no capacity factor, no dropped tokens), and gradients flow to ``x``, the
+expert parameters and the routing weights. The parameters are stored as MegaBlocks lays
+them out (``w1``, ``v1``, ``w2`` each [E, F, D]), so a checkpoint moves between backends.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = ("swiglu", "gelu")
+BACKENDS = ("auto", "loop", "torch", "megablocks")
+
+
+class ExpertStats(NamedTuple):
+    """Per-expert facts about one forward, all without grad."""
+
+    tokens_per_expert: Tensor  # [E] int64: (token, slot) pairs routed to each expert
+    output_sum: Tensor | None = None  # [E, D] float32: sum of FFN_e(x) over its pairs
+    weighted_output_sum: Tensor | None = None  # [E, D] float32: sum of weight * FFN_e(x)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype expert matmuls run in: autocast's when it is on, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def expert_output_sums(
+    expert_ids_N: Tensor, out_ND: Tensor, weights_N: Tensor, num_experts: int
+) -> tuple[Tensor, Tensor]:
+    """Per-expert sums of outputs and of weighted outputs (float32, no grad)."""
+    out_ND = out_ND.detach().float()
+    output_sum = out_ND.new_zeros(num_experts, out_ND.shape[1]).index_add_(0, expert_ids_N, out_ND)
+    weighted = out_ND * weights_N.detach().float()[:, None]
+    weighted_sum = out_ND.new_zeros(num_experts, out_ND.shape[1]).index_add_(0, expert_ids_N, weighted)
+    return output_sum, weighted_sum
+
+
+class Experts(nn.Module):
+    """E feed-forward experts in one parameter layout, run by a chosen backend.
+
+    Args:
+        d_model: model width D.
+        ffn_hidden: hidden width F of each expert.
+        num_experts: E.
+        activation: ``"swiglu"`` (``silu(x w1^T) * (x v1^T)``) or ``"gelu"``.
+        backend: ``"loop"`` (reference), ``"torch"`` (sorted grouped GEMM),
+            ``"megablocks"`` (GPU) or ``"auto"`` (fastest available for the input).
+    """
+
+    def __init__(
+        self, d_model: int, ffn_hidden: int, num_experts: int, activation: str = "swiglu", backend: str = "auto"
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is not valid; choose one of {ACTIVATIONS}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not valid; choose one of {BACKENDS}")
+        self.d_model, self.ffn_hidden, self.num_experts = d_model, ffn_hidden, num_experts
+        self.activation = activation
+        self.backend = backend
+        self.w1 = nn.Parameter(torch.empty(num_experts, ffn_hidden, d_model))
+        self.v1 = nn.Parameter(torch.empty(num_experts, ffn_hidden, d_model)) if activation == "swiglu" else None
+        self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
+        for weight in (self.w1, self.v1):
+            if weight is not None:
+                nn.init.normal_(weight, std=std)
+        nn.init.normal_(self.w2, std=std if out_std is None else out_std)
+
+    def activate(self, h1: Tensor, h3: Tensor | None) -> Tensor:
+        """The expert nonlinearity applied to the first projection(s)."""
+        if self.activation == "swiglu":
+            return F.silu(h1) * h3
+        return F.gelu(h1)
+
+    def expert_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor]:
+        cast = lambda w: None if w is None else w.to(dtype)  # noqa: E731
+        return cast(self.w1), cast(self.v1), cast(self.w2)
+
+    def resolved_backend(self, x_TD: Tensor) -> str:
+        """The backend that will run for this input (resolves ``"auto"``)."""
+        if self.backend != "auto":
+            return self.backend
+        return auto_backend(x_TD.device, self.num_experts)
+
+    def forward(
+        self, x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, return_output_sums: bool = False
+    ) -> tuple[Tensor, ExpertStats]:
+        return get_backend(self.resolved_backend(x_TD))(self, x_TD, indices_TK, weights_TK, return_output_sums)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, ffn_hidden={self.ffn_hidden}, num_experts={self.num_experts}, "
+            f"activation={self.activation!r}, backend={self.backend!r}"
+        )
+
+
+BackendFn = Callable[[Experts, Tensor, Tensor, Tensor, bool], "tuple[Tensor, ExpertStats]"]
+
+
+def get_backend(name: str) -> BackendFn:
+    """The forward function of a backend; MegaBlocks is imported only when asked for."""
+    if name == "loop":
+        from lightning_moe.experts.loop import loop_experts
+
+        return loop_experts
+    if name == "torch":
+        from lightning_moe.experts.grouped import grouped_experts
+
+        return grouped_experts
+    if name == "megablocks":
+        from lightning_moe.experts.megablocks import megablocks_experts
+
+        return megablocks_experts
+    raise ValueError(f"backend={name!r} is not valid; choose one of {BACKENDS}")
+
+
+def megablocks_available() -> bool:
+    try:
+        import megablocks  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def auto_backend(device: torch.device, num_experts: int) -> str:
+    """Fastest backend for a device, as measured by ``benchmarks/moe_layer.py``."""
+    if device.type == "cuda" and megablocks_available():
+        return "megablocks"
+    return "torch"
+
+
+def init_std_for_depth(n_layers: int, std: float = 0.02) -> float:
+    """Scaled init for residual output projections (GPT-2: std / sqrt(2 * n_layers))."""
+    return std / math.sqrt(2 * n_layers)

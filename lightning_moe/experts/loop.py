@@ -1,0 +1,43 @@
+"""The reference backend: one plain matmul chain per expert over the tokens routed to it.
+
+Obviously correct and slow; every other backend is tested against it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_moe.experts import Experts, ExpertStats, compute_dtype, expert_output_sums
+
+
+def loop_experts(
+    experts: Experts, x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, return_output_sums: bool
+) -> tuple[Tensor, ExpertStats]:
+    dtype = compute_dtype(x_TD)
+    x_TD = x_TD.to(dtype)
+    w1, v1, w2 = experts.expert_weights(dtype)
+    y_TD = torch.zeros_like(x_TD)
+    token_ids, slot_ids, expert_ids, outputs = [], [], [], []
+    for e in range(experts.num_experts):
+        tokens, slots = (indices_TK == e).nonzero(as_tuple=True)
+        if tokens.numel() == 0:
+            continue
+        x_nD = x_TD[tokens]
+        h = experts.activate(F.linear(x_nD, w1[e]), None if v1 is None else F.linear(x_nD, v1[e]))
+        out_nD = h @ w2[e]
+        gate_n = weights_TK[tokens, slots].to(dtype)
+        y_TD = y_TD.index_add(0, tokens, out_nD * gate_n[:, None])
+        token_ids.append(tokens), slot_ids.append(slots), outputs.append(out_nD)
+        expert_ids.append(torch.full_like(tokens, e))
+
+    tokens_per_expert = torch.bincount(indices_TK.reshape(-1), minlength=experts.num_experts)
+    if not return_output_sums:
+        return y_TD, ExpertStats(tokens_per_expert)
+    if not outputs:  # T = 0
+        zeros = x_TD.new_zeros(experts.num_experts, x_TD.shape[1], dtype=torch.float32)
+        return y_TD, ExpertStats(tokens_per_expert, zeros, zeros.clone())
+    tokens, slots = torch.cat(token_ids), torch.cat(slot_ids)
+    sums = expert_output_sums(torch.cat(expert_ids), torch.cat(outputs), weights_TK[tokens, slots], experts.num_experts)
+    return y_TD, ExpertStats(tokens_per_expert, *sums)

@@ -1,0 +1,191 @@
+"""MoELayer: router + estimator + dropless experts, with aux losses and routing statistics.
+
+Shape legend: T tokens, D model width, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from lightning_moe.estimators import ESTIMATOR_REGISTRY, Estimator
+from lightning_moe.experts import ACTIVATIONS, BACKENDS, Experts
+from lightning_moe.losses import GradScale, attach_aux_loss
+from lightning_moe.routing import Router, Routing
+
+
+class AuxLossTerm(Protocol):
+    """An auxiliary loss computed from one forward's routing (registered by callbacks)."""
+
+    def __call__(self, routing: Routing, logits_TE: Tensor, tokens_per_expert_E: Tensor) -> Tensor: ...
+
+
+@dataclass
+class RoutingStats:
+    """Running sums (no grad) over the training forwards of one optimizer step.
+
+    Callbacks read these in ``on_before_optimizer_step`` and then call
+    :meth:`MoELayer.finish_step`; the next training forward starts a fresh record.
+    Tensors stay on the device, so recording never synchronises with the host.
+    """
+
+    num_forwards: int = 0
+    num_tokens: int = 0
+    tokens_per_expert: Tensor | None = None  # [E] (token, slot) pairs per expert
+    probs_sum: Tensor | None = None  # [E] sum over tokens of the plain softmax
+    token_entropy_sum: Tensor | None = None  # [] sum over tokens of H(softmax)
+    gate_sum: Tensor | None = None  # [] sum over tokens of the summed top-k weights
+    logit_norm_sum: Tensor | None = None  # [] sum over tokens of ||z||_2
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)  # sums over forwards
+    telemetry: dict[str, Tensor] = field(default_factory=dict)  # sums over forwards
+
+    def add(self, routing: Routing, logits_TE: Tensor, tokens_per_expert_E: Tensor, aux: dict[str, Tensor]) -> None:
+        probs_TE = routing.probs.detach()
+        entropy = -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum()
+        values = {
+            "tokens_per_expert": tokens_per_expert_E.detach().float(),
+            "probs_sum": probs_TE.sum(dim=0),
+            "token_entropy_sum": entropy,
+            "gate_sum": routing.weights.detach().float().sum(),
+            "logit_norm_sum": logits_TE.detach().norm(dim=-1).sum(),
+        }
+        for name, value in values.items():
+            current = getattr(self, name)
+            setattr(self, name, value if current is None else current + value)
+        for store, new in ((self.aux_losses, aux), (self.telemetry, routing.telemetry)):
+            for name, value in new.items():
+                value = value.detach().float()
+                store[name] = store[name] + value if name in store else value
+        self.num_forwards += 1
+        self.num_tokens += logits_TE.shape[0]
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass, e.g. an activation-checkpoint recompute."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class MoELayer(nn.Module):
+    """A sparse Mixture-of-Experts feed-forward layer with a swappable router gradient.
+
+    ``forward(x[..., d_model]) -> y[..., d_model]``; add the residual yourself.
+
+    Args:
+        d_model: input/output width.
+        ffn_hidden: hidden width of each expert.
+        num_experts: number of experts E.
+        top_k: experts per token K (1 <= K <= E).
+        estimator: a registered name (see ``available_estimators()``), a dotted path to an
+            ``Estimator`` subclass, or an ``Estimator`` instance (copied, so each layer
+            owns its state).
+        backend: ``"auto"``, ``"torch"``, ``"loop"`` or ``"megablocks"``.
+        activation: ``"swiglu"`` or ``"gelu"``.
+        input_jitter: in training, multiply the hidden states by noise from
+            U(1 - delta, 1 + delta) before router and experts (GRIN uses 0.01).
+        estimator_args: keyword arguments for a named estimator.
+
+    During training (and outside activation-checkpoint recomputation) each forward adds
+    to :attr:`routing_stats`; auxiliary losses registered in :attr:`aux_losses` (by the
+    balancing callbacks) are attached to the output so they reach the gradient.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        ffn_hidden: int,
+        num_experts: int,
+        top_k: int = 2,
+        estimator: str | Estimator = "topk",
+        backend: str = "auto",
+        activation: str = "swiglu",
+        input_jitter: float = 0.0,
+        estimator_args: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("d_model", d_model), ("ffn_hidden", ffn_hidden), ("num_experts", num_experts)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not valid; choose one of {BACKENDS}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is not valid; choose one of {ACTIVATIONS}")
+        if not 0.0 <= input_jitter < 1.0:
+            raise ValueError(f"input_jitter must be in [0, 1), got {input_jitter!r}")
+
+        self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
+        self.input_jitter = input_jitter
+        self.router = Router(d_model, num_experts)
+        self.estimator = self._build_estimator(estimator, estimator_args or {})
+        self.estimator.bind(num_experts=num_experts, top_k=top_k, d_model=d_model)
+        self.experts = Experts(d_model, ffn_hidden, num_experts, activation=activation, backend=backend)
+
+        self.aux_losses: dict[str, AuxLossTerm] = {}
+        self.aux_grad_scale: GradScale = 1.0
+        self.routing_stats = RoutingStats()
+        self._step_finished = False
+
+    @staticmethod
+    def _build_estimator(estimator: str | Estimator, estimator_args: dict[str, Any]) -> Estimator:
+        if isinstance(estimator, Estimator):
+            if estimator_args:
+                raise ValueError("estimator_args are only used with an estimator name, not an instance")
+            return copy.deepcopy(estimator)
+        if isinstance(estimator, str):
+            return ESTIMATOR_REGISTRY.get(estimator, **estimator_args)
+        raise TypeError(f"estimator must be a registered name or an Estimator instance, got {type(estimator).__name__}")
+
+    def finish_step(self) -> None:
+        """Mark :attr:`routing_stats` as consumed: the next training forward starts anew."""
+        self._step_finished = True
+
+    def _recording(self) -> bool:
+        return self.training and torch.is_grad_enabled() and not _in_backward()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"MoELayer input x has last dimension {x.shape[-1]}, expected d_model={self.d_model}")
+        x_TD = x.reshape(-1, self.d_model)
+        if self.training and self.input_jitter > 0:
+            noise = torch.empty_like(x_TD).uniform_(1 - self.input_jitter, 1 + self.input_jitter)
+            x_TD = x_TD * noise
+
+        logits_TE = self.router(x_TD)
+        routing = self.estimator.route(logits_TE, self.top_k)
+        recording = self._recording()
+        y_TD, expert_stats = self.experts(
+            x_TD,
+            routing.indices,
+            routing.weights,
+            return_output_sums=recording and self.estimator.needs_expert_outputs,
+        )
+        correction_TD = self.estimator.output_correction(routing)
+        if correction_TD is not None:
+            y_TD = y_TD + correction_TD.to(y_TD.dtype)
+
+        aux: dict[str, Tensor] = {}
+        if self.training and self.aux_losses and torch.is_grad_enabled():
+            aux = {name: term(routing, logits_TE, expert_stats.tokens_per_expert) for name, term in self.aux_losses.items()}
+            y_TD = attach_aux_loss(y_TD, torch.stack(list(aux.values())).sum(), self.aux_grad_scale)
+
+        if recording:
+            if self._step_finished:
+                self.routing_stats, self._step_finished = RoutingStats(), False
+            self.routing_stats.add(routing, logits_TE, expert_stats.tokens_per_expert, aux)
+            if self.estimator.needs_expert_outputs:
+                self.estimator.observe_expert_outputs(expert_stats)
+        return y_TD.reshape(*x.shape[:-1], self.d_model)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, input_jitter={self.input_jitter}"
+
+
+def moe_layers(module: nn.Module) -> list[tuple[str, MoELayer]]:
+    """All ``MoELayer``s inside ``module``, with their qualified names, in module order."""
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, MoELayer)]
+
