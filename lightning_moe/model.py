@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_moe.experts import ACTIVATIONS, init_std_for_depth
 from lightning_moe.layer import MoELayer
-
-ACTIVATIONS = ("swiglu", "gelu")
 
 
 def _require_positive(name: str, value: int | float) -> None:
@@ -262,9 +261,9 @@ class MoETransformer(nn.Module):
     """Decoder-only language model: ``forward(input_ids [B, T]) -> logits [B, T, V]``.
 
     Weights are drawn from N(0, 0.02); the projections that write into the residual
-    stream (attention output, dense FFN down projection) use ``0.02 / sqrt(2 * n_layers)``
-    so the residual variance does not grow with depth (GPT-2, Radford et al. 2019 §2.3).
-    MoE layers keep the initialisation of :class:`~lightning_moe.layer.MoELayer`.
+    stream (attention output, FFN and expert down projections) use
+    ``0.02 / sqrt(2 * n_layers)`` so the residual variance does not grow with depth
+    (GPT-2, Radford et al. 2019 §2.3). Routers keep their own initialisation.
     """
 
     def __init__(self, config: TransformerConfig) -> None:
@@ -283,7 +282,7 @@ class MoETransformer(nn.Module):
 
     def reset_parameters(self) -> None:
         std = 0.02
-        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        residual_std = init_std_for_depth(self.config.n_layers, std)
         nn.init.normal_(self.embed.weight, std=std)
         if not self.config.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=std)
@@ -295,6 +294,8 @@ class MoETransformer(nn.Module):
                     if linear is not None:
                         nn.init.normal_(linear.weight, std=std)
                 nn.init.normal_(block.ffn.down.weight, std=residual_std)
+            else:
+                block.ffn.experts.reset_parameters(std=std, out_std=residual_std)
 
     def _check_input_ids(self, input_ids: Tensor) -> None:
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
