@@ -55,8 +55,8 @@ def grouped_experts(
     tokens_per_expert = torch.bincount(expert_ids_N, minlength=experts.num_experts)
 
     x_ND = x_TD[token_ids_N]
-    h1 = grouped_mm(x_ND, w1.transpose(1, 2), tokens_per_expert)
-    h3 = None if v1 is None else grouped_mm(x_ND, v1.transpose(1, 2), tokens_per_expert)
+    h1 = grouped_mm(x_ND, w1, tokens_per_expert)
+    h3 = None if v1 is None else grouped_mm(x_ND, v1, tokens_per_expert)
     out_ND = grouped_mm(experts.activate(h1, h3), w2, tokens_per_expert)
 
     gate_N = weights_TK.reshape(-1)[order_N]

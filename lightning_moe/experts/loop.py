@@ -6,7 +6,6 @@ Obviously correct and slow; every other backend is tested against it.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_moe.experts import Experts, ExpertStats, compute_dtype, expert_output_sums
@@ -25,7 +24,7 @@ def loop_experts(
         if tokens.numel() == 0:
             continue
         x_nD = x_TD[tokens]
-        h = experts.activate(F.linear(x_nD, w1[e]), None if v1 is None else F.linear(x_nD, v1[e]))
+        h = experts.activate(x_nD @ w1[e], None if v1 is None else x_nD @ v1[e])
         out_nD = h @ w2[e]
         gate_n = weights_TK[tokens, slots].to(dtype)
         y_TD = y_TD.index_add(0, tokens, out_nD * gate_n[:, None])

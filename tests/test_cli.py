@@ -1,0 +1,81 @@
+"""The real entry point: every recipe parses and builds, and a tiny fit + sample runs end to end."""
+
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_moe.cli import main
+from lightning_moe.data import TextDataModule
+from lightning_moe.module import MoELanguageModel
+
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+
+
+def test_there_are_recipes():
+    assert any(p.name == "quickstart.yaml" for p in RECIPES)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_parses_and_instantiates(recipe, tmp_path):
+    cli = LightningCLI(
+        MoELanguageModel,
+        TextDataModule,
+        run=False,
+        args=["--config", str(recipe), f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"],
+    )
+    assert isinstance(cli.model, MoELanguageModel)
+    assert cli.trainer.max_steps > 0
+
+
+def test_print_config_round_trips(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(RECIPES[0]), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "num_experts: 8" in printed and "class_path: lightning_moe.callbacks.LoadBalancingLoss" in printed
+    config = tmp_path / "printed.yaml"
+    config.write_text(printed)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--print_config"])
+    assert capsys.readouterr().out == printed
+
+
+@pytest.mark.slow
+def test_quickstart_fit_writes_logs_and_checkpoint_then_samples(tmp_path, capsys):
+    quickstart = next(p for p in RECIPES if p.name == "quickstart.yaml")
+    main(
+        [
+            "fit",
+            "--config",
+            str(quickstart),
+            "--model.d_model=32",
+            "--model.n_heads=2",
+            "--model.n_layers=2",
+            "--model.moe.ffn_hidden=32",
+            "--model.warmup_steps=2",
+            "--data.seq_len=32",
+            "--data.batch_size=4",
+            "--data.max_bytes=200000",
+            f"--data.cache_dir={tmp_path / 'cache'}",
+            "--trainer.max_steps=4",
+            "--trainer.val_check_interval=4",
+            "--trainer.limit_val_batches=2",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        ]
+    )
+    run_dir = tmp_path / "runs" / "quickstart" / "version_0"
+    assert list(run_dir.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    capsys.readouterr()
+    main(["sample", str(last), "--prompt", "import ", "--max_new_tokens", "20"])
+    out = capsys.readouterr().out
+    assert out.startswith("import ")
+
+
+def test_unknown_estimator_in_config_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="estimator='nope'"):
+        MoELanguageModel(d_model=32, n_heads=2, n_layers=1, moe={"num_experts": 2, "top_k": 1, "estimator": "nope"})
