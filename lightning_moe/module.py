@@ -130,6 +130,15 @@ class MoELanguageModel(L.LightningModule):
                 f" `model.vocab_size: {data_vocab_size}`."
             )
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Default MoE layers need their EMA updater; add it unless the trainer has one."""
+        from lightning_moe.callbacks import DefaultOutputEMA
+        from lightning_moe.estimators.default_moe import DefaultMoE
+
+        needs_ema = any(isinstance(layer.estimator, DefaultMoE) for layer in self.model.moe_layers())
+        has_ema = self._trainer is not None and any(isinstance(c, DefaultOutputEMA) for c in self.trainer.callbacks)
+        return [DefaultOutputEMA()] if needs_ema and not has_ema else []
+
     def _token_loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """Mean next-token cross-entropy (float32) and the number of tokens it averages."""
         input_ids, targets = batch

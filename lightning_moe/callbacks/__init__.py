@@ -1,7 +1,8 @@
 """Router callbacks for ``Trainer(callbacks=[...])`` on any LightningModule with MoELayers."""
 
 from lightning_moe.callbacks.aux_loss import AuxLossCallback
+from lightning_moe.callbacks.default_output_ema import DefaultOutputEMA
 from lightning_moe.callbacks.load_balancing import LoadBalancingLoss
 from lightning_moe.callbacks.z_loss import RouterZLoss
 
-__all__ = ["AuxLossCallback", "LoadBalancingLoss", "RouterZLoss"]
+__all__ = ["AuxLossCallback", "DefaultOutputEMA", "LoadBalancingLoss", "RouterZLoss"]

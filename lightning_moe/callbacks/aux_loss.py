@@ -59,7 +59,8 @@ class AuxLossCallback(L.Callback):
     def _weighted_loss(self, routing: Routing, logits_TE: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
         return self.weight * self.loss(routing, logits_TE, tokens_per_expert_E)
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Not ``setup``: it runs before the module's ``configure_model``, which may build the layers.
         scale = lightning_loss_scale(trainer)
         for _, layer in layer_tags(pl_module):
             layer.aux_losses[self.name] = self._weighted_loss

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch.distributed as dist
 from torch import Tensor
 
 from lightning_moe.callbacks.aux_loss import AuxLossCallback
+from lightning_moe.distributed import data_parallel_sum
 from lightning_moe.losses import load_balancing_loss
 from lightning_moe.routing import Routing
 
@@ -32,7 +32,6 @@ class LoadBalancingLoss(AuxLossCallback):
 
     def loss(self, routing: Routing, logits_TE: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
         counts_E = tokens_per_expert_E
-        if self.scope == "global" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            counts_E = counts_E.clone()
-            dist.all_reduce(counts_E)
+        if self.scope == "global":
+            counts_E = data_parallel_sum(counts_E.clone())
         return load_balancing_loss(probs_TE=routing.probs, tokens_per_expert_E=counts_E)
