@@ -563,6 +563,10 @@ class TextDataModule(lightning.LightningDataModule):
         self._check_size(self._corpus)
         self.train_dataset = TokenChunkDataset(self._corpus.train, self.seq_len)
         self.val_dataset = TokenChunkDataset(self._corpus.val, self.seq_len)
+        rank_zero_info(
+            f"TextDataModule: byte-unigram entropy of the training tokens is {self.unigram_entropy():.3f} nats"
+            " (the loss of a model that ignores context; val/loss should end well below it)."
+        )
 
     def train_dataloader(self) -> DataLoader:
         ds = self._require(self.train_dataset)
@@ -591,6 +595,10 @@ class TextDataModule(lightning.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             collate_fn=_collate,
         )
+
+    def test_dataloader(self) -> DataLoader:
+        """The validation split: the corpus is split in two, so ``test`` reuses held-out data."""
+        return self.val_dataloader()
 
     # ----------------------------------------------------------------- statistics
 
