@@ -14,6 +14,7 @@ GEMM's backward is about twice as fast on contiguous operands than on transposed
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, NamedTuple
 
@@ -99,7 +100,7 @@ class Experts(nn.Module):
         """The backend that will run for this input (resolves ``"auto"``)."""
         if self.backend != "auto":
             return self.backend
-        return auto_backend(x_TD.device, self.num_experts)
+        return auto_backend(x_TD.device, compute_dtype(x_TD))
 
     def forward(
         self, x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, return_output_sums: bool = False
@@ -133,17 +134,27 @@ def get_backend(name: str) -> BackendFn:
     raise ValueError(f"backend={name!r} is not valid; choose one of {BACKENDS}")
 
 
+@functools.cache
 def megablocks_available() -> bool:
-    try:
-        import megablocks  # noqa: F401
-    except ImportError:
+    """Whether a GPU is present and every package the megablocks backend imports is installed.
+
+    Cached: ``auto`` asks on every forward, and a failed import is slow to repeat.
+    """
+    if not torch.cuda.is_available():
         return False
-    return torch.cuda.is_available()
+    from lightning_moe.experts.megablocks import missing_packages
+
+    return not missing_packages()
 
 
-def auto_backend(device: torch.device, num_experts: int) -> str:
-    """Fastest backend for a device, as measured by ``benchmarks/moe_layer.py``."""
-    if device.type == "cuda" and megablocks_available():
+def auto_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """Fastest backend for a device and compute dtype.
+
+    CPU: the grouped GEMM (``benchmarks/moe_layer.py``). CUDA: MegaBlocks when installed
+    and the compute dtype is bf16 (its grouped GEMM is bf16-only), else the torch grouped
+    GEMM; which of the two is faster on an H100 is for ``benchmarks/gpu_backends.py`` to show.
+    """
+    if device.type == "cuda" and dtype == torch.bfloat16 and megablocks_available():
         return "megablocks"
     return "torch"
 

@@ -1,0 +1,167 @@
+"""The ``"megablocks"`` backend: MegaBlocks' dropless grouped path run on our routing (GPU).
+
+The pipeline is that of MegaBlocks' ``ParallelDroplessMLP.grouped_forward_once``
+(``mlp_impl="grouped"``): sort the (token, slot) pairs by expert, gather the token rows
+into expert order with ``megablocks.ops.gather``, run each projection as one
+``grouped_gemm.ops.gmm`` over the per-expert segments, and scatter the expert outputs
+back with ``megablocks.ops.scatter``, whose backward also returns the gradient of the
+routing weights. What differs from MegaBlocks' own layer:
+
+* the routing (``indices``, ``weights``) comes from our estimators, so every estimator
+  runs on this backend; MegaBlocks' router, its ``Arguments`` and its process-global
+  load-balancing loss list are not used (balancing losses live in ``lightning_moe.losses``);
+* the expert weights are the :class:`~lightning_moe.experts.Experts` parameters
+  themselves: ``w1``/``v1`` [E, D, F] and ``w2`` [E, F, D] are exactly ``gmm``'s ``b``
+  operand with ``trans_b=False``, so nothing is copied or re-laid out and checkpoints
+  are interchangeable with the CPU backends.
+
+MegaBlocks, ``stanford-stk`` and ``grouped_gemm`` are imported only when this backend
+runs (:func:`load_kernels`); ``docs/megablocks.md`` says how to install them into an
+existing CUDA torch. The three kernels are reached only through :class:`Kernels`, so the
+plumbing here can be checked on CPU with plain-torch stand-ins.
+
+Shape legend: T tokens, D model width, F expert hidden width, E experts, K experts per
+token, N = T * K (token, slot) pairs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from lightning_moe.experts import Experts, ExpertStats, compute_dtype, expert_output_sums
+
+INSTALL_DOC = "docs/megablocks.md"
+# Order matters: megablocks imports stk at import time and looks for grouped_gemm.
+PACKAGES = (
+    ("stanford-stk==0.7.1", "stk"),
+    ("grouped_gemm==0.3.0", "grouped_gemm.ops"),
+    ("megablocks==0.10.0", "megablocks.ops"),
+)
+INSTALL_COMMAND = "pip install --no-build-isolation --no-deps " + " ".join(dist for dist, _ in PACKAGES)
+
+NEEDS_CUDA_MESSAGE = "backend='megablocks' needs a CUDA GPU; use backend='torch' (CPU grouped GEMM) or 'auto'"
+
+
+class Kernels(NamedTuple):
+    """The three MegaBlocks / grouped_gemm entry points this backend calls.
+
+    ``gather(x_TD, indices_N, bin_ids_N, bins_E, top_k) -> x_ND``: row i is
+    ``x_TD[indices_N[i] // top_k]``.
+    ``scatter(x_ND, indices_N, bin_ids_N, weights_N, bins_E, top_k) -> y_TD``: row
+    ``indices_N[i]`` of a [T * K, D] buffer is ``weights_N[indices_N[i]] * x_ND[i]``; the
+    K slots of each token are summed. Its backward returns gradients for ``x_ND`` and
+    ``weights_N``.
+    ``gmm(a_ND, b_EAB, batch_sizes_E) -> [N, B]``: segment e of ``a_ND`` (length
+    ``batch_sizes_E[e]``, a CPU int64 tensor) times ``b_EAB[e]``.
+    """
+
+    gather: Callable[..., Tensor]
+    scatter: Callable[..., Tensor]
+    gmm: Callable[..., Tensor]
+
+
+def missing_packages() -> list[str]:
+    """The packages this backend needs that do not import, each with the import error."""
+    missing = []
+    for dist, module in PACKAGES:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            missing.append(f"{dist} ({error})")
+    return missing
+
+
+def load_kernels(device: torch.device, dtype: torch.dtype) -> Kernels:
+    """Import the kernels, or say exactly why this backend cannot run here."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError(NEEDS_CUDA_MESSAGE)
+    if dtype != torch.bfloat16:
+        raise RuntimeError(
+            f"backend='megablocks' computes in bfloat16 only (grouped_gemm's kernels are bf16), but the expert"
+            f" compute dtype here is {dtype}. Train with precision='bf16-mixed' or 'bf16-true' (or run under"
+            " torch.autocast('cuda', dtype=torch.bfloat16)), or use backend='torch'."
+        )
+    missing = missing_packages()
+    if missing:
+        raise ImportError(
+            "backend='megablocks' needs megablocks, stanford-stk and grouped_gemm built against the installed"
+            f" CUDA torch. Missing: {'; '.join(missing)}. Install them without letting pip replace torch"
+            f" (with nvcc on PATH or CUDA_HOME set; TORCH_CUDA_ARCH_LIST='9.0' for H100):\n"
+            f"    pip install ninja numpy packaging\n    {INSTALL_COMMAND}\n"
+            f"{INSTALL_DOC} has the details (build time, prebuilt wheels for offline machines). A missing"
+            " 'megablocks_ops' or 'grouped_gemm_backend' means the package was installed without its CUDA"
+            " extension: reinstall it as above. Or use backend='torch'."
+        )
+    import grouped_gemm.ops
+    import megablocks.ops
+
+    return Kernels(gather=megablocks.ops.gather, scatter=megablocks.ops.scatter, gmm=grouped_gemm.ops.gmm)
+
+
+def _zero_grad_of_empty_experts(w_EAB: Tensor, empty_experts: Tensor) -> Tensor:
+    """``w_EAB`` whose gradient is zero for the experts that received no tokens.
+
+    grouped_gemm allocates the weight gradient with ``torch.empty`` and leaves the slices
+    of zero-token experts to its per-expert GEMMs with an empty contraction, which may not
+    write them (tgale96/grouped_gemm#36); zeroing those slices costs nothing when every
+    expert has tokens, and little otherwise.
+    """
+    w_EAB = w_EAB.view_as(w_EAB)
+    w_EAB.register_hook(lambda grad: grad.index_fill(0, empty_experts, 0))
+    return w_EAB
+
+
+def megablocks_experts(
+    experts: Experts, x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, return_output_sums: bool
+) -> tuple[Tensor, ExpertStats]:
+    dtype = compute_dtype(x_TD)
+    kernels = load_kernels(x_TD.device, dtype)
+    num_experts, top_k = experts.num_experts, indices_TK.shape[1]
+    x_TD = x_TD.to(dtype).contiguous()
+    w1, v1, w2 = experts.expert_weights(dtype)
+
+    expert_ids_N = indices_TK.reshape(-1)
+    tokens_per_expert = torch.bincount(expert_ids_N, minlength=num_experts)
+    if expert_ids_N.numel() == 0:
+        y_TD = x_TD.new_zeros(x_TD.shape)
+        if not return_output_sums:
+            return y_TD, ExpertStats(tokens_per_expert)
+        zeros = x_TD.new_zeros(num_experts, x_TD.shape[1], dtype=torch.float32)
+        return y_TD, ExpertStats(tokens_per_expert, zeros, zeros.clone())
+
+    # MegaBlocks' indices_and_bins, with torch ops and the int32 indices its kernels take:
+    # bin_ids_N are the sorted expert ids, order_N[i] the (token * K + slot) pair at
+    # sorted position i, bins_E the inclusive cumulative token counts.
+    with torch.no_grad():
+        bin_ids_N, order_N = torch.sort(expert_ids_N.int(), stable=True)
+        order_N = order_N.int()
+        bins_E = tokens_per_expert.cumsum(0).int()
+    batch_sizes_E = tokens_per_expert.cpu()  # gmm takes the segment sizes on the host
+    empty_E = batch_sizes_E == 0
+    if empty_E.any():
+        empty_experts = empty_E.nonzero().squeeze(1).to(x_TD.device)
+        w1, v1, w2 = (
+            w if w is None or not w.requires_grad else _zero_grad_of_empty_experts(w, empty_experts)
+            for w in (w1, v1, w2)
+        )
+
+    # The kernels take explicit dtypes: stk's autocast wrappers would otherwise recast
+    # their floating inputs to the autocast dtype inside the autograd functions.
+    with torch.autocast(device_type=x_TD.device.type, enabled=False):
+        x_ND = kernels.gather(x_TD, order_N, bin_ids_N, bins_E, top_k)
+        h1_NF = kernels.gmm(x_ND, w1, batch_sizes_E)
+        h3_NF = None if v1 is None else kernels.gmm(x_ND, v1, batch_sizes_E)
+        out_ND = kernels.gmm(experts.activate(h1_NF, h3_NF), w2, batch_sizes_E)
+        weights_N = weights_TK.reshape(-1).to(dtype).contiguous()
+        y_TD = kernels.scatter(out_ND, order_N, bin_ids_N, weights_N, bins_E, top_k)
+
+    if not return_output_sums:
+        return y_TD, ExpertStats(tokens_per_expert)
+    gate_N = weights_TK.reshape(-1)[order_N.long()]
+    sums = expert_output_sums(bin_ids_N.long(), out_ND, gate_N, num_experts)
+    return y_TD, ExpertStats(tokens_per_expert, *sums)
