@@ -91,6 +91,9 @@ class MoELayer(nn.Module):
     During training (and outside activation-checkpoint recomputation) each forward adds
     to :attr:`routing_stats`; auxiliary losses registered in :attr:`aux_losses` (by the
     balancing callbacks) are attached to the output so they reach the gradient.
+    :attr:`selection_bias` ([E], in ``state_dict``) is added to the scores that choose
+    the experts, not to the gate weights, when :attr:`use_selection_bias` is True and the
+    estimator has ``supports_selection_bias`` (aux-loss-free balancing).
     """
 
     def __init__(
@@ -127,6 +130,12 @@ class MoELayer(nn.Module):
 
         self.aux_losses: dict[str, AuxLossTerm] = {}
         self.aux_grad_scale: GradScale = 1.0
+        # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias on the selection scores,
+        # moved by :class:`~lightning_moe.callbacks.AuxLossFreeBalancing`. Always registered,
+        # so checkpoints have the same keys with or without it; used only while
+        # ``use_selection_bias`` is set and the estimator supports it.
+        self.register_buffer("selection_bias", torch.zeros(num_experts, dtype=torch.float32))
+        self.use_selection_bias = False
         self.routing_stats = RoutingStats()
         self._step_finished = False
 
@@ -156,7 +165,10 @@ class MoELayer(nn.Module):
             x_TD = x_TD * noise
 
         logits_TE = self.router(x_TD)
-        routing = self.estimator.route(logits_TE, self.top_k)
+        if self.use_selection_bias and self.estimator.supports_selection_bias:
+            routing = self.estimator.route(logits_TE, self.top_k, selection_bias=self.selection_bias)
+        else:
+            routing = self.estimator.route(logits_TE, self.top_k)
         recording = self._recording()
         y_TD, expert_stats = self.experts(
             x_TD,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_moe.callbacks.aux_loss import layer_tags
 from lightning_moe.distributed import data_parallel_sum
 from lightning_moe.estimators.default_moe import DefaultMoE, check_beta
+from lightning_moe.layer import moe_layers
 
 
 class DefaultOutputEMA(L.Callback):
@@ -19,7 +19,8 @@ class DefaultOutputEMA(L.Callback):
     single-process run on the same global batch. The buffers live in the model's
     ``state_dict`` (so checkpoints carry them); this callback holds no state of its own.
 
-    Logs ``moe/layer_XX/default_output_norm``: the mean L2 norm of the layer's defaults.
+    The defaults' mean norm is estimator telemetry (``default_output_norm``), logged as
+    ``moe/layer_XX/default_output_norm`` by :class:`RoutingMonitor`.
 
     Args:
         beta: EMA decay for every layer; ``None`` keeps each estimator's own.
@@ -29,17 +30,17 @@ class DefaultOutputEMA(L.Callback):
     def __init__(self, beta: float | None = None, weighted: bool | None = None) -> None:
         self.beta = None if beta is None else check_beta(beta)
         self.weighted = weighted
-        self._estimators: list[tuple[str, DefaultMoE]] = []
+        self._estimators: list[DefaultMoE] = []
         self._attached_here: list[DefaultMoE] = []
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Not ``setup``: layers built in ``configure_model`` exist only from here on.
         self._estimators = [
-            (tag, layer.estimator) for tag, layer in layer_tags(pl_module) if isinstance(layer.estimator, DefaultMoE)
+            layer.estimator for _, layer in moe_layers(pl_module) if isinstance(layer.estimator, DefaultMoE)
         ]
         if not self._estimators:
             rank_zero_warn("DefaultOutputEMA: the model has no MoELayer with estimator='default_moe'; it does nothing.")
-        for _, estimator in self._estimators:
+        for estimator in self._estimators:
             if self.beta is not None:
                 estimator.beta = self.beta
             if self.weighted is not None:
@@ -54,7 +55,5 @@ class DefaultOutputEMA(L.Callback):
         self._estimators, self._attached_here = [], []
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-        for tag, estimator in self._estimators:
+        for estimator in self._estimators:
             estimator.update_defaults(reduce=data_parallel_sum)
-            norm = estimator.default_outputs.float().norm(dim=1).mean()
-            pl_module.log(f"moe/{tag}/default_output_norm", norm, on_step=True, on_epoch=False)

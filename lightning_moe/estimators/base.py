@@ -25,6 +25,11 @@ class Estimator(nn.Module):
     #: experts backend on every training forward (Default MoE's EMA statistics).
     needs_expert_outputs: ClassVar[bool] = False
 
+    #: Set by estimators whose :meth:`route` accepts ``selection_bias`` (aux-loss-free
+    #: balancing). Sampling-based estimators leave it False: a bias on the scores would
+    #: change the distribution their gradient estimate is derived for.
+    supports_selection_bias: ClassVar[bool] = False
+
     def bind(self, *, num_experts: int, top_k: int, d_model: int) -> None:
         """Called once by the owning layer: validate the combination, allocate state.
 
@@ -32,10 +37,13 @@ class Estimator(nn.Module):
         support (e.g. a top-1 method asked for ``top_k=2``).
         """
 
-    def route(self, logits_TE: Tensor, top_k: int) -> Routing:
+    def route(self, logits_TE: Tensor, top_k: int, selection_bias: Tensor | None = None) -> Routing:
         """Pick ``top_k`` experts per token from float32 ``logits_TE``; honour ``self.training``.
 
-        Must not modify ``logits_TE`` in place.
+        Must not modify ``logits_TE`` in place. ``selection_bias`` ([E]) is passed only to
+        estimators with :attr:`supports_selection_bias`; they add it to the scores that
+        choose the experts and take the weights from the unbiased scores
+        (:func:`select_top_k`).
         """
         raise NotImplementedError
 
@@ -45,3 +53,17 @@ class Estimator(nn.Module):
 
     def observe_expert_outputs(self, stats: ExpertStats) -> None:
         """Receives the backend's per-expert output sums when ``needs_expert_outputs``."""
+
+
+def select_top_k(probs_TE: Tensor, top_k: int, selection_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(weights [T, K], indices [T, K])``: the ``top_k`` experts of ``probs_TE + selection_bias``.
+
+    The weights are gathered from the unbiased ``probs_TE``, so the bias changes which
+    experts are chosen but never the gates or their gradient. The bias is added to the
+    softmax scores, as DeepSeek-V3 adds it to its affinity scores (Sec. 2.1.2), so
+    ``gamma`` is on the scale of a routing probability.
+    """
+    if selection_bias is None:
+        return probs_TE.topk(top_k, dim=-1)
+    indices_TK = (probs_TE.detach() + selection_bias).topk(top_k, dim=-1).indices
+    return probs_TE.gather(1, indices_TK), indices_TK

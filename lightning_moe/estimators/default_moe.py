@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
-from lightning_moe.estimators.base import Estimator
+from lightning_moe.estimators.base import Estimator, select_top_k
 from lightning_moe.estimators.registry import register_estimator
 from lightning_moe.routing import Routing
 
@@ -60,6 +60,9 @@ class DefaultMoE(Estimator):
 
         Ehat_i <- beta * Ehat_i + (1 - beta) * mean_i
 
+    With a selection bias (aux-loss-free balancing), A is the top-k of pi + bias and
+    every expert outside A, whatever its pi, gets the default term.
+
     Experts without tokens keep their value. Something must call it:
     :class:`lightning_moe.callbacks.DefaultOutputEMA` does under a Lightning ``Trainer``;
     a hand-written loop calls :meth:`attach_updater` once and :meth:`update_defaults`
@@ -85,6 +88,7 @@ class DefaultMoE(Estimator):
     """
 
     needs_expert_outputs = True
+    supports_selection_bias = True
     default_outputs: Tensor
     default_initialised: Tensor
 
@@ -132,11 +136,11 @@ class DefaultMoE(Estimator):
     def _gate_normalised(self) -> bool:
         return self.weighted and self.weighted_normalizer == "weight_sum"
 
-    def route(self, logits_TE: Tensor, top_k: int) -> Routing:
+    def route(self, logits_TE: Tensor, top_k: int, selection_bias: Tensor | None = None) -> Routing:
         if self.training and torch.is_grad_enabled() and not self.updater_attached:
             raise RuntimeError(NO_UPDATER_MESSAGE)
         probs_TE = logits_TE.float().softmax(dim=-1)
-        weights_TK, indices_TK = probs_TE.topk(top_k, dim=-1)
+        weights_TK, indices_TK = select_top_k(probs_TE, top_k, selection_bias)
         if self.training and self._gate_normalised():
             gates_N = weights_TK.detach().reshape(-1)
             self._weight_sum_E = gates_N.new_zeros(probs_TE.shape[1]).index_add_(0, indices_TK.reshape(-1), gates_N)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_moe.estimators.base import Estimator
+from lightning_moe.estimators.base import Estimator, select_top_k
 from lightning_moe.estimators.registry import register_estimator
 from lightning_moe.routing import Routing
 
@@ -19,7 +19,12 @@ class TopK(Estimator):
             in GShard / Switch, where gates are the softmax over all experts.
         jitter_eps: in training, multiply the logits by noise drawn from U(1 - eps, 1 + eps)
             before selection (Switch Transformer's router jitter, applied to the logits).
+
+    Supports a selection bias (aux-loss-free balancing): the experts are the top-k of
+    softmax + bias, the gates the unbiased softmax values of those experts.
     """
+
+    supports_selection_bias = True
 
     def __init__(self, renormalize: bool = False, jitter_eps: float = 0.0) -> None:
         super().__init__()
@@ -28,12 +33,12 @@ class TopK(Estimator):
         self.renormalize = renormalize
         self.jitter_eps = jitter_eps
 
-    def route(self, logits_TE: Tensor, top_k: int) -> Routing:
+    def route(self, logits_TE: Tensor, top_k: int, selection_bias: Tensor | None = None) -> Routing:
         if self.training and self.jitter_eps > 0:
             noise = torch.empty_like(logits_TE).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
             logits_TE = logits_TE * noise
         probs_TE = logits_TE.softmax(dim=-1)
-        weights_TK, indices_TK = probs_TE.topk(top_k, dim=-1)
+        weights_TK, indices_TK = select_top_k(probs_TE, top_k, selection_bias)
         if self.renormalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         return Routing(indices=indices_TK, weights=weights_TK, probs=probs_TE)

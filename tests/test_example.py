@@ -1,0 +1,41 @@
+import importlib.util
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own_module.py"
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("own_module_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("estimator", "balancing"), [("topk", "loss"), ("default_moe", "aux_free")])
+def test_own_module_example_trains_and_writes_tensorboard_events(tmp_path, estimator, balancing):
+    example = load_example()
+    trainer = example.main(
+        max_steps=4,
+        root_dir=str(tmp_path / "runs"),
+        estimator=estimator,
+        balancing=balancing,
+        max_bytes=100_000,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    assert trainer.global_step == 4
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"histograms": 0, "images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/loss", "val/loss", "moe/layer_00/entropy", "moe/layer_01/load_cv"} <= set(tags["scalars"])
+    balancing_tag = "moe/layer_00/load_balancing_loss" if balancing == "loss" else "moe/layer_00/selection_bias_max_abs"
+    assert balancing_tag in tags["scalars"]
+    assert {"moe/layer_00/expert_load", "moe/layer_01/expert_load"} <= set(tags["histograms"])
+    assert tags["images"] == ["moe/load_heatmap"]
+
+
+def test_example_refuses_an_unknown_balancing():
+    with pytest.raises(ValueError, match="balancing"):
+        load_example().make_callbacks("topk", "both")
