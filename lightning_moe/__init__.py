@@ -5,12 +5,14 @@ from lightning_moe.experts import Experts, ExpertStats
 from lightning_moe.layer import MoELayer, RoutingStats, moe_layers
 from lightning_moe.losses import attach_aux_loss, load_balancing_loss, router_z_loss
 from lightning_moe.routing import Router, Routing
+from lightning_moe.strategies import ExpertParallelStrategy  # registers "moe_expert_parallel"
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ESTIMATOR_REGISTRY",
     "Estimator",
+    "ExpertParallelStrategy",
     "ExpertStats",
     "Experts",
     "MoELayer",

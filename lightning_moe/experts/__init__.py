@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from lightning_moe.experts.expert_parallel import ExpertShard
 
 ACTIVATIONS = ("swiglu", "gelu")
 BACKENDS = ("auto", "loop", "torch", "megablocks")
@@ -78,6 +81,9 @@ class Experts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, ffn_hidden))
         self.v1 = nn.Parameter(torch.empty(num_experts, d_model, ffn_hidden)) if activation == "swiglu" else None
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden, d_model))
+        # Set by ExpertParallelStrategy while this module holds only its rank's slice of
+        # the experts (then w1/v1/w2 have E / ep rows); None when it holds all of them.
+        self.expert_parallel: ExpertShard | None = None
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
@@ -105,12 +111,17 @@ class Experts(nn.Module):
     def forward(
         self, x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, return_output_sums: bool = False
     ) -> tuple[Tensor, ExpertStats]:
+        if self.expert_parallel is not None:
+            from lightning_moe.experts.expert_parallel import expert_parallel_experts
+
+            return expert_parallel_experts(self, x_TD, indices_TK, weights_TK, return_output_sums)
         return get_backend(self.resolved_backend(x_TD))(self, x_TD, indices_TK, weights_TK, return_output_sums)
 
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, ffn_hidden={self.ffn_hidden}, num_experts={self.num_experts}, "
             f"activation={self.activation!r}, backend={self.backend!r}"
+            + ("" if self.expert_parallel is None else f", expert_parallel={self.expert_parallel}")
         )
 
 

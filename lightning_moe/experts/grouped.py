@@ -3,12 +3,17 @@
 The ``"torch"`` backend. (The module is not named ``torch.py``: as a submodule of this
 package that name would shadow the ``torch`` module inside ``lightning_moe.experts``.)
 
-The (token, slot) pairs are sorted by expert so each expert's rows are contiguous; each
-projection is then a single grouped matmul over those segments (:func:`grouped_mm`, the
-one seam to swap in another kernel), and the weighted outputs are scattered back.
+The (token, slot) pairs are sorted by expert so each expert's rows are contiguous
+(:func:`sort_pairs`); each projection is then a single grouped matmul over those segments
+(:func:`grouped_ffn` through :func:`grouped_mm`, the one seam to swap in another kernel),
+and the weighted outputs are scattered back (:func:`combine_pairs`). Expert parallelism
+(:mod:`lightning_moe.experts.expert_parallel`) reuses the three steps around its token
+exchange.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -21,6 +26,8 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _grouped_mm_supported(x_ND: Tensor, w_EAB: Tensor) -> bool:
     """``torch._grouped_mm`` needs a supported dtype and 16-byte aligned row strides."""
     if not hasattr(torch, "_grouped_mm") or x_ND.dtype not in _GROUPED_MM_DTYPES:
+        return False
+    if x_ND.shape[0] == 0:  # its backward rejects empty inputs (an expert-parallel rank may receive no rows)
         return False
     if x_ND.device.type == "cuda":
         # The CUDA kernel is the sm90 CUTLASS one, bf16 only.
@@ -41,27 +48,51 @@ def grouped_mm(x_ND: Tensor, w_EAB: Tensor, tokens_per_expert_E: Tensor) -> Tens
     return torch.cat([seg @ w_EAB[e] for e, seg in enumerate(segments)])
 
 
+class SortedPairs(NamedTuple):
+    """The (token, slot) pairs of one routing, in expert order."""
+
+    order_N: Tensor  # position of each sorted pair in the flattened [T * K] routing
+    token_ids_N: Tensor  # token of each sorted pair
+    expert_ids_N: Tensor  # expert of each sorted pair (non-decreasing)
+    tokens_per_expert_E: Tensor  # [E] int64: pairs per expert
+
+
+def sort_pairs(indices_TK: Tensor, num_experts: int) -> SortedPairs:
+    """Sort the (token, slot) pairs by expert; ties keep token order (a stable sort)."""
+    expert_ids_N = indices_TK.reshape(-1)
+    order_N = expert_ids_N.argsort(stable=True)
+    tokens_per_expert_E = torch.bincount(expert_ids_N, minlength=num_experts)
+    return SortedPairs(order_N, order_N // indices_TK.shape[1], expert_ids_N[order_N], tokens_per_expert_E)
+
+
+def grouped_ffn(experts: Experts, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+    """The expert FFN of rows already sorted by expert: segment e goes through ``experts``' e-th weights.
+
+    ``tokens_per_expert_E`` has one entry per expert held in ``experts``' parameters (all
+    of them, or an expert-parallel rank's own); the result is [N, D] in the rows' order.
+    """
+    w1, v1, w2 = experts.expert_weights(x_ND.dtype)
+    h1 = grouped_mm(x_ND, w1, tokens_per_expert_E)
+    h3 = None if v1 is None else grouped_mm(x_ND, v1, tokens_per_expert_E)
+    return grouped_mm(experts.activate(h1, h3), w2, tokens_per_expert_E)
+
+
+def combine_pairs(
+    x_TD: Tensor, pairs: SortedPairs, out_ND: Tensor, weights_TK: Tensor, num_experts: int, return_output_sums: bool
+) -> tuple[Tensor, ExpertStats]:
+    """Scatter the sorted pairs' expert outputs back to their tokens, each times its routing weight."""
+    gate_N = weights_TK.reshape(-1)[pairs.order_N]
+    y_TD = torch.zeros_like(x_TD).index_add(0, pairs.token_ids_N, out_ND * gate_N.to(out_ND.dtype)[:, None])
+    if not return_output_sums:
+        return y_TD, ExpertStats(pairs.tokens_per_expert_E)
+    sums = expert_output_sums(pairs.expert_ids_N, out_ND, gate_N, num_experts)
+    return y_TD, ExpertStats(pairs.tokens_per_expert_E, *sums)
+
+
 def grouped_experts(
     experts: Experts, x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, return_output_sums: bool
 ) -> tuple[Tensor, ExpertStats]:
-    dtype = compute_dtype(x_TD)
-    x_TD = x_TD.to(dtype)
-    w1, v1, w2 = experts.expert_weights(dtype)
-    top_k = indices_TK.shape[1]
-
-    expert_ids_N = indices_TK.reshape(-1)
-    order_N = expert_ids_N.argsort(stable=True)
-    token_ids_N = order_N // top_k
-    tokens_per_expert = torch.bincount(expert_ids_N, minlength=experts.num_experts)
-
-    x_ND = x_TD[token_ids_N]
-    h1 = grouped_mm(x_ND, w1, tokens_per_expert)
-    h3 = None if v1 is None else grouped_mm(x_ND, v1, tokens_per_expert)
-    out_ND = grouped_mm(experts.activate(h1, h3), w2, tokens_per_expert)
-
-    gate_N = weights_TK.reshape(-1)[order_N]
-    y_TD = torch.zeros_like(x_TD).index_add(0, token_ids_N, out_ND * gate_N.to(dtype)[:, None])
-    if not return_output_sums:
-        return y_TD, ExpertStats(tokens_per_expert)
-    sums = expert_output_sums(expert_ids_N[order_N], out_ND, gate_N, experts.num_experts)
-    return y_TD, ExpertStats(tokens_per_expert, *sums)
+    x_TD = x_TD.to(compute_dtype(x_TD))
+    pairs = sort_pairs(indices_TK, experts.num_experts)
+    out_ND = grouped_ffn(experts, x_TD[pairs.token_ids_N], pairs.tokens_per_expert_E)
+    return combine_pairs(x_TD, pairs, out_ND, weights_TK, experts.num_experts, return_output_sums)
