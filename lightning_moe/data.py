@@ -8,6 +8,9 @@ Corpora:
 * a local file, folder (recursive) or glob pattern of text files.
 * a Hugging Face dataset name, optionally ``"name:config"`` (``"hf:"`` prefix forces
   this reading), loaded with :func:`datasets.load_dataset`.
+* ``"testbed"`` or ``"testbed:<domains>"``: a mixture of synthetic languages generated
+  from the seed (:mod:`lightning_moe.testbed`), whose batches also carry each token's
+  domain.
 
 Tokens are raw UTF-8 bytes (ids 0..255) plus two specials, so no tokenizer has to be
 downloaded: :data:`BOS_ID` starts every document, :data:`EOS_ID` is reserved for
@@ -20,16 +23,18 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
 import re
+import sys
 import sysconfig
 import tempfile
 import time
 import warnings
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +43,9 @@ import lightning
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from lightning_moe.testbed import TestbedSource, domain_labels, parse_testbed_source
 
 __all__ = [
     "BOS_ID",
@@ -98,11 +105,15 @@ class TokenChunkDataset(Dataset):
     ``targets = stream[i*L + 1 : i*L + L + 1]`` (``L = seq_len``, int64). Windows advance by
     ``seq_len``, so neighbouring windows share only their boundary token: inputs never
     overlap and every token after the first is a prediction target exactly once.
+
+    With ``labels`` (one int per token of the stream, e.g. its domain) items are
+    ``(input_ids, targets, input_labels)``.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int) -> None:
+    def __init__(self, tokens: np.ndarray, seq_len: int, labels: np.ndarray | None = None) -> None:
         self.tokens = tokens
         self.seq_len = int(seq_len)
+        self.labels = labels
 
     def __len__(self) -> int:
         return max(0, (len(self.tokens) - 1) // self.seq_len)
@@ -112,13 +123,87 @@ class TokenChunkDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} chunks")
         start = index * self.seq_len
         window = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
-        return window[:-1], window[1:]
+        if self.labels is None:
+            return window[:-1], window[1:]
+        return window[:-1], window[1:], torch.from_numpy(self.labels[start : start + self.seq_len].astype(np.int64))
 
 
-def _collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+def _collate(batch: Sequence[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
     # default_collate turns tuples into lists; batches are documented as tuples.
-    inputs, targets = zip(*batch)
-    return torch.stack(inputs), torch.stack(targets)
+    return tuple(torch.stack(items) for items in zip(*batch))
+
+
+class ResumableSampler(DistributedSampler):
+    """Shuffled indices of one data-parallel rank that can resume in the middle of an epoch.
+
+    The order of epoch ``e`` is ``DistributedSampler``'s: a permutation drawn from
+    ``seed + e`` of which rank ``r`` of ``W`` takes every ``W``-th index, starting at ``r``.
+    It depends only on the seed and the epoch (which Lightning sets through
+    :meth:`set_epoch`), never on the global RNG, and the first ``n * W`` indices of the
+    permutation are exactly the first ``n`` of every rank: ``W`` ranks with batch ``B``
+    see, step by step, the same samples as one process with batch ``W * B``.
+
+    :meth:`resume` skips the samples of an epoch that were already trained on, given as
+    a count over all ranks, so a run can also resume with a different number of ranks.
+    Subclassing ``DistributedSampler`` keeps Lightning from replacing it with its own.
+    """
+
+    def __init__(self, dataset: Dataset, *, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        # drop_last: every rank gets the same number of samples, with none repeated.
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0  # samples of this rank's share of the current epoch not to yield again
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip = 0
+        super().set_epoch(epoch)
+
+    def resume(self, epoch: int, samples_seen: int) -> None:
+        """Continue epoch ``epoch`` after its first ``samples_seen`` samples (summed over ranks)."""
+        self.epoch, self.skip = epoch, samples_seen // self.num_replicas
+        if self.skip >= self.num_samples:
+            self.epoch, self.skip = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a :class:`ResumableSampler` whose position Lightning saves in checkpoints.
+
+    Lightning stores the ``state_dict`` of every training loader that has one and hands
+    it back to ``load_state_dict`` before iterating on ``fit(ckpt_path=...)``; a plain
+    DataLoader would restart the epoch from its first batch. The position saved is the
+    number of batches the training loop has consumed in the current epoch, which
+    ``batches_consumed`` reports (a count of at least ``len(self)`` means the epoch is
+    over; ``TextDataModule`` reads it from the trainer's loop progress): the loader
+    cannot count them itself, because the loop fetches batches ahead of using them.
+    ``len`` stays the full epoch's, as Lightning expects of a resumed loader.
+    """
+
+    def __init__(self, *args: Any, batches_consumed: Callable[[], int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_consumed = batches_consumed
+
+    def state_dict(self) -> dict[str, Any]:
+        sampler = self.sampler
+        if not isinstance(sampler, ResumableSampler) or self.batches_consumed is None or self.batch_size is None:
+            return {}
+        consumed = self.batches_consumed()
+        return {
+            "epoch": sampler.epoch,
+            "samples_seen": min(consumed, len(self)) * self.batch_size * sampler.num_replicas,
+            "epoch_done": consumed >= len(self),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict or not isinstance(self.sampler, ResumableSampler):
+            return
+        epoch = int(state_dict["epoch"])
+        if state_dict.get("epoch_done"):
+            self.sampler.resume(epoch + 1, 0)
+        else:
+            self.sampler.resume(epoch, int(state_dict["samples_seen"]))
 
 
 # --------------------------------------------------------------------------- sources
@@ -480,8 +565,10 @@ class TextDataModule(lightning.LightningDataModule):
     """Byte-level language-modelling batches from a text corpus.
 
     Args:
-        source: ``"stdlib"``, a local file / folder / glob pattern, or a Hugging Face
-            dataset name (``"name"``, ``"name:config"``; prefix ``"hf:"`` to force it).
+        source: ``"stdlib"``, a local file / folder / glob pattern, a Hugging Face
+            dataset name (``"name"``, ``"name:config"``; prefix ``"hf:"`` to force it), or
+            ``"testbed"`` / ``"testbed:<domains>"`` (synthetic languages, 4 by default;
+            ``max_bytes`` sets its size, 2 MB by default).
         seq_len: tokens per training sequence.
         batch_size: sequences per batch.
         val_fraction: share of documents (and at least that share of bytes) held out for
@@ -493,10 +580,12 @@ class TextDataModule(lightning.LightningDataModule):
             the last one is cut), for quick experiments.
         hf_split: split passed to :func:`datasets.load_dataset`.
         hf_text_field: column holding the text in a Hugging Face dataset.
-        seed: seeds the train/validation split and the training shuffle.
+        seed: seeds the train/validation split and the training shuffle (and the testbed's text).
 
     Batches are tuples ``(input_ids, targets)``, both ``[batch_size, seq_len]`` int64,
-    with ``targets`` the inputs shifted left by one token.
+    with ``targets`` the inputs shifted left by one token. The testbed's batches are
+    ``(input_ids, targets, domains)``, ``domains`` the domain of each input token, and
+    :attr:`num_domains` is its number of domains (``None`` for other sources).
     """
 
     vocab_size: int = VOCAB_SIZE
@@ -540,6 +629,7 @@ class TextDataModule(lightning.LightningDataModule):
         self.hf_split = hf_split
         self.hf_text_field = hf_text_field
         self.seed = int(seed)
+        self.num_domains = parse_testbed_source(source)
 
         self.loaded_from_cache: bool = False
         """True when the token streams came from an existing on-disk cache file."""
@@ -561,36 +651,64 @@ class TextDataModule(lightning.LightningDataModule):
         if self._corpus is None:
             self._corpus = self._load_or_build()
         self._check_size(self._corpus)
-        self.train_dataset = TokenChunkDataset(self._corpus.train, self.seq_len)
-        self.val_dataset = TokenChunkDataset(self._corpus.val, self.seq_len)
+        corpus = self._corpus
+        train_labels = val_labels = None
+        if self.num_domains is not None:
+            train_labels = domain_labels(corpus.train, corpus.train_documents, BOS_ID)
+            val_labels = domain_labels(corpus.val, corpus.val_documents, BOS_ID)
+        self.train_dataset = TokenChunkDataset(corpus.train, self.seq_len, train_labels)
+        self.val_dataset = TokenChunkDataset(corpus.val, self.seq_len, val_labels)
         rank_zero_info(
             f"TextDataModule: byte-unigram entropy of the training tokens is {self.unigram_entropy():.3f} nats"
             " (the loss of a model that ignores context; val/loss should end well below it)."
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches of this rank's data-parallel share, resumable mid-epoch.
+
+        The order depends only on ``seed`` and the epoch (:class:`ResumableSampler`); under
+        a data-parallel strategy each rank takes its share itself, and ``fit(ckpt_path=...)``
+        continues an epoch after the batches already trained on (:class:`ResumableDataLoader`).
+        """
         ds = self._require(self.train_dataset)
-        # A seeded generator makes the shuffle order reproducible across runs while
-        # still changing from epoch to epoch.
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
+        sharding = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
+        num_replicas, rank = (sharding["num_replicas"], sharding["rank"]) if sharding else (1, 0)
+        if len(ds) < num_replicas:
+            raise ValueError(
+                f"source={self.source!r}: the training split has {len(ds)} sequences of seq_len={self.seq_len},"
+                f" fewer than the {num_replicas} data-parallel ranks; use more text or a smaller seq_len."
+            )
+        per_rank = len(ds) // num_replicas
+        return ResumableDataLoader(
             ds,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=generator,
+            sampler=ResumableSampler(ds, num_replicas=num_replicas, rank=rank, seed=self.seed),
             # Dropping the ragged last batch keeps shapes static, but never drop the
             # only batch of a tiny corpus (that would make an empty epoch).
-            drop_last=len(ds) >= self.batch_size,
+            drop_last=per_rank >= self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=_collate,
+            # Its own generator: creating an iterator then draws nothing from the global RNG.
+            generator=torch.Generator().manual_seed(self.seed),
+            batches_consumed=self._train_batches_consumed,
         )
+
+    def _train_batches_consumed(self) -> int:
+        """Training batches of the current epoch the trainer has used; ``sys.maxsize`` once it is over."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        used = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        # num_training_batches is the epoch's length after limit_train_batches.
+        return used if used < trainer.num_training_batches else sys.maxsize
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(
             self._require(self.val_dataset),
             batch_size=self.batch_size,
             shuffle=False,
+            generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=_collate,
@@ -654,7 +772,10 @@ class TextDataModule(lightning.LightningDataModule):
         return os.path.expanduser(env) if env else os.path.join(Path.home(), ".cache", "lightning_moe")
 
     def _load_or_build(self) -> _Corpus:
-        src = _resolve_source(self.source, self.hf_split, self.hf_text_field)
+        if self.num_domains is not None:
+            src = TestbedSource(self.source, self.num_domains, self.seed)
+        else:
+            src = _resolve_source(self.source, self.hf_split, self.hf_text_field)
         key_material = {
             "format_version": _FORMAT_VERSION,
             "source": self.source,

@@ -5,7 +5,9 @@ Shape legend: T tokens, D model width, E experts, K experts per token.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -16,6 +18,12 @@ from lightning_moe.estimators import ESTIMATOR_REGISTRY, Estimator
 from lightning_moe.experts import ACTIVATIONS, BACKENDS, Experts
 from lightning_moe.losses import GradScale, attach_aux_loss
 from lightning_moe.routing import Router, Routing
+
+
+#: What :attr:`MoELayer.check_finite` may be: which tensors training forwards check for NaN/inf.
+FINITE_CHECKS = ("off", "logits", "all")
+#: The entries of :attr:`MoELayer.nonfinite`, in order.
+NONFINITE_TENSORS = ("input", "router logits", "output")
 
 
 class AuxLossTerm(Protocol):
@@ -40,6 +48,8 @@ class RoutingStats:
     token_entropy_sum: Tensor | None = None  # [] sum over tokens of H(softmax)
     gate_sum: Tensor | None = None  # [] sum over tokens of the summed top-k weights
     logit_norm_sum: Tensor | None = None  # [] sum over tokens of ||z||_2
+    # [num_labels, E] (token, slot) pairs per token label and expert; only with MoELayer.token_labels
+    label_expert_counts: Tensor | None = None
     aux_losses: dict[str, Tensor] = field(default_factory=dict)  # sums over forwards
     telemetry: dict[str, Tensor] = field(default_factory=dict)  # sums over forwards
 
@@ -62,6 +72,13 @@ class RoutingStats:
                 store[name] = store[name] + value if name in store else value
         self.num_forwards += 1
         self.num_tokens += logits_TE.shape[0]
+
+    def add_label_counts(self, labels_T: Tensor, indices_TK: Tensor, num_labels: int, num_experts: int) -> None:
+        """Count the (token, slot) pairs per (token label, expert), e.g. (domain, expert)."""
+        pairs_N = (labels_T.to(indices_TK.device)[:, None] * num_experts + indices_TK).reshape(-1)
+        counts_LE = torch.bincount(pairs_N, minlength=num_labels * num_experts).view(num_labels, num_experts).float()
+        current = self.label_expert_counts
+        self.label_expert_counts = counts_LE if current is None else current + counts_LE
 
 
 def _in_backward() -> bool:
@@ -91,9 +108,17 @@ class MoELayer(nn.Module):
     During training (and outside activation-checkpoint recomputation) each forward adds
     to :attr:`routing_stats`; auxiliary losses registered in :attr:`aux_losses` (by the
     balancing callbacks) are attached to the output so they reach the gradient.
+    :attr:`check_finite` (``"logits"`` by default, ``"all"`` or ``"off"``) says which tensors
+    recorded forwards check for NaN/inf: the router logits, or also the layer's input and
+    output. The check is one reduction per tensor with no host synchronisation; its
+    result is OR-ed into :attr:`nonfinite` (bool [3]: input, router logits, output) for
+    :class:`~lightning_moe.callbacks.NonFiniteGuard` to act on.
     :attr:`selection_bias` ([E], in ``state_dict``) is added to the scores that choose
     the experts, not to the gate weights, when :attr:`use_selection_bias` is True and the
     estimator has ``supports_selection_bias`` (aux-loss-free balancing).
+    While :attr:`token_labels` holds a label per token (e.g. its domain; set it with
+    :func:`labelled_tokens`), recorded forwards also count the (label, expert) pairs in
+    ``routing_stats.label_expert_counts``.
     """
 
     def __init__(
@@ -138,6 +163,10 @@ class MoELayer(nn.Module):
         self.use_selection_bias = False
         self.routing_stats = RoutingStats()
         self._step_finished = False
+        self.check_finite = "logits"
+        self.nonfinite: Tensor | None = None
+        self.token_labels: Tensor | None = None  # int64, one label in [0, num_token_labels) per token of x
+        self.num_token_labels = 0
 
     @staticmethod
     def _build_estimator(estimator: str | Estimator, estimator_args: dict[str, Any]) -> Estimator:
@@ -152,6 +181,19 @@ class MoELayer(nn.Module):
     def finish_step(self) -> None:
         """Mark :attr:`routing_stats` as consumed: the next training forward starts anew."""
         self._step_finished = True
+
+    def discard_step(self) -> None:
+        """Forget what this optimizer step's training forwards recorded (the step is skipped)."""
+        self.routing_stats, self._step_finished = RoutingStats(), False
+        self.estimator.discard_step()
+
+    def _record_nonfinite(self, x_TD: Tensor, logits_TE: Tensor, y_TD: Tensor) -> None:
+        if self.check_finite not in FINITE_CHECKS:
+            raise ValueError(f"MoELayer.check_finite={self.check_finite!r} is not valid; choose one of {FINITE_CHECKS}")
+        checked = (x_TD, logits_TE, y_TD) if self.check_finite == "all" else (None, logits_TE, None)
+        no = torch.zeros((), dtype=torch.bool, device=logits_TE.device)
+        flags = torch.stack([no if t is None else ~t.detach().isfinite().all() for t in checked])
+        self.nonfinite = flags if self.nonfinite is None else self.nonfinite | flags
 
     def _recording(self) -> bool:
         return self.training and torch.is_grad_enabled() and not _in_backward()
@@ -169,7 +211,9 @@ class MoELayer(nn.Module):
             routing = self.estimator.route(logits_TE, self.top_k, selection_bias=self.selection_bias)
         else:
             routing = self.estimator.route(logits_TE, self.top_k)
-        recording = self._recording()
+        # A forward with no tokens (possible on one data-parallel rank) records nothing: its
+        # per-token means would be NaN.
+        recording = self._recording() and x_TD.shape[0] > 0
         y_TD, expert_stats = self.experts(
             x_TD,
             routing.indices,
@@ -185,10 +229,19 @@ class MoELayer(nn.Module):
             aux = {name: term(routing, logits_TE, expert_stats.tokens_per_expert) for name, term in self.aux_losses.items()}
             y_TD = attach_aux_loss(y_TD, torch.stack(list(aux.values())).sum(), self.aux_grad_scale)
 
+        if recording and self.check_finite != "off":
+            self._record_nonfinite(x_TD, logits_TE, y_TD)
         if recording:
             if self._step_finished:
                 self.routing_stats, self._step_finished = RoutingStats(), False
             self.routing_stats.add(routing, logits_TE, expert_stats.tokens_per_expert, aux)
+            if self.token_labels is not None:
+                labels_T = self.token_labels.reshape(-1)
+                if labels_T.shape[0] != x_TD.shape[0]:
+                    raise ValueError(
+                        f"MoELayer.token_labels has {labels_T.shape[0]} labels for {x_TD.shape[0]} tokens"
+                    )
+                self.routing_stats.add_label_counts(labels_T, routing.indices, self.num_token_labels, self.num_experts)
             if self.estimator.needs_expert_outputs:
                 self.estimator.observe_expert_outputs(expert_stats)
         return y_TD.reshape(*x.shape[:-1], self.d_model)
@@ -201,3 +254,19 @@ def moe_layers(module: nn.Module) -> list[tuple[str, MoELayer]]:
     """All ``MoELayer``s inside ``module``, with their qualified names, in module order."""
     return [(name, m) for name, m in module.named_modules() if isinstance(m, MoELayer)]
 
+
+@contextlib.contextmanager
+def labelled_tokens(module: nn.Module, labels: Tensor, num_labels: int) -> Iterator[None]:
+    """Within the block, every MoELayer in ``module`` counts its routing per token label.
+
+    ``labels`` (int64 in ``[0, num_labels)``) has one entry per token of the batch the
+    block runs through ``module`` (e.g. ``[B, S]`` for ``input_ids [B, S]``).
+    """
+    layers = [layer for _, layer in moe_layers(module)]
+    for layer in layers:
+        layer.token_labels, layer.num_token_labels = labels, num_labels
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.token_labels = None

@@ -1,12 +1,15 @@
 """MoELanguageModel: the LightningModule that trains :class:`~lightning_moe.model.MoETransformer`.
 
 Batches are ``(input_ids [B, T] int64, targets [B, T] int64)``; targets equal to
-``IGNORE_INDEX`` do not count towards the loss. MoE auxiliary losses are attached inside
-the MoE layers, so the steps here compute only the language-modelling loss.
+``IGNORE_INDEX`` do not count towards the loss. A third entry, ``domains [B, T]`` (the
+testbed corpus's), makes the MoE layers count routing per domain when the datamodule
+reports ``num_domains``. MoE auxiliary losses are attached inside the MoE layers, so the
+steps here compute only the language-modelling loss.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -19,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
+from lightning_moe.layer import labelled_tokens
 from lightning_moe.model import MoEConfig, MoETransformer, TransformerConfig
 
 IGNORE_INDEX = -100
@@ -116,6 +120,7 @@ class MoELanguageModel(L.LightningModule):
         )
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+        self.num_domains: int | None = None  # the datamodule's, set in `setup`
 
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids)
@@ -123,6 +128,7 @@ class MoELanguageModel(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self._trainer, "datamodule", None)
         data_vocab_size = getattr(datamodule, "vocab_size", None)
+        self.num_domains = getattr(datamodule, "num_domains", None)
         if data_vocab_size is not None and data_vocab_size != self.model.config.vocab_size:
             raise ValueError(
                 f"`model.vocab_size` ({self.model.config.vocab_size}) does not match the data's"
@@ -131,18 +137,61 @@ class MoELanguageModel(L.LightningModule):
             )
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """Default MoE layers need their EMA updater; add it unless the trainer has one."""
-        from lightning_moe.callbacks import DefaultOutputEMA
+        """Callbacks this model trains with, each added unless the trainer has one of its kind.
+
+        ``DefaultOutputEMA`` when a layer uses Default MoE (its EMA needs an updater),
+        ``ResumableRNG`` (sampled routing resumes exactly) and ``NonFiniteGuard`` (NaN/inf
+        stops training with the layer named; impossible setups fail before any compute).
+        """
+        from lightning_moe.callbacks import DefaultOutputEMA, NonFiniteGuard, ResumableRNG
         from lightning_moe.estimators.default_moe import DefaultMoE
 
-        needs_ema = any(isinstance(layer.estimator, DefaultMoE) for layer in self.model.moe_layers())
-        has_ema = self._trainer is not None and any(isinstance(c, DefaultOutputEMA) for c in self.trainer.callbacks)
-        return [DefaultOutputEMA()] if needs_ema and not has_ema else []
+        wanted: list[L.Callback] = [ResumableRNG(), NonFiniteGuard()]
+        if any(isinstance(layer.estimator, DefaultMoE) for layer in self.model.moe_layers()):
+            wanted.insert(0, DefaultOutputEMA())
+        present = self.trainer.callbacks if self._trainer is not None else []
+        return [c for c in wanted if not any(isinstance(p, type(c)) for p in present)]
 
-    def _token_loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy``, shard with FSDP2 over the data-parallel mesh.
+
+        Each block and then the whole model get ``fully_shard`` (the usual FSDP2 layout:
+        one all-gather per block). Tensor parallelism is not supported. Other strategies
+        leave the model as it is. Idempotent, as Lightning asks of this hook.
+        """
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        mesh = self.device_mesh
+        if mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "MoELanguageModel under ModelParallelStrategy shards its parameters with FSDP2 only; tensor"
+                f" parallelism is not supported (tensor_parallel_size={mesh['tensor_parallel'].size()})."
+                " Use ModelParallelStrategy(data_parallel_size=<number of devices>, tensor_parallel_size=1)."
+            )
+        if isinstance(self.model, FSDPModule):
+            return
+        for block in self.model.blocks:
+            fully_shard(block, mesh=mesh["data_parallel"])
+        fully_shard(self.model, mesh=mesh["data_parallel"])
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of another architecture with one error listing what differs."""
+        from lightning_moe.checkpointing import check_checkpoint_matches
+
+        check_checkpoint_matches(self, checkpoint, hparams=self.hparams, strict=self.strict_loading)
+
+    def _token_loss(self, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
         """Mean next-token cross-entropy (float32) and the number of tokens it averages."""
-        input_ids, targets = batch
-        logits = self(input_ids)
+        input_ids, targets, *domains = batch
+        labelled = contextlib.nullcontext()
+        if domains and self.num_domains:
+            labelled = labelled_tokens(self.model, domains[0], self.num_domains)
+        with labelled:
+            logits = self(input_ids)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         return loss, (targets != IGNORE_INDEX).sum()
 

@@ -16,7 +16,9 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_moe.callbacks.aux_loss import layer_tags
+from lightning_moe.distributed import all_gather_objects
 from lightning_moe.layer import MoELayer, RoutingStats
+from lightning_moe.testbed import mutual_information
 
 _SCALAR_SUMS = ("num_forwards", "num_tokens", "token_entropy_sum", "gate_sum", "logit_norm_sum")
 _EXPERT_SUMS = ("tokens_per_expert", "probs_sum")
@@ -56,8 +58,8 @@ class LayerRoutingMetric(Metric):
     one rank) or ``None`` (no training forward through the layer in that step); every
     state reduces by sum, so :meth:`compute` describes the global batch of all steps since
     the last :meth:`reset`. The estimator's telemetry keys become states the first time
-    they are seen; every rank sees the same keys because every rank runs the same
-    estimator.
+    they are seen (:meth:`add_telemetry`); ``RoutingMonitor`` gives every rank the same
+    keys before the states are synchronised.
     """
 
     full_state_update = False
@@ -79,11 +81,33 @@ class LayerRoutingMetric(Metric):
         for name in ("token_entropy_sum", "gate_sum", "logit_norm_sum", *_EXPERT_SUMS):
             setattr(self, name, getattr(self, name) + getattr(stats, name))
         for name, value in stats.telemetry.items():
-            state = f"telemetry_{name}"
-            if name not in self.telemetry_names:
-                self.add_state(state, torch.zeros((), device=self.device), dist_reduce_fx="sum")
-                self.telemetry_names.append(name)
-            setattr(self, state, getattr(self, state) + value)
+            self.add_telemetry(name)
+            setattr(self, f"telemetry_{name}", getattr(self, f"telemetry_{name}") + value)
+        if stats.label_expert_counts is not None:
+            if "label_expert_counts" not in self._defaults:
+                counts_LE = torch.zeros_like(stats.label_expert_counts, device=self.device)
+                self.add_state("label_expert_counts", counts_LE, dist_reduce_fx="sum")
+            self.label_expert_counts = self.label_expert_counts + stats.label_expert_counts
+
+    def add_telemetry(self, name: str) -> None:
+        """Start summing the estimator telemetry ``name`` (no-op if it is summed already)."""
+        if name not in self.telemetry_names:
+            self.add_state(f"telemetry_{name}", torch.zeros((), device=self.device), dist_reduce_fx="sum")
+            self.telemetry_names.append(name)
+
+    def sums(self) -> dict[str, Any]:
+        """Every summed state as plain numbers (for checkpoints), not synchronised across ranks."""
+        return {name: value.tolist() for name, value in self.metric_state.items()}
+
+    def load_sums(self, sums: dict[str, Any]) -> None:
+        """Restore what :meth:`sums` returned."""
+        for state, value in sums.items():
+            tensor = torch.tensor(value, dtype=torch.float32, device=self.device)
+            if state.startswith("telemetry_"):
+                self.add_telemetry(state.removeprefix("telemetry_"))
+            elif state not in self._defaults:
+                self.add_state(state, torch.zeros_like(tensor), dist_reduce_fx="sum")
+            setattr(self, state, tensor)
 
     def compute(self) -> dict[str, Tensor]:
         """Per-token means, load imbalance, telemetry means, and ``tokens_per_expert`` [E]."""
@@ -105,6 +129,8 @@ class LayerRoutingMetric(Metric):
         forwards = self.num_forwards.clamp_min(1.0)
         for name in self.telemetry_names:
             values[name] = getattr(self, f"telemetry_{name}") / forwards
+        if "label_expert_counts" in self._defaults:
+            values["domain_expert_mi"] = mutual_information(self.label_expert_counts)
         values["tokens_per_expert"] = load_E.clone()
         return values
 
@@ -152,6 +178,9 @@ class RoutingMonitor(L.Callback):
     - ``moe/layer_XX/router_logit_norm``: mean L2 norm of a token's router logits
     - ``moe/layer_XX/<key>``: the mean over forwards of each estimator telemetry value
       (e.g. ``zero_router_grad_fraction`` for SparseMixer-v2)
+    - ``moe/layer_XX/domain_expert_mi``: mutual information (nats) between a token's
+      domain and its chosen experts, when the tokens carry domain labels (the testbed
+      corpus, ``TextDataModule(source="testbed")``, or :func:`~lightning_moe.layer.labelled_tokens`)
 
     Tokens are counted as (token, expert) assignments. The auxiliary losses are logged by
     their own callbacks. With a :class:`~lightning.pytorch.loggers.TensorBoardLogger`
@@ -162,8 +191,9 @@ class RoutingMonitor(L.Callback):
     When an expert has had no tokens for ``dead_warn_after`` steps a warning names it,
     once per expert; dead experts are checked when the monitor logs. Its state (the step
     each expert last had tokens, the warnings given) is saved in checkpoints and restored
-    by ``fit(ckpt_path=...)``. Under data parallelism that state is merged across ranks
-    at every log, and a checkpoint holds rank 0's copy.
+    by ``fit(ckpt_path=...)``, together with the statistics summed since the last log, so
+    a resumed run logs what the uninterrupted run would. Under data parallelism the
+    checkpoint holds every rank's copy and each rank restores its own.
 
     Args:
         log_every_n_steps: optimizer steps between logs; ``None`` (recommended) uses the
@@ -215,7 +245,7 @@ class RoutingMonitor(L.Callback):
         self._stats.reset()
         self._last_active, self._warned = {}, set()
         if self._restored is not None:
-            self._restore(self._restored, pl_module.device)
+            self._restore(self._restored, trainer, pl_module.device)
             self._restored = None
         trainer_every = trainer.log_every_n_steps
         self._every = trainer_every if self.log_every_n_steps is None else self.log_every_n_steps
@@ -252,6 +282,12 @@ class RoutingMonitor(L.Callback):
             self._last_active[tag].copy_(merged_E)
             idle_steps[tag] = step - merged_E
 
+        # A rank whose layers have had no tokens yet has not met the estimator's telemetry
+        # keys; the metrics sync only if every rank holds the same states.
+        for rank_names in all_gather_objects({tag: self._metrics[tag].telemetry_names for tag in tags}):
+            for tag, names in rank_names.items():
+                for name in names:
+                    self._metrics[tag].add_telemetry(name)
         loads = {}
         for tag in tags:
             metric = self._metrics[tag]
@@ -292,18 +328,33 @@ class RoutingMonitor(L.Callback):
             writer.add_image("moe/load_heatmap", image, global_step=step, dataformats="HWC")
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        # Each rank's own record (called on every rank while a checkpoint is assembled): the
+        # last-active steps are merged and the sums reduced only when the monitor logs.
+        local = {
             "last_active": {tag: last_active_E.tolist() for tag, last_active_E in self._last_active.items()},
+            "sums": {tag: metric.sums() for tag, metric in self._metrics.items()},
+        }
+        return {
+            "last_active": local["last_active"],
             "warned": sorted([tag, expert] for tag, expert in self._warned),
+            "ranks": all_gather_objects(local),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Applied in ``on_fit_start``, once the layers (possibly built in ``configure_model``) exist.
         self._restored = state_dict
 
-    def _restore(self, state: dict[str, Any], device: torch.device) -> None:
+    def _restore(self, state: dict[str, Any], trainer: L.Trainer, device: torch.device) -> None:
         sizes = {tag: layer.num_experts for tag, layer in self._layers}
-        for tag, steps in state.get("last_active", {}).items():
+        ranks = state.get("ranks", [{"last_active": state.get("last_active", {})}])  # older checkpoints: rank 0's
+        # With another number of ranks, every rank starts from rank 0's last-active steps
+        # (merged at the next log anyway) and the sums since the last log are dropped.
+        same_ranks = len(ranks) == trainer.world_size
+        local = ranks[trainer.global_rank] if same_ranks else ranks[0]
+        for tag, steps in local.get("last_active", {}).items():
             if sizes.get(tag) == len(steps):
                 self._last_active[tag] = torch.tensor(steps, dtype=torch.long, device=device)
+        for tag, sums in local.get("sums", {}).items() if same_ranks else ():
+            if tag in self._metrics and len(sums.get("tokens_per_expert", [])) == sizes[tag]:
+                self._metrics[tag].load_sums(sums)
         self._warned = {(tag, int(expert)) for tag, expert in state.get("warned", []) if tag in sizes}

@@ -54,6 +54,9 @@ class Estimator(nn.Module):
     def observe_expert_outputs(self, stats: ExpertStats) -> None:
         """Receives the backend's per-expert output sums when ``needs_expert_outputs``."""
 
+    def discard_step(self) -> None:
+        """Forget what this optimizer step's training forwards accumulated (the step is skipped)."""
+
 
 def select_top_k(probs_TE: Tensor, top_k: int, selection_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(weights [T, K], indices [T, K])``: the ``top_k`` experts of ``probs_TE + selection_bias``.

@@ -84,6 +84,11 @@ class DefaultMoE(Estimator):
             shrinks the defaults by roughly the expert's typical gate.
         use_defaults_in_eval: add the (frozen) default term at evaluation too, so eval
             computes the same function as training.
+        forward_defaults: add the default term's value to the output. ``False`` keeps
+            only its gradient (the term enters as ``c - stopgrad(c)``, which is 0): the
+            router gets the same dense gradient while the forward pass is plain Top-K, a
+            control that separates the method's gradient from the stale bias its defaults
+            add to the forward pass. Not in the paper.
         renormalize: must stay False; renormalised top-k gates are outside the method.
     """
 
@@ -99,6 +104,7 @@ class DefaultMoE(Estimator):
         weighted_normalizer: str = "weight_sum",
         use_defaults_in_eval: bool = True,
         renormalize: bool = False,
+        forward_defaults: bool = True,
     ) -> None:
         super().__init__()
         if renormalize:
@@ -114,6 +120,7 @@ class DefaultMoE(Estimator):
         self.weighted = bool(weighted)
         self.weighted_normalizer = weighted_normalizer
         self.use_defaults_in_eval = bool(use_defaults_in_eval)
+        self.forward_defaults = bool(forward_defaults)
         self.updater_attached = False
         # Plain attributes, not buffers: DDP broadcasts every buffer from rank 0 before a
         # forward that follows a synchronised one, which would overwrite the other ranks'
@@ -152,12 +159,15 @@ class DefaultMoE(Estimator):
         return Routing(indices=indices_TK, weights=weights_TK, probs=probs_TE, telemetry=telemetry)
 
     def output_correction(self, routing: Routing) -> Tensor | None:
-        if not (self.training or self.use_defaults_in_eval):
+        if not (self.training or self.use_defaults_in_eval) or not (self.forward_defaults or torch.is_grad_enabled()):
             return None
         unselected_TE = routing.probs.scatter(1, routing.indices, 0.0)
         # Float32 like the router: this term carries the router's whole dense gradient.
         with torch.autocast(device_type=unselected_TE.device.type, enabled=False):
-            return unselected_TE @ self.default_outputs.detach().float()
+            correction_TD = unselected_TE @ self.default_outputs.detach().float()
+        if self.forward_defaults:
+            return correction_TD
+        return correction_TD - correction_TD.detach()
 
     def observe_expert_outputs(self, stats: ExpertStats) -> None:
         sum_ED = stats.weighted_output_sum if self.weighted else stats.output_sum
@@ -171,6 +181,9 @@ class DefaultMoE(Estimator):
             normaliser_E = stats.tokens_per_expert
         step_EC = torch.cat([sum_ED.float(), normaliser_E.float()[:, None]], dim=1)
         self._step_sums_EC = step_EC if self._step_sums_EC is None else self._step_sums_EC.add_(step_EC)
+
+    def discard_step(self) -> None:
+        self._step_sums_EC, self._weight_sum_E = None, None
 
     @torch.no_grad()
     def update_defaults(self, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
@@ -200,5 +213,5 @@ class DefaultMoE(Estimator):
     def extra_repr(self) -> str:
         return (
             f"beta={self.beta}, weighted={self.weighted}, weighted_normalizer={self.weighted_normalizer!r}, "
-            f"use_defaults_in_eval={self.use_defaults_in_eval}"
+            f"use_defaults_in_eval={self.use_defaults_in_eval}, forward_defaults={self.forward_defaults}"
         )

@@ -19,10 +19,11 @@ def loop_experts(
     w1, v1, w2 = experts.expert_weights(dtype)
     y_TD = torch.zeros_like(x_TD)
     token_ids, slot_ids, expert_ids, outputs = [], [], [], []
+    # Every expert runs, also on zero tokens: its parameters then get an exact zero
+    # gradient instead of none, which DDP (find_unused_parameters=False) needs on a rank
+    # where a layer receives no tokens at all.
     for e in range(experts.num_experts):
         tokens, slots = (indices_TK == e).nonzero(as_tuple=True)
-        if tokens.numel() == 0:
-            continue
         x_nD = x_TD[tokens]
         h = experts.activate(x_nD @ w1[e], None if v1 is None else x_nD @ v1[e])
         out_nD = h @ w2[e]
@@ -34,9 +35,6 @@ def loop_experts(
     tokens_per_expert = torch.bincount(indices_TK.reshape(-1), minlength=experts.num_experts)
     if not return_output_sums:
         return y_TD, ExpertStats(tokens_per_expert)
-    if not outputs:  # T = 0
-        zeros = x_TD.new_zeros(experts.num_experts, x_TD.shape[1], dtype=torch.float32)
-        return y_TD, ExpertStats(tokens_per_expert, zeros, zeros.clone())
     tokens, slots = torch.cat(token_ids), torch.cat(slot_ids)
     sums = expert_output_sums(torch.cat(expert_ids), torch.cat(outputs), weights_TK[tokens, slots], experts.num_experts)
     return y_TD, ExpertStats(tokens_per_expert, *sums)

@@ -1,0 +1,341 @@
+"""Checkpoints that survive a crash and resume exactly.
+
+* :class:`AtomicCheckpointIO` writes every checkpoint to a temporary file in the target's
+  own folder, flushes it to disk and renames it over the target, so a process killed
+  mid-write leaves the previous checkpoint intact; a checkpoint that cannot be read
+  anyway (truncated, corrupt) gives a :class:`CheckpointError` that names the file and
+  the checkpoints beside it to resume from instead.
+* :class:`ResumableRNG` saves every rank's random number generator states (torch, CUDA,
+  numpy, Python) in checkpoints and restores them on ``fit(ckpt_path=...)``, so sampled
+  routing (SparseMixer's Gumbel draws and coins, router and input jitter) continues
+  exactly as in an uninterrupted run.
+* :func:`check_checkpoint_matches` turns "this checkpoint is from another architecture"
+  into one error that lists the hyperparameters and tensors that differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import random
+import tempfile
+import zipfile
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from lightning_moe.distributed import all_gather_objects
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "CheckpointError",
+    "ResumableRNG",
+    "check_checkpoint_matches",
+    "use_atomic_checkpoint_io",
+]
+
+#: Mismatched tensors listed in full before the rest are only counted.
+_MAX_LISTED = 12
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read, or does not fit the model it is loaded into."""
+
+
+def _temp_prefix(path: str) -> str:
+    return f".{os.path.basename(path)}."
+
+
+def _fsync_directory(directory: str) -> None:
+    # Makes the rename itself durable; not possible (nor needed) on Windows.
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, write: Callable[[Any], None]) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, then rename it to ``path``.
+
+    Readers see the old file or the complete new one, never a partial one, even if the
+    process is killed at any point: the rename is atomic within one filesystem, which is
+    why the temporary file lives in the target's folder (the system temp folder may be
+    another filesystem, where a "move" is a copy). Temporary files left by a writer
+    that was killed earlier are removed first.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    prefix = _temp_prefix(path)
+    for stale in glob.glob(os.path.join(glob.escape(directory), glob.escape(prefix) + "*.tmp")):
+        with contextlib.suppress(OSError):
+            os.unlink(stale)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(directory)
+
+
+def _is_intact_zip(path: str) -> bool:
+    """Whether ``path`` is a complete zip archive (``torch.save``'s format) with valid CRCs."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return False
+
+
+def _other_checkpoints(path: str) -> list[str]:
+    """The other ``*.ckpt`` files in ``path``'s folder, newest first."""
+    directory = os.path.dirname(os.path.abspath(path))
+    found = [p for p in glob.glob(os.path.join(glob.escape(directory), "*.ckpt")) if not os.path.samefile(p, path)]
+    return sorted(found, key=os.path.getmtime, reverse=True)
+
+
+def corrupt_checkpoint_error(path: str, err: BaseException) -> CheckpointError:
+    """The error for a checkpoint file that exists but cannot be read."""
+    others = _other_checkpoints(path)
+    hint = (
+        "Resume from an earlier checkpoint instead, e.g. " + ", ".join(repr(p) for p in others[:3])
+        if others
+        else "No other checkpoint is in that folder; start the run again without ckpt_path"
+    )
+    return CheckpointError(
+        f"Cannot read the checkpoint {path!r} ({os.path.getsize(path)} bytes): the file is truncated or corrupt"
+        f" [{type(err).__name__}: {err}]. A run killed while writing it with a non-atomic writer leaves such a"
+        f" file (lightning_moe.checkpointing.AtomicCheckpointIO prevents that). {hint}."
+    )
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` with crash-safe writes and clear errors for unreadable files.
+
+    ``save_checkpoint`` writes to a temporary file in the checkpoint's own folder, fsyncs
+    it and ``os.replace``\\ s it over the target (then fsyncs the folder), so ``last.ckpt``
+    is always either the previous complete checkpoint or the new complete one. (Lightning's
+    own writer goes through an fsspec transaction whose temporary file is created in the
+    system temp folder and moved without an fsync: when that folder is on another
+    filesystem the move is a copy, which a crash can cut short.) Remote paths (``s3://``
+    and other non-local fsspec URLs) keep Lightning's behaviour.
+
+    ``load_checkpoint`` raises :class:`CheckpointError` naming the file and the other
+    checkpoints beside it when the file is truncated or corrupt.
+
+    Use it with ``Trainer(plugins=[AtomicCheckpointIO()])``; ``lightning-moe`` adds it to
+    every run (see :func:`use_atomic_checkpoint_io`).
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if not isinstance(get_filesystem(path), LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options")
+        atomic_write(os.fspath(path), lambda fh: torch.save(checkpoint, fh))
+
+    def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage, weights_only=None):
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except FileNotFoundError:
+            raise
+        except Exception as err:
+            local = isinstance(get_filesystem(path), LocalFileSystem)
+            # An intact archive that fails to load has another problem (e.g. weights_only refusing
+            # an object); only a damaged file is reported as damaged.
+            if not local or _is_intact_zip(os.fspath(path)):
+                raise
+            raise corrupt_checkpoint_error(os.fspath(path), err) from err
+
+
+def use_atomic_checkpoint_io(trainer: L.Trainer) -> None:
+    """Make ``trainer`` write checkpoints with :class:`AtomicCheckpointIO`.
+
+    Only Lightning's default, a plain ``TorchCheckpointIO``, is replaced; a checkpoint IO
+    of another class, chosen by the user or the strategy, is kept.
+    """
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def rng_states() -> dict[str, Any]:
+    """This process's global RNG states (torch, CUDA when in use, numpy, Python)."""
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_states` returned (also after :func:`saveable_rng_states`)."""
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, python_gauss = states["python"]
+    random.setstate((version, tuple(internal), python_gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def saveable_rng_states(states: Mapping[str, Any]) -> dict[str, Any]:
+    """``states`` in plain types, which ``torch.load(weights_only=True)`` accepts (numpy arrays it does not)."""
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    version, internal, python_gauss = states["python"]
+    return {
+        **states,
+        "numpy": [name, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(gauss)],
+        "python": [version, list(internal), python_gauss],
+    }
+
+
+class ResumableRNG(L.Callback):
+    """Saves each rank's RNG states in checkpoints; ``fit(ckpt_path=...)`` continues the same streams.
+
+    The estimators draw from torch's global RNG (SparseMixer's Gumbel samples and coins,
+    router and input jitter), so resuming bit for bit needs those streams back where they
+    were. Lightning does not save them; this callback does, for every data-parallel rank
+    (gathered when the checkpoint is written, each rank restoring its own).
+
+    The state saved is the one at the end of the latest training batch, and at the start
+    of each training batch the RNGs are set back to it. So whatever runs between two
+    training batches (validation, creating a DataLoader iterator at an epoch start,
+    another callback's sampling) does not move the streams training draws from, and a
+    resumed run, which skips or repeats some of that work, draws exactly what the
+    uninterrupted run drew. The flip side: code that draws from the global RNG between
+    training batches gets numbers the next batch draws again, and the same numbers every
+    time if training itself draws none (``topk`` without jitter); give such code its own
+    ``torch.Generator``. Randomness inside the training batch's own fetch (a dataset that
+    draws from the global RNG in the main process) is not covered: give such datasets
+    their own generator, or use DataLoader workers.
+
+    A callback rather than a LightningModule hook so that it works for any module. It
+    is stateful: the checkpoint holds its states under its ``state_key``. Resuming with a
+    different number of ranks restores the ranks that exist and warns that the resumed
+    run is not bit-exact. ``MoELanguageModel`` adds it itself.
+    """
+
+    def __init__(self) -> None:
+        self._states: dict[str, Any] | None = None
+        self._loaded: list[dict[str, Any]] | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._loaded is None:
+            return
+        loaded, self._loaded = self._loaded, None
+        if len(loaded) != trainer.world_size:
+            rank_zero_warn(
+                f"ResumableRNG: the checkpoint holds RNG states of {len(loaded)} ranks but this run has"
+                f" {trainer.world_size}; ranks without a saved state keep their own, so sampled routing will not"
+                " repeat the uninterrupted run exactly."
+            )
+        if trainer.global_rank < len(loaded):
+            self._states = loaded[trainer.global_rank]
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._states is not None:
+            set_rng_states(self._states)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
+        self._states = rng_states()
+
+    def state_dict(self) -> dict[str, Any]:
+        # Called on every rank while a checkpoint is assembled, so the gather is collective.
+        states = self._states if self._states is not None else rng_states()
+        return {"ranks": all_gather_objects(saveable_rng_states(states))}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Applied in ``on_train_start``, when this process knows its rank.
+        self._loaded = list(state_dict["ranks"])
+
+
+# --------------------------------------------------------------------------- matching
+
+
+def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_checkpoint_matches(
+    module: nn.Module,
+    checkpoint: Mapping[str, Any],
+    *,
+    hparams: Mapping[str, Any] | None = None,
+    strict: bool = True,
+    source: str = "The checkpoint",
+) -> None:
+    """Raise :class:`CheckpointError` if ``checkpoint["state_dict"]`` does not fit ``module``.
+
+    The message lists the tensors whose shapes differ (``checkpoint [8, 32, 64], this model
+    [16, 32, 64]``), the missing and unexpected keys (only with ``strict``), and, when
+    ``hparams`` (the module's hyperparameters) and ``checkpoint["hyper_parameters"]`` are
+    given, the hyperparameters that differ (``moe.num_experts: checkpoint 8, this model 16``),
+    which usually explain the rest. A checkpoint without a ``state_dict`` is not checked.
+    """
+    saved = checkpoint.get("state_dict")
+    if not isinstance(saved, Mapping):
+        return
+    current = module.state_dict()
+    shapes = [
+        f"{key}: checkpoint {list(saved[key].shape)}, this model {list(current[key].shape)}"
+        for key in current
+        if key in saved and hasattr(saved[key], "shape") and tuple(saved[key].shape) != tuple(current[key].shape)
+    ]
+    missing = sorted(current.keys() - saved.keys()) if strict else []
+    unexpected = sorted(saved.keys() - current.keys()) if strict else []
+    if not (shapes or missing or unexpected):
+        return
+    lines = [f"{source} does not match this model's architecture."]
+    if hparams is not None and isinstance(checkpoint.get("hyper_parameters"), Mapping):
+        ours, theirs = _flatten(hparams), _flatten(checkpoint["hyper_parameters"])
+        differ = [
+            f"  {key}: checkpoint {theirs.get(key)!r}, this model {ours.get(key)!r}"
+            for key in sorted(ours.keys() | theirs.keys())
+            if ours.get(key) != theirs.get(key)
+        ]
+        if differ:
+            lines += ["Hyperparameters that differ:", *differ]
+    for title, entries in (
+        ("Tensors with different shapes", shapes),
+        ("Missing from the checkpoint", missing),
+        ("In the checkpoint but not in this model", unexpected),
+    ):
+        if entries:
+            more = len(entries) - _MAX_LISTED
+            lines += [f"{title} ({len(entries)}):", *(f"  {e}" for e in entries[:_MAX_LISTED])]
+            if more > 0:
+                lines.append(f"  ... and {more} more")
+    lines.append("Build the model with the checkpoint's settings, or start from another checkpoint.")
+    raise CheckpointError("\n".join(lines))

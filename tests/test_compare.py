@@ -1,0 +1,209 @@
+"""``lightning-moe compare`` end to end on a tiny study, and its statistics."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import jsonargparse
+import numpy as np
+import pytest
+import yaml
+from lightning.pytorch.cli import LightningCLI
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import lightning_moe.cli
+from lightning_moe.compare import Configuration, compare, run_arguments, steps_to_reach, summarise
+from lightning_moe.data import TextDataModule
+from lightning_moe.module import MoELanguageModel
+
+ARTIFACTS = (
+    "results.json",
+    "runs.csv",
+    "summary.csv",
+    "report.md",
+    "val_loss.png",
+    "final_val_loss.png",
+    "load_imbalance.png",
+    "dead_experts.png",
+    "mutual_information.png",
+    "telemetry.png",
+)
+
+
+def _study(tmp_path) -> dict:
+    return {
+        "name": "tiny",
+        "output_dir": str(tmp_path / "study"),
+        "seeds": [0, 1],
+        "steps": 4,
+        "corpus": "testbed",
+        "num_threads": 1,
+        "base": {
+            "model": {
+                "d_model": 16,
+                "n_layers": 2,
+                "n_heads": 2,
+                "max_seq_len": 16,
+                "warmup_steps": 1,
+                "moe": {"num_experts": 4, "top_k": 2, "ffn_hidden": 16},
+            },
+            "data": {"seq_len": 16, "batch_size": 2, "max_bytes": 40_000, "cache_dir": str(tmp_path / "cache")},
+            "trainer": {
+                "val_check_interval": 2,
+                "limit_val_batches": 2,
+                "log_every_n_steps": 2,
+                "enable_checkpointing": False,
+                "callbacks": [
+                    {"class_path": "lightning_moe.callbacks.LoadBalancingLoss", "init_args": {"alpha": 0.01}},
+                    {"class_path": "lightning_moe.callbacks.RoutingMonitor", "init_args": {"heatmap": False}},
+                    {"class_path": "lightning_moe.callbacks.RouterGradientFidelity", "init_args": {"every_n_steps": 2}},
+                ],
+            },
+        },
+        "configurations": [
+            {"name": "topk"},
+            {
+                "name": "smv2",
+                "overrides": {"model.moe.estimator": "sparsemixer_v2", "model.moe.estimator_args": {"jitter_eps": 0.1}},
+            },
+        ],
+    }
+
+
+def _logged(run_dir, tag):
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return [(e.step, e.value) for e in accumulator.Scalars(tag)]
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_compare_end_to_end(tmp_path, monkeypatch):
+    study = _study(tmp_path)
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study))
+    lightning_moe.cli.main(["compare", "--config", str(config)])
+    out = tmp_path / "study"
+    for artifact in ARTIFACTS:
+        assert (out / artifact).is_file(), artifact
+    results = json.loads((out / "results.json").read_text())
+    runs = results["runs"]
+    assert [(r["configuration"], r["seed"], r["status"]) for r in runs] == [
+        ("topk", 0, "done"),
+        ("smv2", 0, "done"),
+        ("topk", 1, "done"),
+        ("smv2", 1, "done"),
+    ]
+
+    # Every reported number is what the event files hold.
+    finals = {}
+    for run in runs:
+        logged = _logged(run["run_dir"], "val/loss")
+        assert run["metrics"]["final_val_loss"] == pytest.approx(logged[-1][1], abs=0)
+        assert [v for _, v in run["metrics"]["val_loss"]] == pytest.approx([v for _, v in logged], abs=0)
+        assert run["metrics"]["final_step"] == 4
+        mi = [_logged(run["run_dir"], f"moe/layer_{i:02d}/domain_expert_mi")[-1][1] for i in range(2)]
+        assert run["metrics"]["layers"]["domain_expert_mi"] == pytest.approx(mi, abs=0)
+        probes = [v for i in range(2) for _, v in _logged(run["run_dir"], f"moe/layer_{i:02d}/router_grad_cosine")]
+        assert len(probes) == 4
+        assert run["metrics"]["telemetry"]["router_grad_cosine"] == pytest.approx(np.mean(probes), rel=1e-6)
+        finals.setdefault(run["configuration"], {})[run["seed"]] = logged[-1][1]
+
+    summary = results["summary"]
+    for name, by_seed in finals.items():
+        values = list(by_seed.values())
+        assert summary[name]["final_val_loss"]["mean"] == pytest.approx(np.mean(values), rel=1e-9)
+        assert summary[name]["final_val_loss"]["std"] == pytest.approx(np.std(values, ddof=1), rel=1e-9)
+    deltas = [finals["smv2"][s] - finals["topk"][s] for s in (0, 1)]
+    assert summary["smv2"]["paired_delta"]["mean"] == pytest.approx(np.mean(deltas), rel=1e-9)
+    assert results["target_val_loss"] == pytest.approx(np.mean(list(finals["topk"].values())), rel=1e-9)
+
+    report = (out / "report.md").read_text()
+    mean, std = summary["smv2"]["final_val_loss"]["mean"], summary["smv2"]["final_val_loss"]["std"]
+    assert f"{mean:.4f} ± {std:.4f}" in report
+    assert "zero_router_grad_fraction" in report and "log 4 = 1.386" in report
+    with open(out / "runs.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert float(rows[1]["final_val_loss"]) == pytest.approx(finals["smv2"][0], rel=1e-6)
+
+    # A second call reruns nothing: finished runs are skipped.
+    def no_training(args):
+        raise AssertionError(f"reran a finished run: {args}")
+
+    done = sorted(out.rglob("done.json"))
+    stamps = [p.stat().st_mtime_ns for p in done]
+    monkeypatch.setattr(lightning_moe.cli, "main", no_training)
+    from lightning_moe.compare import main
+
+    main(["--config", str(config)])
+    assert [p.stat().st_mtime_ns for p in done] == stamps
+
+
+def test_steps_to_reach():
+    curve = [(10, 3.0), (20, 2.5), (30, 2.1)]
+    assert steps_to_reach(curve, 2.5) == 20
+    assert steps_to_reach(curve, 2.0) is None
+
+
+def _run(name, seed, final, steps=(10, 20)):
+    curve = [(steps[0], final + 0.5), (steps[1], final)]
+    return {
+        "configuration": name,
+        "seed": seed,
+        "status": "done",
+        "metrics": {
+            "final_val_loss": final,
+            "val_loss": curve,
+            "train_batch_seconds": 0.1,
+            "layers": {"dead_experts": [0.0, 1.0]},
+            "telemetry": {"gate_mass": 1.0},
+        },
+    }
+
+
+def test_summary_pairs_seeds_and_tests_the_difference():
+    runs = [_run("ref", s, 2.0 + 0.1 * s) for s in range(3)]
+    runs += [_run("better", s, 1.9 + 0.1 * s + 0.001 * s) for s in range(3)]
+    runs += [_run("noisy", s, 2.0 + 0.1 * s + (0.05 if s % 2 else -0.05)) for s in range(3)]
+    target, summary = summarise(runs, "ref")
+    assert target == pytest.approx(2.1)
+    better = summary["better"]["paired_delta"]
+    assert better["mean"] == pytest.approx(-0.099)
+    assert better["lower_on"] == 3 and better["significant"]
+    half = 4.303 * better["std"] / math.sqrt(3)
+    assert better["ci95"] == pytest.approx([-0.099 - half, -0.099 + half])
+    assert not summary["noisy"]["paired_delta"]["significant"]
+    assert "paired_delta" not in summary["ref"]
+    assert summary["ref"]["layers"]["dead_experts"][1]["mean"] == 1.0
+    # Reference target 2.1: "better" reaches it on seeds 0 and 1 at step 20, never on seed 2.
+    assert summary["better"]["steps_to_reference"]["reached"] == 2
+    assert "speedup" not in summary["better"]["steps_to_reference"]
+
+
+STUDIES = sorted((Path(__file__).parents[1] / "recipes").glob("study_*.yaml"))
+
+
+def test_there_are_studies():
+    assert STUDIES
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.name)
+def test_every_configuration_of_a_study_recipe_builds(study, tmp_path):
+    """Every run of a study parses and instantiates through the real entry point."""
+    spec = yaml.safe_load(study.read_text())
+    parser = jsonargparse.ArgumentParser()
+    parser.add_argument("--config", action=jsonargparse.ActionConfigFile)
+    parser.add_function_arguments(compare)
+    assert len(parser.parse_args(["--config", str(study)]).configurations) == len(spec["configurations"])
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(spec["base"]))
+    common = {"trainer.max_steps": spec["steps"], "data.source": spec["corpus"]}
+    for configuration in spec["configurations"]:
+        args = run_arguments(str(base), tmp_path / "run", 0, Configuration(**configuration), common)
+        cli = LightningCLI(MoELanguageModel, TextDataModule, run=False, args=args[1:])
+        assert cli.trainer.max_steps == spec["steps"]
+        estimator = configuration.get("overrides", {}).get(
+            "model.moe.estimator", spec["base"]["model"]["moe"]["estimator"]
+        )
+        assert cli.model.hparams.moe["estimator"] == estimator

@@ -1,0 +1,173 @@
+"""Crash recovery: a training process killed with SIGKILL at random points resumes to the same final state.
+
+Each run is a child process executing ``lightning-moe fit`` (``lightning_moe.cli.main``)
+on a tiny recipe that checkpoints every step with ``save_last``. The children are forked
+from this process, so they start with the imports already done (a fresh interpreter
+needs many seconds to import torch and Lightning on a loaded machine); each is still an
+ordinary process that the test kills with SIGKILL, and each resume is a new process that
+finds only what is on disk.
+"""
+
+import logging
+import multiprocessing
+import os
+import random
+import signal
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from lightning_moe.cli import main
+
+MAX_STEPS = 60
+KILLS = 3
+KILL_SEED = 1234
+
+
+def write_recipe(tmp_path, run):
+    corpus = tmp_path / "corpus.py"
+    if not corpus.exists():
+        corpus.write_text("".join(f"def h{i}(a, b):\n    return a ** {i % 3} - b * {i}\n" for i in range(30)))
+    recipe = {
+        "seed_everything": 0,
+        "model": {
+            "d_model": 32,
+            "n_heads": 2,
+            "n_layers": 2,
+            "max_seq_len": 16,
+            "warmup_steps": 2,
+            "moe": {
+                "num_experts": 4,
+                "top_k": 2,
+                "estimator": "sparsemixer_v2",
+                "estimator_args": {"jitter_eps": 0.1},
+                "input_jitter": 0.01,
+            },
+        },
+        "data": {
+            "source": str(corpus),
+            "seq_len": 16,
+            "batch_size": 4,
+            "val_fraction": 0.1,
+            "cache_dir": str(tmp_path / "cache"),
+        },
+        "trainer": {
+            "max_steps": MAX_STEPS,
+            "val_check_interval": 5,
+            "limit_val_batches": 1,
+            "log_every_n_steps": 5,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(tmp_path / run),
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "dirpath": str(tmp_path / run / "checkpoints"),
+                        "every_n_train_steps": 1,
+                        "save_top_k": 0,
+                        "save_last": True,
+                    },
+                },
+                {"class_path": "lightning_moe.callbacks.LoadBalancingLoss", "init_args": {"scope": "global"}},
+                {"class_path": "lightning_moe.callbacks.RoutingMonitor"},
+            ],
+        },
+    }
+    path = tmp_path / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path, tmp_path / run / "checkpoints" / "last.ckpt"
+
+
+def _fit(argv, log_path):
+    # Child process: its output and Lightning's log go to its own file (pytest's capture
+    # objects, inherited through fork, would swallow them).
+    with open(log_path, "a", buffering=1) as log:
+        os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+        sys.stdout = sys.stderr = log
+        logging.getLogger("lightning.pytorch").addHandler(logging.StreamHandler(log))
+        main(argv)
+
+
+def start(recipe, log_path):
+    # "last": resume from the newest last.ckpt of the recipe's ModelCheckpoint, if there is one.
+    argv = ["fit", "--config", str(recipe), "--ckpt_path=last"]
+    process = multiprocessing.get_context("fork").Process(target=_fit, args=(argv, str(log_path)))
+    process.start()
+    return process
+
+
+def mtime(path):
+    return path.stat().st_mtime_ns if path.exists() else None
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs fork and SIGKILL")
+def test_sigkill_at_random_points_then_resume_ends_like_an_uninterrupted_run(tmp_path):
+    if torch.cuda.is_initialized():
+        pytest.skip("forking is impossible once CUDA is initialised in this process")
+    reference_recipe, reference_last = write_recipe(tmp_path, "reference")
+    reference = start(reference_recipe, tmp_path / "reference.log")
+    reference.join(120)
+    assert reference.exitcode == 0, (tmp_path / "reference.log").read_text()[-3000:]
+
+    recipe, last = write_recipe(tmp_path, "crashing")
+    rng = random.Random(KILL_SEED)
+    killed_at_steps = []
+    for attempt in range(KILLS):
+        # Kill after a random number of this process's checkpoints, at a random moment of
+        # the step that follows (which may be in the middle of writing the next one).
+        checkpoints, pause = rng.randint(1, 12), rng.uniform(0.0, 0.05)
+        process = start(recipe, tmp_path / f"attempt{attempt}.log")
+        seen, written = mtime(last), 0
+        deadline = time.monotonic() + 60
+        while written < checkpoints and process.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.001)
+            if mtime(last) != seen:
+                seen, written = mtime(last), written + 1
+        time.sleep(pause)
+        os.kill(process.pid, signal.SIGKILL)
+        process.join()
+        assert process.exitcode == -signal.SIGKILL, "the run ended before it could be killed; raise MAX_STEPS"
+        # Whatever the kill interrupted, last.ckpt is a complete checkpoint.
+        killed_at_steps.append(torch.load(last, weights_only=False)["global_step"])
+    assert killed_at_steps == sorted(killed_at_steps) and killed_at_steps[-1] < MAX_STEPS
+
+    final = start(recipe, tmp_path / "final.log")
+    final.join(120)
+    assert final.exitcode == 0, (tmp_path / "final.log").read_text()[-3000:]
+    # Every run after the first resumed (a run from scratch would also end like the reference).
+    for log in [f"attempt{a}.log" for a in range(1, KILLS)] + ["final.log"]:
+        assert f"Restored all states from the checkpoint at {last}" in (tmp_path / log).read_text(), log
+
+    expected, got = torch.load(reference_last, weights_only=False), torch.load(last, weights_only=False)
+    assert got["global_step"] == expected["global_step"] == MAX_STEPS
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(got["state_dict"][key], value), key
+    for (_, a), (_, b) in zip(
+        expected["optimizer_states"][0]["state"].items(), got["optimizer_states"][0]["state"].items()
+    ):
+        assert all(torch.equal(a[name], b[name]) for name in a)
+    # The RNG streams and the routing monitor ended where the uninterrupted run's did.
+    for callback in ("ResumableRNG", "RoutingMonitor"):
+        assert_same(got["callbacks"][callback], expected["callbacks"][callback])
+    print(f"killed after steps {killed_at_steps} of {MAX_STEPS}")
+
+
+def assert_same(a, b):
+    assert type(a) is type(b)
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b
