@@ -233,12 +233,40 @@ def _mean_std(values: list[float]) -> dict[str, Any]:
     return {"mean": float(np.mean(values)), "std": std, "n": len(values)}
 
 
+def paired_difference(runs: dict[int, dict[str, Any]], baseline: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    """Final validation loss of ``runs`` minus ``baseline`` (both ``{seed: metrics}``), seed by seed.
+
+    Mean and standard deviation of the differences over the shared seeds, the 95 %
+    Student-t interval of their mean, on how many seeds ``runs`` is lower, and whether the
+    interval excludes 0 (``significant``). ``None`` without a shared seed.
+    """
+    seeds = sorted(set(runs) & set(baseline))
+    if not seeds:
+        return None
+    deltas = [runs[s]["final_val_loss"] - baseline[s]["final_val_loss"] for s in seeds]
+    stats = _mean_std(deltas)
+    half_width = _t_critical(len(deltas) - 1) * stats["std"] / math.sqrt(len(deltas)) if stats["std"] else None
+    return {
+        **stats,
+        "seeds": seeds,
+        "deltas": deltas,
+        "ci95": None if half_width is None else [stats["mean"] - half_width, stats["mean"] + half_width],
+        "lower_on": sum(d < 0 for d in deltas),
+        "significant": half_width is not None and abs(stats["mean"]) > half_width,
+    }
+
+
+def _finished_by_configuration(runs: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
+    by_config: dict[str, dict[int, dict[str, Any]]] = {}
+    for run in runs:
+        if run["status"] == "done" and run["metrics"]["final_val_loss"] is not None:
+            by_config.setdefault(run["configuration"], {})[run["seed"]] = run["metrics"]
+    return by_config
+
+
 def summarise(runs: list[dict[str, Any]], reference: str) -> tuple[float | None, dict[str, dict[str, Any]]]:
     """Per configuration: means and standard deviations over seeds, and paired differences to ``reference``."""
-    finished = [r for r in runs if r["status"] == "done" and r["metrics"]["final_val_loss"] is not None]
-    by_config: dict[str, dict[int, dict[str, Any]]] = {}
-    for run in finished:
-        by_config.setdefault(run["configuration"], {})[run["seed"]] = run["metrics"]
+    by_config = _finished_by_configuration(runs)
     reference_runs = by_config.get(reference, {})
     target = _mean_std([m["final_val_loss"] for m in reference_runs.values()])["mean"]
     summary: dict[str, dict[str, Any]] = {}
@@ -258,34 +286,35 @@ def summarise(runs: list[dict[str, Any]], reference: str) -> tuple[float | None,
             values = [m["telemetry"][metric] for m in seeds.values() if metric in m["telemetry"]]
             if values:
                 entry["telemetry"][metric] = _mean_std(values)
-        if target is not None:
-            reached = [steps_to_reach(m["val_loss"], target) for m in seeds.values()]
-            entry["steps_to_reference"] = {
-                "target": target,
-                "reached": sum(step is not None for step in reached),
-                "steps": reached,
-                **_mean_std([float(s) for s in reached if s is not None]),
-            }
-        paired = sorted(set(seeds) & set(reference_runs))
-        if name != reference and paired:
-            deltas = [seeds[s]["final_val_loss"] - reference_runs[s]["final_val_loss"] for s in paired]
-            stats = _mean_std(deltas)
-            half_width = _t_critical(len(deltas) - 1) * stats["std"] / math.sqrt(len(deltas)) if stats["std"] else None
-            entry["paired_delta"] = {
-                **stats,
-                "seeds": paired,
-                "deltas": deltas,
-                "ci95": None if half_width is None else [stats["mean"] - half_width, stats["mean"] + half_width],
-                "lower_on": sum(d < 0 for d in deltas),
-                "significant": half_width is not None and abs(stats["mean"]) > half_width,
-            }
+        steps = _steps_to_reference(seeds, reference_runs)
+        if name != reference and steps is not None:
+            entry["steps_to_reference"] = steps
+        delta = paired_difference(seeds, reference_runs)
+        if name != reference and delta is not None:
+            entry["paired_delta"] = delta
         summary[name] = entry
-    reference_steps = summary.get(reference, {}).get("steps_to_reference", {}).get("mean")
-    for entry in summary.values():
-        steps = entry.get("steps_to_reference", {})
-        if reference_steps and steps.get("mean") and steps["reached"] == len(entry["seeds"]):
-            steps["speedup"] = reference_steps / steps["mean"]
     return target, summary
+
+
+def _steps_to_reference(runs: dict[int, dict[str, Any]], reference: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    """Seed by seed, the first validation step at which a run is as good as the reference's final loss.
+
+    ``speedup`` (when every seed gets there): the mean over seeds of the reference's
+    final step divided by that step.
+    """
+    seeds = sorted(set(runs) & set(reference))
+    if not seeds:
+        return None
+    steps = [steps_to_reach(runs[s]["val_loss"], reference[s]["final_val_loss"]) for s in seeds]
+    entry = {
+        "seeds": seeds,
+        "steps": steps,
+        "reached": sum(step is not None for step in steps),
+        **_mean_std([float(step) for step in steps if step is not None]),
+    }
+    if entry["reached"] == len(seeds):
+        entry["speedup"] = float(np.mean([reference[s]["final_step"] / step for s, step in zip(seeds, steps)]))
+    return entry
 
 
 # ----------------------------------------------------------------------------- writing
@@ -314,7 +343,7 @@ def _bars(axis, names: list[str], stats: list[dict[str, Any] | None], label: str
     stds = [s["std"] if s and s.get("std") is not None else 0.0 for s in stats]
     axis.barh(range(len(names)), means, xerr=stds, color="tab:blue", alpha=0.7, capsize=3)
     axis.set_yticks(range(len(names)), labels=names)
-    axis.invert_yaxis()
+    axis.set_ylim(len(names) - 0.5, -0.5)  # first configuration on top, also when some bars are missing
     axis.set_xlabel(label)
     axis.grid(axis="x", alpha=0.3)
 
@@ -415,7 +444,12 @@ def write_plots(
 
 
 def _markdown(
-    study: dict[str, Any], runs: list[dict[str, Any]], target: float | None, summary: dict, plots: list[str]
+    study: dict[str, Any],
+    runs: list[dict[str, Any]],
+    target: float | None,
+    summary: dict,
+    pairs: list[dict[str, Any]],
+    plots: list[str],
 ) -> str:
     names = [c["name"] for c in study["configurations"] if c["name"] in summary]
     reference = study["reference"]
@@ -434,7 +468,10 @@ def _markdown(
         "",
         "Every number below is read from the runs' TensorBoard event files. Final validation loss is the last",
         f"`{VAL_LOSS}` logged; Δ is paired (configuration minus reference on the same seed), its 95 % interval",
-        "uses Student's t over seeds, and *beyond seed noise* means that interval excludes 0.",
+        "uses Student's t over seeds, and *beyond seed noise* means that interval excludes 0. Steps to the",
+        "reference's final loss: the first validation step at which a run's loss is at most the reference's final",
+        "loss on the same seed (resolution: the validation interval); speed-up: the reference's steps over those,",
+        "averaged over seeds, when every seed gets there.",
         "",
         "## Validation loss",
         "",
@@ -448,7 +485,7 @@ def _markdown(
         entry = summary[name]
         delta = entry.get("paired_delta")
         steps = entry.get("steps_to_reference", {})
-        reached = f"{_fmt(steps, 0)} ({steps['reached']}/{len(entry['seeds'])})" if steps else "–"
+        reached = f"{_fmt(steps, 0)} ({steps['reached']}/{len(steps['seeds'])})" if steps else "–"
         row = [
             f"`{name}`",
             _fmt(entry["final_val_loss"], 4),
@@ -461,6 +498,29 @@ def _markdown(
             _fmt(entry["train_batch_seconds"], 3),
         ]
         lines.append("| " + " | ".join(row) + " |")
+
+    if pairs:
+        lines += [
+            "",
+            "## Paired differences between configurations",
+            "",
+            "| configuration − baseline | Δ final val loss | 95 % interval of Δ | lower on | beyond seed noise |",
+            "|---|---|---|---|---|",
+        ]
+        for pair in pairs:
+            delta = pair["delta"]
+            row = [f"`{pair['configuration']}` − `{pair['baseline']}`"]
+            if delta is None:
+                row += ["–"] * 4
+            else:
+                interval = f"[{delta['ci95'][0]:+.4f}, {delta['ci95'][1]:+.4f}]" if delta["ci95"] else "–"
+                row += [
+                    _fmt(delta, 4),
+                    interval,
+                    f"{delta['lower_on']}/{delta['n']}",
+                    "yes" if delta["significant"] else "no",
+                ]
+            lines.append("| " + " | ".join(row) + " |")
 
     for metric, title in (
         ("load_max_over_mean", "Load imbalance (busiest expert / mean), per layer, last log"),
@@ -567,6 +627,7 @@ def compare(
     corpus: str | None = None,
     overrides: dict[str, Any] | None = None,
     reference: str | None = None,
+    pairs: list[tuple[str, str]] | None = None,
     output_dir: str = "runs/compare",
     name: str = "compare",
     num_threads: int | None = None,
@@ -583,6 +644,8 @@ def compare(
         corpus: ``data.source`` of every run (default: the recipe's).
         overrides: recipe keys set in every run (dotted keys, e.g. ``model.d_model``).
         reference: the configuration the others are compared with (default: the first).
+        pairs: further ``(configuration, baseline)`` pairs whose paired difference the
+            report gives, e.g. an estimator against the control that shares its forward pass.
         output_dir: where runs, plots and reports go.
         name: the study's name, the report's title.
         num_threads: ``torch.set_num_threads`` for the runs (default: torch's). On a CPU
@@ -599,6 +662,10 @@ def compare(
     reference = reference or names[0]
     if reference not in names:
         raise ValueError(f"compare: reference={reference!r} is not one of the configurations {names}")
+    pairs = [tuple(pair) for pair in pairs or []]
+    unknown = sorted({n for pair in pairs for n in pair} - set(names))
+    if unknown:
+        raise ValueError(f"compare: pairs name configurations that do not exist: {unknown}")
     out = Path(output_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(base, dict):
@@ -635,29 +702,50 @@ def compare(
         run["metrics"] = run_metrics(read_scalars(run["run_dir"])) if run["status"] == "done" else None
 
     target, summary = summarise(runs, reference)
+    by_config = _finished_by_configuration(runs)
+    pair_results = []
+    for configuration, baseline in pairs:
+        delta = paired_difference(by_config.get(configuration, {}), by_config.get(baseline, {}))
+        pair_results.append({"configuration": configuration, "baseline": baseline, "delta": delta})
+    reference_runs = by_config.get(reference, {})
     for run in runs:
-        if run["metrics"] and target is not None:
-            run["steps_to_reference"] = steps_to_reach(run["metrics"]["val_loss"], target)
+        if run["metrics"] and run["seed"] in reference_runs and run["configuration"] != reference:
+            target_loss = reference_runs[run["seed"]]["final_val_loss"]
+            run["steps_to_reference"] = steps_to_reach(run["metrics"]["val_loss"], target_loss)
     source = corpus or _recipe_value(base_config, common, "data.source")
     study = {
         "name": name,
-        "command": "lightning-moe " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else "",
+        "command": _training_command(sys.argv),
         "base": str(base if isinstance(base, str) else base_config),
         "overrides": common,
         "seeds": list(seeds),
         "reference": reference,
+        "pairs": [list(pair) for pair in pairs],
         "corpus": source,
         "num_domains": parse_testbed_source(source) if isinstance(source, str) else None,
         "configurations": [asdict(c) for c in configurations],
     }
     plots = write_plots(out, runs, summary, names)
-    results = {"study": study, "target_val_loss": target, "summary": summary, "runs": runs}
+    results = {"study": study, "target_val_loss": target, "summary": summary, "pairs": pair_results, "runs": runs}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     _write_csv(out / "runs.csv", [_run_row(r) for r in runs])
     _write_csv(out / "summary.csv", [_summary_row(n, summary[n]) for n in names if n in summary])
-    (out / "report.md").write_text(_markdown(study, runs, target, summary, plots))
+    (out / "report.md").write_text(_markdown(study, runs, target, summary, pair_results, plots))
     print(f"[compare] report: {out / 'report.md'}", flush=True)
     return results
+
+
+def _training_command(argv: list[str]) -> str:
+    """The ``lightning-moe compare`` command line that trains this study (``--report_only`` left out)."""
+    if argv[1:2] != ["compare"]:
+        return ""
+    kept, skip = [], False
+    for arg in argv[2:]:
+        if skip or arg.startswith("--report_only"):
+            skip = arg == "--report_only"
+            continue
+        kept.append(arg)
+    return " ".join(["lightning-moe compare", *kept])
 
 
 def _recipe_value(base_config: Path, common: dict[str, Any], key: str) -> Any:

@@ -39,6 +39,7 @@ def _study(tmp_path) -> dict:
         "steps": 4,
         "corpus": "testbed",
         "num_threads": 1,
+        "pairs": [["topk", "smv2"]],
         "base": {
             "model": {
                 "d_model": 16,
@@ -116,12 +117,14 @@ def test_compare_end_to_end(tmp_path, monkeypatch):
         assert summary[name]["final_val_loss"]["std"] == pytest.approx(np.std(values, ddof=1), rel=1e-9)
     deltas = [finals["smv2"][s] - finals["topk"][s] for s in (0, 1)]
     assert summary["smv2"]["paired_delta"]["mean"] == pytest.approx(np.mean(deltas), rel=1e-9)
+    assert results["pairs"][0]["delta"]["deltas"] == pytest.approx([-d for d in deltas], rel=1e-9)
     assert results["target_val_loss"] == pytest.approx(np.mean(list(finals["topk"].values())), rel=1e-9)
 
     report = (out / "report.md").read_text()
     mean, std = summary["smv2"]["final_val_loss"]["mean"], summary["smv2"]["final_val_loss"]["std"]
     assert f"{mean:.4f} ± {std:.4f}" in report
     assert "zero_router_grad_fraction" in report and "log 4 = 1.386" in report
+    assert "| `topk` − `smv2` |" in report
     with open(out / "runs.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert float(rows[1]["final_val_loss"]) == pytest.approx(finals["smv2"][0], rel=1e-6)
@@ -153,6 +156,7 @@ def _run(name, seed, final, steps=(10, 20)):
         "status": "done",
         "metrics": {
             "final_val_loss": final,
+            "final_step": steps[1],
             "val_loss": curve,
             "train_batch_seconds": 0.1,
             "layers": {"dead_experts": [0.0, 1.0]},
@@ -175,9 +179,15 @@ def test_summary_pairs_seeds_and_tests_the_difference():
     assert not summary["noisy"]["paired_delta"]["significant"]
     assert "paired_delta" not in summary["ref"]
     assert summary["ref"]["layers"]["dead_experts"][1]["mean"] == 1.0
-    # Reference target 2.1: "better" reaches it on seeds 0 and 1 at step 20, never on seed 2.
-    assert summary["better"]["steps_to_reference"]["reached"] == 2
-    assert "speedup" not in summary["better"]["steps_to_reference"]
+    # Seed by seed, "better" ends below the reference: it gets there at step 20 on every seed.
+    assert summary["better"]["steps_to_reference"]["steps"] == [20, 20, 20]
+    assert summary["better"]["steps_to_reference"]["speedup"] == pytest.approx(1.0)
+    # "noisy" ends above the reference on seed 1 (2.15 > 2.1): it never gets there.
+    assert summary["noisy"]["steps_to_reference"]["steps"] == [20, None, 20]
+    assert "speedup" not in summary["noisy"]["steps_to_reference"]
+    fast = summarise([_run("ref", 0, 2.0), _run("fast", 0, 1.4, steps=(5, 20))], "ref")[1]["fast"]
+    assert fast["steps_to_reference"]["steps"] == [5]
+    assert fast["steps_to_reference"]["speedup"] == pytest.approx(4.0)
 
 
 STUDIES = sorted((Path(__file__).parents[1] / "recipes").glob("study_*.yaml"))
