@@ -13,6 +13,8 @@ from lightning_moe.callbacks import AuxLossFreeBalancing, DefaultOutputEMA, aux_
 from lightning_moe.estimators.default_moe import DefaultMoE
 from lightning_moe.estimators.topk import TopK
 
+from helpers import fit_quietly
+
 D, E = 4, 4
 
 
@@ -49,17 +51,7 @@ class FixedRouterModule(L.LightningModule):
 
 
 def fit(module, data, callbacks, ckpt_path=None, **trainer_args):
-    trainer_args = {
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "accelerator": "cpu",
-        **trainer_args,
-    }
-    trainer = L.Trainer(callbacks=callbacks, **trainer_args)
-    trainer.fit(module, data, ckpt_path=ckpt_path)
-    return trainer
+    return fit_quietly(module, data, callbacks, ckpt_path=ckpt_path, **trainer_args)
 
 
 def skewed_data(steps, batch=8):

@@ -4,32 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_moe.experts import Experts, get_backend
+from lightning_moe.experts import Experts
 from lightning_moe.experts import grouped as grouped_module
 
-
-def run_backend(experts, backend, x, indices, weights):
-    """Forward + backward of one backend with a fixed random output gradient."""
-    experts.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(True)
-    weights = weights.detach().clone().requires_grad_(True)
-    y, stats = get_backend(backend)(experts, x, indices, weights, True)
-    grad_out = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
-    y.backward(grad_out)
-    grads = {"x": x.grad, "weights": weights.grad}
-    for name, p in experts.named_parameters():
-        grads[name] = torch.zeros_like(p) if p.grad is None else p.grad.clone()
-    return y.detach(), stats, grads
-
-
-def routing_cases():
-    g = torch.Generator().manual_seed(1)
-    T, E = 13, 6
-    yield "random_k2", E, torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(T)])
-    yield "zero_token_experts", E, torch.randint(0, 2, (T, 1), generator=g)  # experts 2..5 get nothing
-    yield "single_token", E, torch.tensor([[3, 1]])
-    yield "all_on_one_expert", E, torch.full((T, 1), 4)
-    yield "k_equals_E", 4, torch.stack([torch.randperm(4, generator=g) for _ in range(5)])
+from helpers import routing_cases, run_backend
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])

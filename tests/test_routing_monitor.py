@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_moe import MoELayer
 from lightning_moe.callbacks import LoadBalancingLoss, RoutingMonitor, routing_monitor
 
+from helpers import fit_quietly
+
 D, E = 4, 4
 BATCH_CLASSES = [0, 0, 1, 2]  # layer_00 loads [2, 1, 1, 0] per step, expert 3 dead
 REVERSED = [3, 2, 1, 0]  # the dense layer maps class c to class 3 - c: layer_01 loads [0, 1, 1, 2]
@@ -59,18 +61,7 @@ def batches(steps, classes=BATCH_CLASSES):
 
 
 def fit(module, data, callbacks, val_data=None, ckpt_path=None, **trainer_args):
-    trainer_args = {
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "accelerator": "cpu",
-        "log_every_n_steps": 1,
-        **trainer_args,
-    }
-    trainer = L.Trainer(callbacks=callbacks, **trainer_args)
-    trainer.fit(module, data, val_data, ckpt_path=ckpt_path)
-    return trainer
+    return fit_quietly(module, data, callbacks, val_data, ckpt_path, **{"log_every_n_steps": 1, **trainer_args})
 
 
 def read_events(log_dir):
