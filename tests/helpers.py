@@ -3,6 +3,7 @@
 import lightning as L
 import torch
 
+import lightning_moe.experts.megablocks as mb
 from lightning_moe.experts import get_backend
 
 
@@ -45,3 +46,79 @@ def fit_quietly(module, data, callbacks, val_data=None, ckpt_path=None, **traine
     trainer = L.Trainer(callbacks=callbacks, **trainer_args)
     trainer.fit(module, data, val_data, ckpt_path=ckpt_path)
     return trainer
+
+
+# ---- plain-torch stand-ins for the megablocks backend's kernels -------------------------
+
+
+class FakeKernels:
+    """Plain-torch versions of the three kernels, asserting the inputs the real ones need."""
+
+    def __init__(self, indices_TK: torch.Tensor | None = None, nan_for_empty_experts: bool = False):
+        self.expert_ids_N = None if indices_TK is None else indices_TK.reshape(-1)
+        self.nan_for_empty_experts = nan_for_empty_experts
+        self.gmm_dtypes = []
+
+    def check_routing(self, indices_N, bin_ids_N, bins_E, top_k, num_pairs):
+        for t in (indices_N, bin_ids_N, bins_E):
+            assert t.dtype == torch.int32 and t.dim() == 1 and t.is_contiguous()
+        assert indices_N.numel() == bin_ids_N.numel() == num_pairs
+        assert torch.equal(
+            indices_N.long().sort().values, torch.arange(num_pairs, device=indices_N.device)
+        )  # a permutation of the pairs
+        if self.expert_ids_N is not None:
+            assert torch.equal(bin_ids_N.long(), self.expert_ids_N[indices_N.long()])  # bin of each sorted pair
+        assert bool((bin_ids_N[1:] >= bin_ids_N[:-1]).all())
+        counts = torch.bincount(bin_ids_N.long(), minlength=bins_E.numel())
+        assert torch.equal(bins_E.long(), counts.cumsum(0))
+
+    def gather(self, x_TD, indices_N, bin_ids_N, bins_E, top_k):
+        assert x_TD.dim() == 2 and x_TD.is_contiguous()
+        self.check_routing(indices_N, bin_ids_N, bins_E, top_k, x_TD.shape[0] * top_k)
+        return x_TD[indices_N.long() // top_k]
+
+    def scatter(self, x_ND, indices_N, bin_ids_N, weights_N, bins_E, top_k):
+        assert x_ND.dim() == 2 and x_ND.is_contiguous()
+        assert weights_N.dim() == 1 and weights_N.is_contiguous() and weights_N.dtype == x_ND.dtype
+        self.check_routing(indices_N, bin_ids_N, bins_E, top_k, x_ND.shape[0])
+        pairs = indices_N.long()
+        # Row indices_N[i] of the pair buffer holds sorted row i scaled by that pair's weight.
+        out_ND = torch.zeros_like(x_ND).index_copy(0, pairs, x_ND * weights_N[pairs, None])
+        return out_ND.view(-1, top_k, x_ND.shape[1]).sum(dim=1)
+
+    def gmm(self, a_ND, b_EAB, batch_sizes_E, trans_b=False):
+        assert not trans_b
+        assert batch_sizes_E.device.type == "cpu" and batch_sizes_E.dtype == torch.int64
+        assert batch_sizes_E.shape == (b_EAB.shape[0],) and int(batch_sizes_E.sum()) == a_ND.shape[0]
+        assert a_ND.is_contiguous() and b_EAB.is_contiguous() and a_ND.dtype == b_EAB.dtype
+        self.gmm_dtypes.append(a_ND.dtype)
+        if self.nan_for_empty_experts:
+            return UninitialisedWeightGradGMM.apply(a_ND, b_EAB, batch_sizes_E)
+        return torch.cat([seg @ b_EAB[e] for e, seg in enumerate(a_ND.split(batch_sizes_E.tolist()))])
+
+
+class UninitialisedWeightGradGMM(torch.autograd.Function):
+    """A gmm whose weight gradient for zero-token experts is garbage (NaN), as from ``torch.empty``."""
+
+    @staticmethod
+    def forward(ctx, a_ND, b_EAB, batch_sizes_E):
+        ctx.save_for_backward(a_ND, b_EAB)
+        ctx.sizes = batch_sizes_E.tolist()
+        return torch.cat([seg @ b_EAB[e] for e, seg in enumerate(a_ND.split(ctx.sizes))])
+
+    @staticmethod
+    def backward(ctx, grad_NB):
+        a_ND, b_EAB = ctx.saved_tensors
+        grad_a = torch.cat([g @ b_EAB[e].T for e, g in enumerate(grad_NB.split(ctx.sizes))])
+        grad_b = torch.full_like(b_EAB, float("nan"))
+        for e, (seg, g) in enumerate(zip(a_ND.split(ctx.sizes), grad_NB.split(ctx.sizes))):
+            if seg.shape[0]:
+                grad_b[e] = seg.T @ g
+        return grad_a, grad_b, None
+
+
+def use_fake_kernels(monkeypatch, kernels: FakeKernels) -> None:
+    """The megablocks backend runs ``kernels`` (on any device and dtype) until the test ends."""
+    monkeypatch.setattr(
+        mb, "load_kernels", lambda device, dtype: mb.Kernels(kernels.gather, kernels.scatter, kernels.gmm)
+    )

@@ -36,13 +36,13 @@ class Recorder(L.Callback):
         self.logged[step] = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("moe/")}
 
 
-def train(tmp_path, moe, callbacks, run, ckpt_path=None):
+def train(tmp_path, moe, callbacks, run, ckpt_path=None, source=None):
     L.seed_everything(0)
     model = MoELanguageModel(
         d_model=32, n_heads=2, n_layers=2, max_seq_len=16, moe=moe, warmup_steps=2, learning_rate=5e-3
     )
     data = TextDataModule(
-        source=str(write_corpus(tmp_path)),
+        source=source or str(write_corpus(tmp_path)),
         seq_len=16,
         batch_size=4,
         cache_dir=str(tmp_path / "cache"),
@@ -111,6 +111,19 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run_bit_for_bit(tmp_path, co
     if config == "default_moe_aux_free":
         layer = full.model.moe_layers()[0]
         assert layer.estimator.default_outputs.abs().sum() > 0 and layer.selection_bias.abs().sum() > 0
+
+
+def test_domain_expert_counts_since_the_last_log_survive_a_resume(tmp_path):
+    """On the labelled testbed, the mutual information logged after a resume counts the steps before it."""
+    moe, callbacks = {"num_experts": 4, "top_k": 2}, lambda: [LoadBalancingLoss(), RoutingMonitor()]
+    _, _, reference = train(tmp_path, moe, callbacks(), "full", source="testbed:3")
+    step = LOG_EVERY - 2  # two steps into the first logging window
+    _, _, resumed = train(tmp_path, moe, callbacks(), "again", tmp_path / "full" / f"step={step}.ckpt", "testbed:3")
+    logged = [s for s in range(step, MAX_STEPS) if (s + 1) % LOG_EVERY == 0]
+    mi_tags = [tag for tag in reference.logged[logged[0]] if tag.endswith("/domain_expert_mi")]
+    assert len(mi_tags) == 2
+    for s in logged:
+        assert {t: resumed.logged[s][t] for t in mi_tags} == {t: reference.logged[s][t] for t in mi_tags}, s
 
 
 def test_without_the_rng_state_sampled_routing_would_not_resume_exactly(tmp_path):

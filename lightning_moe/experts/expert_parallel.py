@@ -8,16 +8,22 @@ Rank p of the group holds the experts ``p * L .. p * L + L - 1`` (contiguous blo
 rows ``0 .. L - 1`` of its ``w1``/``v1``/``w2``. One forward is the dispatch / combine
 of GShard (Lepikhin et al., 2020), without a capacity limit:
 
-1. sort this rank's pairs by global expert (:func:`~lightning_moe.experts.grouped.sort_pairs`);
-   with contiguous blocks that is also the order of the destination ranks;
+1. sort this rank's pairs by global expert and gather their token rows in that order
+   (the backend's dispatch, :func:`local_dispatch`); with contiguous blocks that is also
+   the order of the destination ranks;
 2. exchange the per-expert counts ([P, L] on every rank) with one all-to-all, so every
    rank knows how many rows it sends to and receives from each rank;
 3. send the token rows to the ranks that own their experts (all-to-all with split sizes);
 4. the received rows arrive grouped by source rank, then by local expert: reorder them by
-   local expert, run the torch backend's grouped FFN on the local experts, restore the
-   arrival order;
+   local expert, run the grouped FFN on the local experts, restore the arrival order;
 5. send the outputs back with the reverse all-to-all; weight them and scatter them onto
-   the tokens (:func:`~lightning_moe.experts.grouped.combine_pairs`).
+   the tokens (the dispatch's ``combine``).
+
+The sort, gather, FFN and combine are those of the layer's backend: MegaBlocks' kernels
+(``megablocks.ops.gather``/``scatter`` and ``grouped_gemm``'s ``gmm``, the pipeline of
+MegaBlocks' own expert-parallel layer) when the backend resolves to ``"megablocks"``,
+otherwise the torch grouped GEMM (also for ``"loop"``, whose per-expert loop has no
+sharded form).
 
 Gradients take the same path backwards: the backward of an all-to-all is the all-to-all
 with the split sizes swapped (:class:`AllToAll`). An expert's gradient on its owner
@@ -39,7 +45,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_moe.experts import Experts, ExpertStats, compute_dtype
-from lightning_moe.experts.grouped import combine_pairs, grouped_ffn, sort_pairs
+from lightning_moe.experts.grouped import GroupedDispatch
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,16 @@ def all_to_all(x: Tensor, output_splits: list[int], input_splits: list[int], gro
     return AllToAll.apply(x, output_splits, input_splits, group)
 
 
+def local_dispatch(experts: Experts, x_TD: Tensor, indices_TK: Tensor, num_experts: int):
+    """The backend's dispatch of this rank's routing over the ``num_experts`` global experts."""
+    if experts.resolved_backend(x_TD) == "megablocks":
+        from lightning_moe.experts import megablocks
+
+        kernels = megablocks.load_kernels(x_TD.device, x_TD.dtype)
+        return megablocks.MegaBlocksDispatch(experts, kernels, x_TD, indices_TK, num_experts)
+    return GroupedDispatch(experts, x_TD, indices_TK, num_experts)
+
+
 def expert_parallel_experts(
     experts: Experts, x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, return_output_sums: bool
 ) -> tuple[Tensor, ExpertStats]:
@@ -101,22 +117,22 @@ def expert_parallel_experts(
     assert shard is not None
     P, L = shard.size, shard.num_local_experts
     x_TD = x_TD.to(compute_dtype(x_TD))
-    pairs = sort_pairs(indices_TK, shard.num_experts)
+    dispatch = local_dispatch(experts, x_TD, indices_TK, shard.num_experts)
 
-    send_counts_PL = pairs.tokens_per_expert_E.view(P, L)
+    send_counts_PL = dispatch.tokens_per_expert_E.view(P, L)
     recv_counts_PL = _all_to_all_rows(send_counts_PL, [1] * P, [1] * P, shard.group)  # row p: from rank p
     # A host synchronisation: all_to_all_single takes its split sizes as Python ints.
     input_splits = send_counts_PL.sum(dim=1).tolist()
     output_splits = recv_counts_PL.sum(dim=1).tolist()
 
-    x_RD = all_to_all(x_TD[pairs.token_ids_N], output_splits, input_splits, shard.group)
+    x_RD = all_to_all(dispatch.gather(x_TD), output_splits, input_splits, shard.group)
     local_ids_R = torch.arange(L, device=x_TD.device).repeat(P)
     local_ids_R = local_ids_R.repeat_interleave(recv_counts_PL.reshape(-1), output_size=sum(output_splits))
     by_expert_R = local_ids_R.argsort(stable=True)
-    out_RD = grouped_ffn(experts, x_RD[by_expert_R], recv_counts_PL.sum(dim=0))
+    out_RD = dispatch.ffn(x_RD[by_expert_R], recv_counts_PL.sum(dim=0))
     out_RD = out_RD[by_expert_R.argsort()]  # back to arrival order
     out_ND = all_to_all(out_RD, input_splits, output_splits, shard.group)
-    return combine_pairs(x_TD, pairs, out_ND, weights_TK, shard.num_experts, return_output_sums)
+    return dispatch.combine(out_ND, weights_TK, return_output_sums)
 
 
 def shard_experts(experts: Experts, shard: ExpertShard) -> None:

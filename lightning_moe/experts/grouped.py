@@ -6,9 +6,10 @@ package that name would shadow the ``torch`` module inside ``lightning_moe.exper
 The (token, slot) pairs are sorted by expert so each expert's rows are contiguous
 (:func:`sort_pairs`); each projection is then a single grouped matmul over those segments
 (:func:`grouped_ffn` through :func:`grouped_mm`, the one seam to swap in another kernel),
-and the weighted outputs are scattered back (:func:`combine_pairs`). Expert parallelism
-(:mod:`lightning_moe.experts.expert_parallel`) reuses the three steps around its token
-exchange.
+and the weighted outputs are scattered back (:func:`combine_pairs`). :class:`GroupedDispatch`
+bundles the three steps for one routing; the ``"megablocks"`` backend has a dispatch with
+the same methods, and expert parallelism (:mod:`lightning_moe.experts.expert_parallel`)
+runs either around its token exchange.
 """
 
 from __future__ import annotations
@@ -89,10 +90,34 @@ def combine_pairs(
     return y_TD, ExpertStats(pairs.tokens_per_expert_E, *sums)
 
 
+class GroupedDispatch:
+    """One routing's (token, slot) pairs in expert order, moved with plain torch indexing.
+
+    ``gather`` takes the token rows to expert order, ``ffn`` runs rows sorted by expert
+    through the experts held in ``experts``' parameters, ``combine`` weights the outputs
+    and sums them onto the tokens. Between ``gather`` and ``ffn`` the rows may travel
+    (expert parallelism); ``ffn`` only needs them sorted by the experts it holds.
+    """
+
+    def __init__(self, experts: Experts, x_TD: Tensor, indices_TK: Tensor, num_experts: int) -> None:
+        self.experts, self.x_TD, self.num_experts = experts, x_TD, num_experts
+        self.pairs = sort_pairs(indices_TK, num_experts)
+        self.tokens_per_expert_E = self.pairs.tokens_per_expert_E
+
+    def gather(self, x_TD: Tensor) -> Tensor:
+        return x_TD[self.pairs.token_ids_N]
+
+    def ffn(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+        return grouped_ffn(self.experts, x_ND, tokens_per_expert_E)
+
+    def combine(self, out_ND: Tensor, weights_TK: Tensor, return_output_sums: bool) -> tuple[Tensor, ExpertStats]:
+        return combine_pairs(self.x_TD, self.pairs, out_ND, weights_TK, self.num_experts, return_output_sums)
+
+
 def grouped_experts(
     experts: Experts, x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, return_output_sums: bool
 ) -> tuple[Tensor, ExpertStats]:
     x_TD = x_TD.to(compute_dtype(x_TD))
-    pairs = sort_pairs(indices_TK, experts.num_experts)
-    out_ND = grouped_ffn(experts, x_TD[pairs.token_ids_N], pairs.tokens_per_expert_E)
-    return combine_pairs(x_TD, pairs, out_ND, weights_TK, experts.num_experts, return_output_sums)
+    dispatch = GroupedDispatch(experts, x_TD, indices_TK, experts.num_experts)
+    out_ND = dispatch.ffn(dispatch.gather(x_TD), dispatch.tokens_per_expert_E)
+    return dispatch.combine(out_ND, weights_TK, return_output_sums)

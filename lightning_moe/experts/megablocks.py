@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from lightning_moe.experts import Experts, ExpertStats, compute_dtype, expert_output_sums
+from lightning_moe.experts.grouped import grouped_ffn
 
 INSTALL_DOC = "docs/megablocks.md"
 # Order matters: megablocks imports stk at import time and looks for grouped_gemm.
@@ -116,52 +117,83 @@ def _zero_grad_of_empty_experts(w_EAB: Tensor, empty_experts: Tensor) -> Tensor:
     return w_EAB
 
 
+class MegaBlocksDispatch:
+    """One routing's (token, slot) pairs in expert order, moved by MegaBlocks' kernels.
+
+    The methods of :class:`~lightning_moe.experts.grouped.GroupedDispatch`: ``gather``
+    (``megablocks.ops.gather``), ``ffn`` on rows sorted by expert (one ``gmm`` per
+    projection) and ``combine`` (``megablocks.ops.scatter``, which also gives the routing
+    weights their gradient), so expert parallelism runs MegaBlocks' kernels around its
+    token exchange as the single-process backend does. Every kernel call runs with
+    autocast off and explicit dtypes: stk's autocast wrappers would otherwise recast
+    their floating inputs to the autocast dtype inside the autograd functions.
+    """
+
+    def __init__(self, experts: Experts, kernels: Kernels, x_TD: Tensor, indices_TK: Tensor, num_experts: int):
+        self.experts, self.kernels, self.num_experts = experts, kernels, num_experts
+        self.dtype, self.device_type, self.top_k = x_TD.dtype, x_TD.device.type, indices_TK.shape[1]
+        expert_ids_N = indices_TK.reshape(-1)
+        self.tokens_per_expert_E = torch.bincount(expert_ids_N, minlength=num_experts)
+        # MegaBlocks' indices_and_bins, with torch ops and the int32 indices its kernels take:
+        # bin_ids_N are the sorted expert ids, order_N[i] the (token * K + slot) pair at
+        # sorted position i, bins_E the inclusive cumulative token counts.
+        with torch.no_grad():
+            bin_ids_N, order_N = torch.sort(expert_ids_N.int(), stable=True)
+            self.bin_ids_N, self.order_N = bin_ids_N, order_N.int()
+            self.bins_E = self.tokens_per_expert_E.cumsum(0).int()
+
+    def _no_autocast(self) -> torch.autocast:
+        return torch.autocast(device_type=self.device_type, enabled=False)
+
+    def gather(self, x_TD: Tensor) -> Tensor:
+        with self._no_autocast():
+            return self.kernels.gather(x_TD.contiguous(), self.order_N, self.bin_ids_N, self.bins_E, self.top_k)
+
+    def ffn(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+        if x_ND.shape[0] == 0:  # an expert-parallel rank that receives no rows: nothing for gmm to do
+            return grouped_ffn(self.experts, x_ND, tokens_per_expert_E)
+        w1, v1, w2 = self.experts.expert_weights(self.dtype)
+        batch_sizes_E = tokens_per_expert_E.cpu()  # gmm takes the segment sizes on the host
+        empty_E = batch_sizes_E == 0
+        if empty_E.any():
+            empty_experts = empty_E.nonzero().squeeze(1).to(x_ND.device)
+            w1, v1, w2 = (
+                w if w is None or not w.requires_grad else _zero_grad_of_empty_experts(w, empty_experts)
+                for w in (w1, v1, w2)
+            )
+        with self._no_autocast():
+            x_ND = x_ND.contiguous()
+            h1_NF = self.kernels.gmm(x_ND, w1, batch_sizes_E)
+            h3_NF = None if v1 is None else self.kernels.gmm(x_ND, v1, batch_sizes_E)
+            return self.kernels.gmm(self.experts.activate(h1_NF, h3_NF), w2, batch_sizes_E)
+
+    def combine(self, out_ND: Tensor, weights_TK: Tensor, return_output_sums: bool) -> tuple[Tensor, ExpertStats]:
+        with self._no_autocast():
+            weights_N = weights_TK.reshape(-1).to(self.dtype).contiguous()
+            y_TD = self.kernels.scatter(
+                out_ND.contiguous(), self.order_N, self.bin_ids_N, weights_N, self.bins_E, self.top_k
+            )
+        if not return_output_sums:
+            return y_TD, ExpertStats(self.tokens_per_expert_E)
+        gate_N = weights_TK.reshape(-1)[self.order_N.long()]
+        sums = expert_output_sums(self.bin_ids_N.long(), out_ND, gate_N, self.num_experts)
+        return y_TD, ExpertStats(self.tokens_per_expert_E, *sums)
+
+
 def megablocks_experts(
     experts: Experts, x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, return_output_sums: bool
 ) -> tuple[Tensor, ExpertStats]:
     dtype = compute_dtype(x_TD)
     kernels = load_kernels(x_TD.device, dtype)
-    num_experts, top_k = experts.num_experts, indices_TK.shape[1]
+    num_experts = experts.num_experts
     x_TD = x_TD.to(dtype).contiguous()
-    w1, v1, w2 = experts.expert_weights(dtype)
-
-    expert_ids_N = indices_TK.reshape(-1)
-    tokens_per_expert = torch.bincount(expert_ids_N, minlength=num_experts)
-    if expert_ids_N.numel() == 0:
+    if indices_TK.numel() == 0:
         y_TD = x_TD.new_zeros(x_TD.shape)
+        tokens_per_expert = torch.zeros(num_experts, dtype=torch.long, device=x_TD.device)
         if not return_output_sums:
             return y_TD, ExpertStats(tokens_per_expert)
         zeros = x_TD.new_zeros(num_experts, x_TD.shape[1], dtype=torch.float32)
         return y_TD, ExpertStats(tokens_per_expert, zeros, zeros.clone())
-
-    # MegaBlocks' indices_and_bins, with torch ops and the int32 indices its kernels take:
-    # bin_ids_N are the sorted expert ids, order_N[i] the (token * K + slot) pair at
-    # sorted position i, bins_E the inclusive cumulative token counts.
-    with torch.no_grad():
-        bin_ids_N, order_N = torch.sort(expert_ids_N.int(), stable=True)
-        order_N = order_N.int()
-        bins_E = tokens_per_expert.cumsum(0).int()
-    batch_sizes_E = tokens_per_expert.cpu()  # gmm takes the segment sizes on the host
-    empty_E = batch_sizes_E == 0
-    if empty_E.any():
-        empty_experts = empty_E.nonzero().squeeze(1).to(x_TD.device)
-        w1, v1, w2 = (
-            w if w is None or not w.requires_grad else _zero_grad_of_empty_experts(w, empty_experts)
-            for w in (w1, v1, w2)
-        )
-
-    # The kernels take explicit dtypes: stk's autocast wrappers would otherwise recast
-    # their floating inputs to the autocast dtype inside the autograd functions.
-    with torch.autocast(device_type=x_TD.device.type, enabled=False):
-        x_ND = kernels.gather(x_TD, order_N, bin_ids_N, bins_E, top_k)
-        h1_NF = kernels.gmm(x_ND, w1, batch_sizes_E)
-        h3_NF = None if v1 is None else kernels.gmm(x_ND, v1, batch_sizes_E)
-        out_ND = kernels.gmm(experts.activate(h1_NF, h3_NF), w2, batch_sizes_E)
-        weights_N = weights_TK.reshape(-1).to(dtype).contiguous()
-        y_TD = kernels.scatter(out_ND, order_N, bin_ids_N, weights_N, bins_E, top_k)
-
-    if not return_output_sums:
-        return y_TD, ExpertStats(tokens_per_expert)
-    gate_N = weights_TK.reshape(-1)[order_N.long()]
-    sums = expert_output_sums(bin_ids_N.long(), out_ND, gate_N, num_experts)
-    return y_TD, ExpertStats(tokens_per_expert, *sums)
+    dispatch = MegaBlocksDispatch(experts, kernels, x_TD, indices_TK, num_experts)
+    out_ND = dispatch.ffn(dispatch.gather(x_TD), dispatch.tokens_per_expert_E)
+    return dispatch.combine(out_ND, weights_TK, return_output_sums)

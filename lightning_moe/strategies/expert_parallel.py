@@ -83,12 +83,6 @@ def check_expert_parallel_model(module: nn.Module, expert_parallel_size: int) ->
                 f"{expert_parallel_size} does not divide: every rank must hold the same number of experts."
                 f" Use an expert_parallel_size that divides {layer.num_experts}."
             )
-        if layer.experts.backend == "megablocks":
-            raise ValueError(
-                f"MoE layer {name!r} has backend='megablocks', whose own expert-parallel path is not wired"
-                " into ExpertParallelStrategy. Use backend='torch' (or 'auto'): the strategy exchanges tokens"
-                " with all-to-all and runs the torch grouped GEMM on each rank's experts, on CPU and GPU."
-            )
     return layers
 
 
