@@ -153,17 +153,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(os.fspath(path), lambda fh: torch.save(checkpoint, fh))
 
     def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage, weights_only=None):
-        try:
+        with damaged_checkpoint_errors(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-        except FileNotFoundError:
+
+
+@contextlib.contextmanager
+def damaged_checkpoint_errors(path):
+    """Turn a failure to read the local checkpoint ``path`` into :class:`CheckpointError` if the file is damaged.
+
+    A missing file raises ``FileNotFoundError`` as usual; an intact archive that fails to
+    load has another problem (e.g. ``weights_only`` refusing an object) and its error passes
+    through unchanged.
+    """
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        if not isinstance(get_filesystem(path), LocalFileSystem) or _is_intact_zip(os.fspath(path)):
             raise
-        except Exception as err:
-            local = isinstance(get_filesystem(path), LocalFileSystem)
-            # An intact archive that fails to load has another problem (e.g. weights_only refusing
-            # an object); only a damaged file is reported as damaged.
-            if not local or _is_intact_zip(os.fspath(path)):
-                raise
-            raise corrupt_checkpoint_error(os.fspath(path), err) from err
+        raise corrupt_checkpoint_error(os.fspath(path), err) from err
 
 
 def use_atomic_checkpoint_io(trainer: L.Trainer) -> None:
@@ -213,6 +222,12 @@ def saveable_rng_states(states: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """A 63-bit seed for ``rank`` derived from the run's ``seed`` (distinct ranks, unrelated streams)."""
+    low, high = np.random.SeedSequence([seed % 2**64, rank]).generate_state(2, dtype=np.uint32)
+    return (int(high) << 32 | int(low)) & (2**63 - 1)
+
+
 class ResumableRNG(L.Callback):
     """Saves each rank's RNG states in checkpoints; ``fit(ckpt_path=...)`` continues the same streams.
 
@@ -233,18 +248,32 @@ class ResumableRNG(L.Callback):
     draws from the global RNG in the main process) is not covered: give such datasets
     their own generator, or use DataLoader workers.
 
+    Independent ranks: ``seed_everything`` gives every data-parallel rank the same seed,
+    so without care rank r's token t would get the same Gumbel sample, coin and jitter as
+    rank 0's token t: sampled routing noise correlated across the shards of the global
+    batch (each token's noise still has the right distribution, but the global-batch
+    gradient averages fewer independent draws). With ``independent_ranks=True`` (the
+    default) a fresh multi-process run re-seeds torch's CPU and CUDA generators at the
+    start of training from (``torch.initial_seed()``, global rank), after the model is
+    built and its weights broadcast, so the ranks draw independent streams that are still
+    reproducible from the one seed. ``False`` keeps the shared streams. One process is
+    left untouched; a resumed run restores the saved streams instead.
+
     A callback rather than a LightningModule hook so that it works for any module. It
     is stateful: the checkpoint holds its states under its ``state_key``. Resuming with a
     different number of ranks restores the ranks that exist and warns that the resumed
     run is not bit-exact. ``MoELanguageModel`` adds it itself.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, independent_ranks: bool = True) -> None:
+        self.independent_ranks = independent_ranks
         self._states: dict[str, Any] | None = None
         self._loaded: list[dict[str, Any]] | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._loaded is None:
+            if self.independent_ranks and trainer.world_size > 1 and self._states is None:
+                torch.manual_seed(rank_seed(torch.initial_seed(), trainer.global_rank))
             return
         loaded, self._loaded = self._loaded, None
         if len(loaded) != trainer.world_size:

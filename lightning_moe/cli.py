@@ -11,6 +11,7 @@ trains a recipe with several estimator configurations over paired seeds and repo
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -19,7 +20,7 @@ from jsonargparse import CLI
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_moe.checkpointing import use_atomic_checkpoint_io
+from lightning_moe.checkpointing import CheckpointError, damaged_checkpoint_errors, use_atomic_checkpoint_io
 from lightning_moe.data import TextDataModule
 from lightning_moe.module import MoELanguageModel
 
@@ -56,15 +57,21 @@ def sample(
         top_k: sample only among the k most likely tokens (None: all).
         seed: random seed, for reproducible samples.
     """
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"lightning-moe sample: checkpoint {checkpoint!r} does not exist")
     torch.manual_seed(seed)
-    model = MoELanguageModel.load_from_checkpoint(checkpoint, map_location="cpu")
+    with damaged_checkpoint_errors(checkpoint):
+        model = MoELanguageModel.load_from_checkpoint(checkpoint, map_location="cpu")
     print(model.sample_text(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k))
 
 
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] == "sample":
-        CLI(sample, args=argv[1:])
+        try:
+            CLI(sample, args=argv[1:])
+        except (CheckpointError, FileNotFoundError) as err:  # a bad path or file: the message says it all
+            raise SystemExit(f"error: {err}") from None
         return
     if argv and argv[0] == "compare":
         from lightning_moe.compare import main as compare

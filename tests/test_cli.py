@@ -80,3 +80,13 @@ def test_quickstart_fit_writes_logs_and_checkpoint_then_samples(tmp_path, capsys
 def test_unknown_estimator_in_config_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="estimator='nope'"):
         MoELanguageModel(d_model=32, n_heads=2, n_layers=1, moe={"num_experts": 2, "top_k": 1, "estimator": "nope"})
+
+
+def test_sample_names_a_missing_or_damaged_checkpoint_without_a_traceback(tmp_path):
+    with pytest.raises(SystemExit, match=r"error: .*nowhere.ckpt' does not exist"):
+        main(["sample", str(tmp_path / "nowhere.ckpt")])
+    damaged = tmp_path / "last.ckpt"
+    damaged.write_bytes(b"PK\x03\x04 cut off while writing")
+    (tmp_path / "step=10.ckpt").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"(?s)error: Cannot read the checkpoint .*last.ckpt.*truncated or corrupt.*step=10"):
+        main(["sample", str(damaged)])

@@ -260,3 +260,58 @@ def test_fsdp2_resumes_from_a_full_checkpoint_bit_for_bit(tmp_path):
         assert resumed[rank]["losses"] == {s: full[rank]["losses"][s] for s in range(2, STEPS)}
         for key, value in full[rank]["state"].items():
             assert torch.equal(resumed[rank]["state"][key], value), key
+
+
+class SameDataOnEveryRank(L.LightningModule):
+    """Every rank trains on the same rows with sampled routing, so only the routing noise can tell them apart."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.moe = MoELayer(8, 16, 4, 2, estimator="sparsemixer_v2", estimator_args={"jitter_eps": 0.5})
+        self.losses = []
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        loss = (self.moe(x) - x).square().mean()
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+        return DataLoader(TensorDataset(x), batch_size=16)
+
+    def on_train_end(self):
+        torch.save(self.losses, f"{self.out_dir}/rank{self.global_rank}.pt")
+
+
+def per_rank_losses(out_dir, independent_ranks):
+    out_dir.mkdir()
+    L.seed_everything(0)
+    model = SameDataOnEveryRank()
+    model.out_dir = str(out_dir)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=ddp(),
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[ResumableRNG(independent_ranks=independent_ranks)],
+    )
+    trainer.fit(model)
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(2)]
+
+
+def test_ranks_draw_independent_routing_noise_that_is_reproducible_from_the_seed(tmp_path):
+    shared = per_rank_losses(tmp_path / "shared", independent_ranks=False)
+    assert shared[0] == shared[1]  # same seed, same data: the ranks sample the same routing
+    independent = per_rank_losses(tmp_path / "independent", independent_ranks=True)
+    assert independent[0][0] != independent[1][0]  # same weights and data at step 0: only the noise differs
+    assert per_rank_losses(tmp_path / "again", independent_ranks=True) == independent

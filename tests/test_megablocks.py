@@ -304,3 +304,57 @@ def test_fit_bf16_mixed_through_the_plumbing_on_cpu(monkeypatch):
 @pytest.mark.parametrize("estimator", available_estimators())
 def test_gpu_fit_bf16_mixed_on_megablocks(estimator):
     fit_bf16_mixed_on_megablocks(estimator, "gpu")
+
+
+def _expert_parallel_on_gpus(rank: int, world: int, port: int, backend: str) -> None:
+    """Rank r holds experts [r * E / world, ...); its outputs and gradients must match the loop on all experts."""
+    import torch.distributed as dist
+
+    from lightning_moe.experts.expert_parallel import ExpertShard, shard_experts
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # the same experts and data on every rank
+        E, T, K = 4 * world, 256, 2
+        full = Experts(64, 128, E).cuda()
+        x_all = torch.randn(world, T, 64, device="cuda")
+        weights_all = torch.rand(world, T, K, device="cuda")
+        indices_all = torch.stack([torch.stack([torch.randperm(E)[:K] for _ in range(T)]) for _ in range(world)])
+        y_ref, _, grads_ref = run_backend(
+            full, "loop", x_all[rank], indices_all[rank].cuda(), weights_all[rank], autocast_dtype=torch.bfloat16
+        )
+        sharded = copy.deepcopy(full)
+        sharded.backend = backend
+        shard_experts(sharded, ExpertShard(dist.group.WORLD, rank, world, E))
+        # Through Experts.forward (run_backend would call a single-process backend function).
+        x = x_all[rank].clone().requires_grad_(True)
+        w = weights_all[rank].clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, _ = sharded(x, indices_all[rank].cuda(), w)
+        y.float().backward(torch.linspace(-1, 1, y.numel(), device="cuda").reshape(y.shape))
+        assert relative_error(y, y_ref) < BF16_REL_TOL
+        assert relative_error(x.grad, grads_ref["x"]) < BF16_REL_TOL
+        assert relative_error(w.grad, grads_ref["weights"]) < BF16_REL_TOL
+        # This rank's expert gradients sum every rank's tokens: compare with the all-rank sum of the loop's.
+        lo, hi = rank * 4, rank * 4 + 4
+        for name, p in sharded.named_parameters():
+            full_grad = grads_ref[name].clone()
+            dist.all_reduce(full_grad)
+            assert relative_error(p.grad, full_grad[lo:hi]) < BF16_REL_TOL, name
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="expert parallelism on GPUs needs two of them")
+@pytest.mark.parametrize("backend", ["megablocks", "torch"])
+def test_gpu_expert_parallel_matches_loop_on_two_gpus(backend):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_expert_parallel_on_gpus, args=(2, port, backend), nprocs=2, start_method="spawn")
