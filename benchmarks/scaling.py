@@ -1,14 +1,18 @@
-"""Step time of a small MoE language model with 1 and 2 data-parallel processes (DDP over gloo, CPU).
+"""Step time of a small MoE language model with 1 and 2 processes: DDP and expert parallelism (gloo, CPU).
 
     python benchmarks/scaling.py                  # d_model 128, 2 layers, 8 experts top-2
     python benchmarks/scaling.py --batch 16 --seq 256 --steps 30
 
-Three runs of ``MoELanguageModel`` under Lightning, one intra-op thread per process:
+Four runs of ``MoELanguageModel`` under Lightning, one intra-op thread per process:
 
 * ``1 proc``: one process, ``batch`` sequences per step;
 * ``2 procs, same per-rank batch`` (weak scaling): each rank ``batch`` sequences, so a
   step trains on twice the tokens;
-* ``2 procs, same global batch`` (strong scaling): each rank ``batch / 2``.
+* ``2 procs, same global batch`` (strong scaling): each rank ``batch / 2``;
+* ``2 procs, expert parallel``: the weak-scaling run under
+  ``ExpertParallelStrategy(expert_parallel_size=2)``: each rank holds half of every
+  layer's experts, tokens travel by all-to-all, and only the router and dense gradients
+  are all-reduced (the expert gradients stay on their owner).
 
 It prints the median step time after warm-up (from the start of a training batch to the
 end of its optimizer step, so it includes DDP's gradient all-reduce and the router
@@ -38,6 +42,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_moe.callbacks import LoadBalancingLoss, RoutingMonitor
 from lightning_moe.module import MoELanguageModel
+from lightning_moe.strategies import ExpertParallelStrategy
 
 
 class StepTimer(L.Callback):
@@ -71,7 +76,7 @@ class RankBatches(L.LightningDataModule):
         return DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=self.batch)
 
 
-def measure(args: argparse.Namespace, processes: int, batch: int) -> float:
+def measure(args: argparse.Namespace, processes: int, batch: int, expert_parallel: bool = False) -> float:
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     model = MoELanguageModel(
@@ -84,7 +89,11 @@ def measure(args: argparse.Namespace, processes: int, batch: int) -> float:
     )
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.json")
-        strategy = DDPStrategy(start_method="fork", timeout=timedelta(minutes=5)) if processes > 1 else "auto"
+        timeout = timedelta(minutes=5)
+        if expert_parallel:
+            strategy = ExpertParallelStrategy(expert_parallel_size=processes, start_method="fork", timeout=timeout)
+        else:
+            strategy = DDPStrategy(start_method="fork", timeout=timeout) if processes > 1 else "auto"
         trainer = L.Trainer(
             accelerator="cpu",
             devices=processes,
@@ -120,6 +129,7 @@ def main() -> None:
     one = measure(args, 1, args.batch)
     weak = measure(args, 2, args.batch)
     strong = measure(args, 2, args.batch // 2)
+    expert_parallel = measure(args, 2, args.batch, expert_parallel=True)
     tokens = args.batch * args.seq
     print(f"\nCPU cores: {os.cpu_count()}, one intra-op thread per process, backend={args.backend}")
     print(f"model: d_model {args.d_model}, {args.layers} layers, {args.experts} experts top-2, seq {args.seq}")
@@ -128,10 +138,12 @@ def main() -> None:
         (f"1 proc, batch {args.batch}", one, tokens),
         (f"2 procs, batch {args.batch} each (weak)", weak, 2 * tokens),
         (f"2 procs, batch {args.batch // 2} each (strong)", strong, tokens),
+        (f"2 procs expert parallel, batch {args.batch} each", expert_parallel, 2 * tokens),
     ):
         print(f"{name:40s} {1000 * seconds:9.1f} {seconds / one:7.2f} {step_tokens / seconds:10.0f}")
     print(f"\nweak-scaling throughput ratio (2 procs / 1 proc): {(2 * tokens / weak) / (tokens / one):.2f}")
     print(f"strong-scaling speed-up (1 proc / 2 procs):        {one / strong:.2f}")
+    print(f"expert parallel / DDP step time (same batches):    {expert_parallel / weak:.2f}")
 
 
 if __name__ == "__main__":
