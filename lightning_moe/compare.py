@@ -2,39 +2,49 @@
 paired seeds, then report what the run logs say.
 
 Every run is an ordinary ``lightning-moe fit`` (:func:`lightning_moe.cli.main`) of the base
-recipe with the configuration's overrides, one after the other in this process. Each
-run writes its TensorBoard events to ``<output_dir>/runs/<configuration>/seed_<seed>/``
-and, once finished, ``done.json`` there; a finished run whose command line has not
-changed is not run again, so an interrupted study continues where it stopped. The report
-reads every number from the event files (validation loss, routing telemetry, step time),
-and writes ``results.json``, ``runs.csv``, ``summary.csv``, ``report.md`` and PNG plots to
-``<output_dir>``.
+recipe with the configuration's overrides, one after the other in this process on one
+device. When the runs use CUDA and several devices are visible (or ``--devices`` lists
+ids), they are spread over the devices instead, one run per device at a time, each in a
+process of its own that sees only its device and logs to ``<run_dir>/log.txt``. Each run
+writes its TensorBoard events to ``<output_dir>/runs/<configuration>/seed_<seed>/`` (its
+``<run_dir>``) and, once finished, ``done.json`` there; a finished run whose command line
+has not changed is not run again, however it was run, so an interrupted study continues
+where it stopped. The report reads every number from the event files (validation loss,
+routing telemetry, step time), and writes ``results.json``, ``runs.csv``, ``summary.csv``,
+``report.md`` and PNG plots to ``<output_dir>``.
 
 Usage::
 
     lightning-moe compare --config recipes/study_estimators.yaml
     lightning-moe compare --config recipes/study_estimators.yaml --seeds '[0]' --steps 50
+    lightning-moe compare --config recipes/study_estimators.yaml --devices '[0, 1]'
     lightning-moe compare --config recipes/study_estimators.yaml --report_only true
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gc
 import json
 import math
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import threading
 import time
 import traceback
 import warnings
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 import yaml
 
 from lightning_moe.testbed import parse_testbed_source
@@ -130,36 +140,251 @@ def run_arguments(
     ]
 
 
-def _run(args: list[str], run_dir: Path) -> dict[str, Any]:
-    """Run one fit unless ``run_dir`` holds a finished run with the same arguments."""
-    from lightning_moe.cli import main as cli_main
-
+def _finished(args: list[str], run_dir: Path) -> dict[str, Any] | None:
+    """The record of the run finished in ``run_dir`` if it ran with ``args``, else ``None``."""
     done = run_dir / "done.json"
     if done.is_file():
         record = json.loads(done.read_text())
         if record.get("args") == args:
             return record
         print(f"[compare] {run_dir}: finished with other arguments; running it again", flush=True)
+    return None
+
+
+def _empty(run_dir: Path) -> None:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
+
+
+def _fit(
+    args: list[str], run_dir: Path, launch: list[str] | None = None, placement: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One fit in this process; writes ``done.json`` (its record) or ``failed.txt`` to ``run_dir``.
+
+    ``launch``: flags that place the run without defining it (``--trainer.devices=1``); they
+    are not in the record, so a run is resumed whichever way it was started. ``placement``:
+    entries added to the record (the device it ran on).
+    """
+    from lightning_moe.cli import main as cli_main
+
+    placement = placement or {}
     start = time.perf_counter()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _noting_ctrl_c() as interrupted:
             # LightningCLI warns when given args while sys.argv holds the compare command's own.
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            cli_main(args)
-    # Any failure of one run is recorded and the study goes on; SystemExit is jsonargparse's bad-flag exit.
-    except (Exception, SystemExit) as err:  # noqa: BLE001
-        error = "".join(traceback.format_exception(err))
-        (run_dir / "failed.txt").write_text(error)
-        print(f"[compare] {run_dir} failed:\n{error}", file=sys.stderr, flush=True)
-        return {"args": args, "status": "failed", "error": str(err)}
+            cli_main([*args, *(launch or [])])
+    except SystemExit as err:
+        if interrupted:
+            # Ctrl-C: Lightning shut the fit down and exited with 1. Stop the study (this run
+            # left no done.json, so it runs again when the study is resumed).
+            raise KeyboardInterrupt(f"compare: interrupted during {run_dir}") from err
+        return _failed(args, run_dir, err, placement)  # jsonargparse's exit for a bad flag
+    # Any failure of one run is recorded and the study goes on.
+    except Exception as err:  # noqa: BLE001
+        return _failed(args, run_dir, err, placement)
     finally:
         gc.collect()
-    record = {"args": args, "status": "done", "wall_seconds": time.perf_counter() - start}
-    done.write_text(json.dumps(record, indent=1))
+    record = {"args": args, "status": "done", "wall_seconds": time.perf_counter() - start, **placement}
+    (run_dir / "done.json").write_text(json.dumps(record, indent=1))
     return record
+
+
+@contextlib.contextmanager
+def _noting_ctrl_c():
+    """A list that gets an entry if Ctrl-C (SIGINT) arrives inside the block; Ctrl-C still interrupts.
+
+    Lightning turns a KeyboardInterrupt during ``fit`` into a graceful shutdown and
+    ``sys.exit(1)``, which alone cannot be told apart from other exits.
+    """
+    noted: list[bool] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous) or threading.current_thread() is not threading.main_thread():
+        yield noted  # Ctrl-C is ignored or kills the process anyway, or handlers cannot be set here
+        return
+
+    def note(signum, frame):
+        noted.append(True)
+        previous(signum, frame)
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _failed(args: list[str], run_dir: Path, err: BaseException, placement: dict[str, Any]) -> dict[str, Any]:
+    error = "".join(traceback.format_exception(err))
+    (run_dir / "failed.txt").write_text(error)
+    print(f"[compare] {run_dir} failed:\n{error}", file=sys.stderr, flush=True)
+    return {"args": args, "status": "failed", "error": str(err), **placement}
+
+
+def _run(args: list[str], run_dir: Path) -> dict[str, Any]:
+    """Run one fit in this process unless ``run_dir`` holds a finished run with the same arguments."""
+    record = _finished(args, run_dir)
+    if record is None:
+        _empty(run_dir)
+        record = _fit(args, run_dir)
+    return record
+
+
+# ----------------------------------------------------------------------------- one run per device
+
+
+@dataclass
+class _Job:
+    configuration: str
+    seed: int
+    run_dir: Path
+    args: list[str]
+
+    def __str__(self) -> str:
+        return f"{self.configuration} seed {self.seed}"
+
+
+@dataclass
+class _Child:
+    process: subprocess.Popen
+    device: int
+    cuda_visible_devices: str
+
+
+def _device_ids(devices: int | list[int] | str | None, cuda_devices: int | None) -> list[int] | None:
+    """The ids that runs are spread over, one run per id at a time (``None``: one after the other here).
+
+    ``cuda_devices``: how many CUDA devices this process sees when the runs use CUDA, else ``None``.
+    """
+    valid = '"auto", None, a count >= 1, or a list of distinct device ids >= 0'
+    if devices is None:
+        return None
+    if devices == "auto":
+        return list(range(cuda_devices)) if cuda_devices and cuda_devices > 1 else None
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
+        ids = list(range(devices))
+    elif (
+        isinstance(devices, (list, tuple))
+        and devices
+        and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in devices)
+        and len(set(devices)) == len(devices)
+    ):
+        ids = list(devices)
+    else:
+        raise ValueError(f"compare: devices={devices!r} is not valid; give {valid}")
+    if cuda_devices is not None and max(ids) >= cuda_devices:
+        raise ValueError(
+            f"compare: devices={devices!r} names CUDA devices that are not there: {cuda_devices} are visible,"
+            f" so valid ids are 0..{cuda_devices - 1}"
+        )
+    return ids
+
+
+def _runs_use_cuda(base_config: Path, common: dict[str, Any], configurations: list[Configuration]) -> bool:
+    """Whether some run would train on a CUDA GPU: one is there and its ``trainer.accelerator`` allows it."""
+    if not torch.cuda.is_available():
+        return False
+    recipe = _recipe_value(base_config, common, "trainer.accelerator")
+    accelerators = [c.overrides.get("trainer.accelerator", recipe) for c in configurations]
+    return any(accelerator in (None, "auto", "gpu", "cuda") for accelerator in accelerators)
+
+
+def _cuda_visible_devices(device: int, uses_cuda: bool) -> str:
+    """``CUDA_VISIBLE_DEVICES`` of the process that runs on ``device``.
+
+    Ids count the GPUs this process sees, as ``torch.cuda`` does: under an outer
+    ``CUDA_VISIBLE_DEVICES=2,3``, id 0 is GPU 2.
+    """
+    outer = [entry.strip() for entry in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if entry.strip()]
+    return outer[device] if uses_cuda and outer else str(device)
+
+
+def _start(job: _Job, device: int, uses_cuda: bool, num_threads: int | None) -> _Child:
+    _empty(job.run_dir)
+    visible = _cuda_visible_devices(device, uses_cuda)
+    spec = {"args": job.args, "run_dir": str(job.run_dir), "device": device, "num_threads": num_threads}
+    # Unbuffered, so that the log of a process that is killed ends where it stopped.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible, "PYTHONUNBUFFERED": "1"}
+    with open(job.run_dir / "log.txt", "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "lightning_moe._compare_worker", json.dumps(spec)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    print(f"[compare] {job} -> device {device} (pid {process.pid}): {job.run_dir}", flush=True)
+    return _Child(process, device, visible)
+
+
+def _log_tail(log: Path, lines: int = 30) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.is_file() else ""
+
+
+def _collect(job: _Job, child: _Child) -> dict[str, Any]:
+    """The record of a run whose process has exited; a process that left none failed."""
+    done = job.run_dir / "done.json"
+    if done.is_file():
+        record = json.loads(done.read_text())
+        print(f"[compare] {job} on device {child.device}: done in {record['wall_seconds']:.1f} s", flush=True)
+        return record
+    failed = job.run_dir / "failed.txt"
+    code = child.process.returncode
+    if failed.is_file():
+        error = failed.read_text().strip().splitlines()[-1]
+    else:
+        # Killed or crashed before the run could record anything: the log says how far it got.
+        error = f"its process exited with code {code} without a record"
+        failed.write_text(f"{error}; the end of log.txt:\n{_log_tail(job.run_dir / 'log.txt')}\n")
+    print(f"[compare] {job} on device {child.device}: failed (exit code {code}): {error}; see {failed}", flush=True)
+    placement = {"device": child.device, "cuda_visible_devices": child.cuda_visible_devices}
+    return {"args": job.args, "status": "failed", "error": error, **placement}
+
+
+def _stop(children: list[_Child]) -> None:
+    """Terminate the processes still running (an interrupted study leaves none behind)."""
+    if not children:
+        return
+    print(f"[compare] stopping {len(children)} running run(s)", file=sys.stderr, flush=True)
+    for child in children:
+        if child.process.poll() is None:
+            child.process.terminate()
+    for child in children:
+        try:
+            child.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+            child.process.wait()
+
+
+def _run_on_devices(
+    jobs: list[_Job], device_ids: list[int], uses_cuda: bool, num_threads: int | None
+) -> list[dict[str, Any]]:
+    """Every job's record; unfinished jobs run in child processes, in order, one per device at a time.
+
+    A child is :mod:`lightning_moe._compare_worker`: :func:`_fit` with
+    ``CUDA_VISIBLE_DEVICES`` set to its device and ``--trainer.devices=1``, its output in
+    ``<run_dir>/log.txt``.
+    """
+    records: list[dict[str, Any] | None] = [_finished(job.args, job.run_dir) for job in jobs]
+    pending = deque(i for i, record in enumerate(records) if record is None)
+    free = list(device_ids)
+    running: dict[int, _Child] = {}
+    try:
+        while pending or running:
+            while pending and free:
+                i = pending.popleft()
+                running[i] = _start(jobs[i], free.pop(0), uses_cuda, num_threads)
+            exited = [i for i, child in running.items() if child.process.poll() is not None]
+            if not exited:
+                time.sleep(0.2)
+            for i in exited:
+                child = running.pop(i)
+                records[i] = _collect(jobs[i], child)
+                free.append(child.device)
+    finally:
+        _stop(list(running.values()))
+    return records
 
 
 # ----------------------------------------------------------------------------- reading logs
@@ -592,6 +817,7 @@ def _run_row(run: dict[str, Any]) -> dict[str, Any]:
         "steps_to_reference": run.get("steps_to_reference"),
         "train_batch_seconds": metrics.get("train_batch_seconds"),
         "wall_seconds": run.get("wall_seconds"),
+        "device": run.get("device"),
     }
     row.update(metrics.get("telemetry", {}))
     for metric, layers in metrics.get("layers", {}).items():
@@ -631,6 +857,7 @@ def compare(
     output_dir: str = "runs/compare",
     name: str = "compare",
     num_threads: int | None = None,
+    devices: int | list[int] | str | None = "auto",
     report_only: bool = False,
 ) -> dict[str, Any]:
     """Train ``base`` with every configuration and seed, then write the comparison report.
@@ -650,6 +877,18 @@ def compare(
         name: the study's name, the report's title.
         num_threads: ``torch.set_num_threads`` for the runs (default: torch's). On a CPU
             shared with other processes one thread is often several times faster than two.
+            Applies to the runs' own processes too (``devices``).
+        devices: where the runs train. ``"auto"`` (default): one run per visible CUDA
+            device at a time when the runs use CUDA and more than one device is visible,
+            else one run after the other in this process. ``None``: always one after the
+            other in this process. A list of device ids (or a count ``N``, ids ``0..N-1``):
+            up to that many runs at once, each in a process of its own that sees only its
+            device (``CUDA_VISIBLE_DEVICES=<id>``, ``--trainer.devices=1``) and writes its
+            output to ``<run_dir>/log.txt``; the next run starts on the device the last one
+            freed. Ids count the GPUs this process sees, as ``torch.cuda`` does. When the runs
+            do not use CUDA (a CPU recipe, or no GPU), a list means that many CPU processes at
+            once; give them ``num_threads`` so they do not oversubscribe the cores. Each run's
+            record says which device it ran on (``device``, ``cuda_visible_devices``).
         report_only: do not train; report on the runs already finished.
 
     Returns the contents of ``results.json``.
@@ -681,23 +920,32 @@ def compare(
     if corpus is not None:
         common["data.source"] = corpus
 
-    if num_threads is not None:
-        import torch
+    uses_cuda = _runs_use_cuda(base_config, common, configurations)
+    device_ids = _device_ids(devices, torch.cuda.device_count() if uses_cuda else None)
 
+    if num_threads is not None:
         torch.set_num_threads(num_threads)
-    runs = []
     # Seed-major order: an interrupted study has complete, paired seeds first.
+    jobs = []
     for seed in seeds:
         for configuration in configurations:
             run_dir = out / "runs" / configuration.name / f"seed_{seed}"
             args = run_arguments(str(base_config), run_dir, seed, configuration, common)
-            done = run_dir / "done.json"
-            if report_only:
-                record = json.loads(done.read_text()) if done.is_file() else {"status": "not run"}
-            else:
-                print(f"[compare] {configuration.name} seed {seed} -> {run_dir}", flush=True)
-                record = _run(args, run_dir)
-            runs.append({"configuration": configuration.name, "seed": seed, "run_dir": str(run_dir), **record})
+            jobs.append(_Job(configuration.name, seed, run_dir, args))
+    if report_only:
+        done = [job.run_dir / "done.json" for job in jobs]
+        records = [json.loads(d.read_text()) if d.is_file() else {"status": "not run"} for d in done]
+    elif device_ids is None:
+        records = []
+        for job in jobs:
+            print(f"[compare] {job} -> {job.run_dir}", flush=True)
+            records.append(_run(job.args, job.run_dir))
+    else:
+        records = _run_on_devices(jobs, device_ids, uses_cuda, num_threads)
+    runs = [
+        {"configuration": job.configuration, "seed": job.seed, "run_dir": str(job.run_dir), **record}
+        for job, record in zip(jobs, records)
+    ]
     for run in runs:
         run["metrics"] = run_metrics(read_scalars(run["run_dir"])) if run["status"] == "done" else None
 

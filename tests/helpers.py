@@ -122,3 +122,17 @@ def use_fake_kernels(monkeypatch, kernels: FakeKernels) -> None:
     monkeypatch.setattr(
         mb, "load_kernels", lambda device, dtype: mb.Kernels(kernels.gather, kernels.scatter, kernels.gmm)
     )
+
+
+class InterruptAtStep(L.Callback):
+    """Sends this process SIGINT (a Ctrl-C) at the end of training step ``step``."""
+
+    def __init__(self, step: int = 1) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)

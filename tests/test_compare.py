@@ -3,16 +3,21 @@
 import csv
 import json
 import math
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonargparse
 import numpy as np
 import pytest
+import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import lightning_moe.cli
+import lightning_moe.compare
 from lightning_moe.compare import Configuration, compare, run_arguments, steps_to_reach, summarise
 from lightning_moe.data import TextDataModule
 from lightning_moe.module import MoELanguageModel
@@ -78,13 +83,20 @@ def _logged(run_dir, tag):
     return [(e.step, e.value) for e in accumulator.Scalars(tag)]
 
 
-@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
-def test_compare_end_to_end(tmp_path, monkeypatch):
-    study = _study(tmp_path)
+@pytest.fixture(scope="module")
+def in_process_study(tmp_path_factory) -> Path:
+    """The tiny study, trained through the command line (its YAML file is returned)."""
+    tmp_path = tmp_path_factory.mktemp("in_process")
     config = tmp_path / "study.yaml"
-    config.write_text(yaml.safe_dump(study))
+    config.write_text(yaml.safe_dump(_study(tmp_path)))
     lightning_moe.cli.main(["compare", "--config", str(config)])
-    out = tmp_path / "study"
+    return config
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_compare_end_to_end(in_process_study, monkeypatch):
+    config = in_process_study
+    out = config.parent / "study"
     for artifact in ARTIFACTS:
         assert (out / artifact).is_file(), artifact
     results = json.loads((out / "results.json").read_text())
@@ -95,6 +107,7 @@ def test_compare_end_to_end(tmp_path, monkeypatch):
         ("topk", 1, "done"),
         ("smv2", 1, "done"),
     ]
+    assert not any("device" in r for r in runs)  # "auto" without GPUs: one after the other, in this process
 
     # Every reported number is what the event files hold.
     finals = {}
@@ -217,3 +230,137 @@ def test_every_configuration_of_a_study_recipe_builds(study, tmp_path):
             "model.moe.estimator", spec["base"]["model"]["moe"]["estimator"]
         )
         assert cli.model.hparams.moe["estimator"] == estimator
+
+
+# ----------------------------------------------------------------------------- one run per device
+
+
+def _write_study(tmp_path, configurations) -> Path:
+    study = {**_study(tmp_path), "seeds": [0], "pairs": [], "configurations": configurations}
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study))
+    return config
+
+
+def _popen_recording(started, killed=()):
+    """``subprocess.Popen`` that notes each run it starts; runs of ``killed`` get a process killed at once."""
+    popen = subprocess.Popen
+
+    def start(command, **kwargs):
+        configuration = Path(json.loads(command[-1])["run_dir"]).parent.name
+        started.append(configuration)
+        if configuration in killed:
+            command = [sys.executable, "-c", "import os; print('almost there'); os.kill(os.getpid(), 9)"]
+        return popen(command, **kwargs)
+
+    return start
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_runs_spread_over_devices_train_what_in_process_runs_train(in_process_study, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    topk, smv2 = _study(tmp_path)["configurations"]
+    # "killed" dies without leaving a record; the study goes on, and its device goes to the next run.
+    config = _write_study(tmp_path, [topk, {"name": "killed"}, smv2])
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", _popen_recording(started, killed=("killed",)))
+    lightning_moe.compare.main(["--config", str(config), "--devices", "[0, 1]"])
+    out = tmp_path / "study"
+    for artifact in ARTIFACTS:
+        assert (out / artifact).is_file(), artifact
+    runs = {r["configuration"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert started == ["topk", "killed", "smv2"]
+    assert [(r["status"], r["device"]) for r in runs.values()] == [("done", 0), ("failed", 1), ("done", 1)]
+    for name in ("topk", "smv2"):
+        record = json.loads((Path(runs[name]["run_dir"]) / "done.json").read_text())
+        # What the run's own process saw: it would be None had the variable not been set for it.
+        assert record["cuda_visible_devices"] == str(record["device"]) == str(runs[name]["device"])
+        assert "max_steps=4" in (Path(runs[name]["run_dir"]) / "log.txt").read_text()
+    failed = (Path(runs["killed"]["run_dir"]) / "failed.txt").read_text()
+    assert "exited with code -9" in runs["killed"]["error"] and "almost there" in failed
+    assert "`killed` seed 0: failed" in (out / "report.md").read_text()
+    with open(out / "runs.csv") as handle:
+        assert [row["device"] for row in csv.DictReader(handle)] == ["0", "1", "1"]
+    printed = capsys.readouterr().out
+    assert printed.count(" -> device ") == 3 and printed.count(" on device ") == 3
+
+    # The same runs one after the other in this process trained the same model.
+    for run in json.loads((in_process_study.parent / "study" / "results.json").read_text())["runs"]:
+        if run["seed"] == 0:
+            expected = runs[run["configuration"]]["metrics"]["final_val_loss"]
+            assert run["metrics"]["final_val_loss"] == pytest.approx(expected, abs=1e-6)
+
+    # Again: finished runs are skipped (no process started for them); the failed one runs again.
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("done.json")}
+    started.clear()
+    lightning_moe.compare.main(["--config", str(config), "--devices", "[0, 1]"])
+    assert started == ["killed"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("done.json")} == stamps
+
+
+def test_an_interrupted_study_stops_its_runs(tmp_path, monkeypatch):
+    children, interrupted = [], []
+
+    class InterruptedWhileRunning(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            children.append(self)
+
+        def poll(self):
+            if len(children) == 2 and not interrupted:
+                interrupted.append(True)
+                raise KeyboardInterrupt  # what Ctrl-C raises in the compare process
+            return super().poll()
+
+    monkeypatch.setattr(subprocess, "Popen", InterruptedWhileRunning)
+    config = _write_study(tmp_path, [{"name": "a"}, {"name": "b"}, {"name": "c"}])
+    with pytest.raises(KeyboardInterrupt):
+        lightning_moe.compare.main(["--config", str(config), "--devices", "2"])
+    assert [child.returncode for child in children] == [-signal.SIGTERM] * 2
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_ctrl_c_during_an_in_process_run_stops_the_study(tmp_path):
+    # A real SIGINT during the first run's fit: Lightning shuts that fit down and exits with 1;
+    # the study must stop there (not record a failure and go on with Ctrl-C ignored).
+    interrupted = {"name": "a", "overrides": {"trainer.callbacks+": "helpers.InterruptAtStep"}}
+    config = _write_study(tmp_path, [interrupted, {"name": "b"}])
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt, match="interrupted during"):
+        lightning_moe.compare.main(["--config", str(config), "--devices", "null"])
+    assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C works again
+    runs = tmp_path / "study" / "runs"
+    assert not (runs / "a" / "seed_0" / "done.json").exists() and not (runs / "a" / "seed_0" / "failed.txt").exists()
+    assert not (runs / "b").exists()
+
+
+@pytest.mark.parametrize("devices", [0, -1, [], [0, -1], [1, 1], [True], "all", "0,1", 1.5])
+def test_bad_devices_are_refused(devices, tmp_path):
+    with pytest.raises(ValueError, match=r"devices=.* is not valid; give \"auto\", None, a count >= 1, or a list"):
+        compare([Configuration("topk")], base=_study(tmp_path)["base"], output_dir=str(tmp_path), devices=devices)
+
+
+def test_devices_are_the_visible_gpus_when_runs_use_cuda(tmp_path, monkeypatch):
+    from lightning_moe.compare import _cuda_visible_devices, _device_ids, _runs_use_cuda
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    base = _study(tmp_path)["base"]  # no trainer.accelerator: Lightning's "auto" takes the GPUs
+    for devices in ([0, 1, 2], [2], 3):
+        with pytest.raises(ValueError, match=r"2 are visible, so valid ids are 0\.\.1"):
+            compare([Configuration("topk")], base=base, output_dir=str(tmp_path), devices=devices)
+
+    base_config = tmp_path / "base.yaml"
+    assert _runs_use_cuda(base_config, {}, [Configuration("topk")])
+    assert not _runs_use_cuda(base_config, {"trainer.accelerator": "cpu"}, [Configuration("topk")])
+    assert _runs_use_cuda(
+        base_config,
+        {"trainer.accelerator": "cpu"},
+        [Configuration("cpu"), Configuration("gpu", {"trainer.accelerator": "gpu"})],
+    )
+    assert _device_ids("auto", 2) == [0, 1]
+    assert _device_ids("auto", 1) is None and _device_ids("auto", None) is None and _device_ids(None, 2) is None
+    assert _device_ids(3, None) == [0, 1, 2] and _device_ids([5, 2], None) == [5, 2]  # CPU processes: any ids
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert [_cuda_visible_devices(i, uses_cuda=True) for i in (0, 1)] == ["4", "6"]
+    assert _cuda_visible_devices(1, uses_cuda=False) == "1"
