@@ -9,7 +9,8 @@ process of its own that sees only its device and logs to ``<run_dir>/log.txt``. 
 writes its TensorBoard events to ``<output_dir>/runs/<configuration>/seed_<seed>/`` (its
 ``<run_dir>``) and, once finished, ``done.json`` there; a finished run whose command line
 has not changed is not run again, however it was run, so an interrupted study continues
-where it stopped. The report reads every number from the event files (validation loss,
+where it stopped. Ctrl-C (or SIGTERM, with runs in processes of their own) stops the
+study and its running runs; those runs start afresh when the study is resumed. The report reads every number from the event files (validation loss,
 routing telemetry, step time), and writes ``results.json``, ``runs.csv``, ``summary.csv``,
 ``report.md`` and PNG plots to ``<output_dir>``.
 
@@ -371,20 +372,38 @@ def _run_on_devices(
     free = list(device_ids)
     running: dict[int, _Child] = {}
     try:
-        while pending or running:
-            while pending and free:
-                i = pending.popleft()
-                running[i] = _start(jobs[i], free.pop(0), uses_cuda, num_threads)
-            exited = [i for i, child in running.items() if child.process.poll() is not None]
-            if not exited:
-                time.sleep(0.2)
-            for i in exited:
-                child = running.pop(i)
-                records[i] = _collect(jobs[i], child)
-                free.append(child.device)
+        with _exit_on_sigterm():
+            while pending or running:
+                while pending and free:
+                    i = pending.popleft()
+                    running[i] = _start(jobs[i], free.pop(0), uses_cuda, num_threads)
+                exited = [i for i, child in running.items() if child.process.poll() is not None]
+                if not exited:
+                    time.sleep(0.2)
+                for i in exited:
+                    child = running.pop(i)
+                    records[i] = _collect(jobs[i], child)
+                    free.append(child.device)
     finally:
         _stop(list(running.values()))
     return records
+
+
+@contextlib.contextmanager
+def _exit_on_sigterm():
+    """Inside the block SIGTERM raises ``SystemExit``, so (as after Ctrl-C) the running children are stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------------- reading logs

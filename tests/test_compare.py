@@ -1,11 +1,14 @@
 """``lightning-moe compare`` end to end on a tiny study, and its statistics."""
 
+import contextlib
 import csv
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jsonargparse
@@ -317,6 +320,42 @@ def test_an_interrupted_study_stops_its_runs(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         lightning_moe.compare.main(["--config", str(config), "--devices", "2"])
     assert [child.returncode for child in children] == [-signal.SIGTERM] * 2
+
+
+def test_a_terminated_study_stops_its_runs(tmp_path):
+    # The compare process gets SIGTERM (a scheduler's kill) while two runs train in children.
+    config = _write_study(tmp_path, [{"name": "a"}, {"name": "b"}, {"name": "c"}])
+    study = yaml.safe_load(config.read_text())
+    study["steps"] = 10_000  # the runs are still training when the signal comes
+    config.write_text(yaml.safe_dump(study))
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "lightning_moe.cli", "compare", "--config", str(config), "--devices", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    pids = []
+    for line in parent.stdout:
+        if "(pid " in line:
+            pids.append(int(line.split("(pid ")[1].split(")")[0]))
+        if len(pids) == 2:
+            break
+    run_dirs = [tmp_path / "study" / "runs" / name / "seed_0" for name in ("a", "b")]
+    deadline = time.monotonic() + 120
+    while not all(any(d.glob("events.out.tfevents*")) for d in run_dirs) and time.monotonic() < deadline:
+        time.sleep(0.2)  # until both children have started fitting (their loggers wrote event files)
+    assert time.monotonic() < deadline
+    parent.send_signal(signal.SIGTERM)
+    try:
+        assert parent.wait(timeout=60) == 128 + signal.SIGTERM
+        for pid in pids:  # stopped and reaped: no process left behind
+            assert not Path(f"/proc/{pid}").exists(), f"run process {pid} is still there"
+        assert not (tmp_path / "study" / "runs" / "c").exists()
+    finally:  # whatever failed, leave nothing running
+        parent.kill()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
