@@ -155,6 +155,23 @@ def test_ddp_equals_one_process_with_the_same_global_batch(tmp_path, estimator, 
     assert single["monitor_tokens"] and ranks[0]["monitor_tokens"] == single["monitor_tokens"]
 
 
+def two_rank_trainer(callbacks, **trainer_args):
+    """Three steps on 2 DDP ranks, each rank reading its own DataLoader (no distributed sampler)."""
+    return L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=ddp(),
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=callbacks,
+        **trainer_args,
+    )
+
+
 class MaskedMoE(L.LightningModule):
     """Sends only the rows whose flag is set through the MoE layer; rank 1 never has any."""
 
@@ -197,20 +214,8 @@ def test_a_rank_whose_layer_gets_no_tokens_trains_in_step_with_the_others(tmp_pa
         callbacks.append(DefaultOutputEMA())
     if estimator in ("topk", "default_moe"):
         callbacks.append(AuxLossFreeBalancing(0.01))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=ddp(),  # find_unused_parameters=False: an expert parameter without a gradient would fail
-        max_steps=3,
-        log_every_n_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        callbacks=callbacks,
-    )
-    trainer.fit(model)
+    # ddp(): find_unused_parameters=False, so an expert parameter without a gradient would fail.
+    two_rank_trainer(callbacks, log_every_n_steps=1).fit(model)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert_ranks_identical(ranks)
     initial = MaskedMoE(estimator, backend, top_k)
@@ -293,19 +298,7 @@ def per_rank_losses(out_dir, independent_ranks):
     L.seed_everything(0)
     model = SameDataOnEveryRank()
     model.out_dir = str(out_dir)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=ddp(),
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        callbacks=[ResumableRNG(independent_ranks=independent_ranks)],
-    )
-    trainer.fit(model)
+    two_rank_trainer([ResumableRNG(independent_ranks=independent_ranks)]).fit(model)
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(2)]
 
 

@@ -374,7 +374,7 @@ def test_trainer_updates_once_per_optimizer_step_over_all_micro_batches():
     batch = 5
     data = DataLoader(TensorDataset(torch.randn(batch * 6, D)), batch_size=batch)
     val_data = DataLoader(TensorDataset(torch.randn(batch, D)), batch_size=batch)
-    trainer = fit_quietly(
+    fit_quietly(
         model, data, val_data, max_steps=3, accumulate_grad_batches=2, num_sanity_val_steps=1, limit_val_batches=1
     )
     # 3 updates, each over the (token, slot) pairs of both micro-batches of its step.
