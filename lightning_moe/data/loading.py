@@ -1,0 +1,119 @@
+"""Fixed-length training windows over a token stream, and a sampler/loader that resume mid-epoch."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+class TokenChunkDataset(Dataset):
+    """Consecutive windows of ``seq_len + 1`` tokens over one token stream.
+
+    Item ``i`` is ``(input_ids, targets)`` with ``input_ids = stream[i*L : i*L + L]`` and
+    ``targets = stream[i*L + 1 : i*L + L + 1]`` (``L = seq_len``, int64). Windows advance by
+    ``seq_len``, so neighbouring windows share only their boundary token: inputs never
+    overlap and every token after the first is a prediction target exactly once.
+
+    With ``labels`` (one int per token of the stream, e.g. its domain) items are
+    ``(input_ids, targets, input_labels)``.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, labels: np.ndarray | None = None) -> None:
+        self.tokens = tokens
+        self.seq_len = int(seq_len)
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} chunks")
+        start = index * self.seq_len
+        window = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
+        if self.labels is None:
+            return window[:-1], window[1:]
+        return window[:-1], window[1:], torch.from_numpy(self.labels[start : start + self.seq_len].astype(np.int64))
+
+
+def _collate(batch: Sequence[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    # default_collate turns tuples into lists; batches are documented as tuples.
+    return tuple(torch.stack(items) for items in zip(*batch))
+
+
+class ResumableSampler(DistributedSampler):
+    """Shuffled indices of one data-parallel rank that can resume in the middle of an epoch.
+
+    The order of epoch ``e`` is ``DistributedSampler``'s: a permutation drawn from
+    ``seed + e`` of which rank ``r`` of ``W`` takes every ``W``-th index, starting at ``r``.
+    It depends only on the seed and the epoch (which Lightning sets through
+    :meth:`set_epoch`), never on the global RNG, and the first ``n * W`` indices of the
+    permutation are exactly the first ``n`` of every rank: ``W`` ranks with batch ``B``
+    see, step by step, the same samples as one process with batch ``W * B``.
+
+    :meth:`resume` skips the samples of an epoch that were already trained on, given as
+    a count over all ranks, so a run can also resume with a different number of ranks.
+    Subclassing ``DistributedSampler`` keeps Lightning from replacing it with its own.
+    """
+
+    def __init__(self, dataset: Dataset, *, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        # drop_last: every rank gets the same number of samples, with none repeated.
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0  # samples of this rank's share of the current epoch not to yield again
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip = 0
+        super().set_epoch(epoch)
+
+    def resume(self, epoch: int, samples_seen: int) -> None:
+        """Continue epoch ``epoch`` after its first ``samples_seen`` samples (summed over ranks)."""
+        self.epoch, self.skip = epoch, samples_seen // self.num_replicas
+        if self.skip >= self.num_samples:
+            self.epoch, self.skip = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a :class:`ResumableSampler` whose position Lightning saves in checkpoints.
+
+    Lightning stores the ``state_dict`` of every training loader that has one and hands
+    it back to ``load_state_dict`` before iterating on ``fit(ckpt_path=...)``; a plain
+    DataLoader would restart the epoch from its first batch. The position saved is the
+    number of batches the training loop has consumed in the current epoch, which
+    ``batches_consumed`` reports (a count of at least ``len(self)`` means the epoch is
+    over; ``TextDataModule`` reads it from the trainer's loop progress): the loader
+    cannot count them itself, because the loop fetches batches ahead of using them.
+    ``len`` stays the full epoch's, as Lightning expects of a resumed loader.
+    """
+
+    def __init__(self, *args: Any, batches_consumed: Callable[[], int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_consumed = batches_consumed
+
+    def state_dict(self) -> dict[str, Any]:
+        sampler = self.sampler
+        if not isinstance(sampler, ResumableSampler) or self.batches_consumed is None or self.batch_size is None:
+            return {}
+        consumed = self.batches_consumed()
+        return {
+            "epoch": sampler.epoch,
+            "samples_seen": min(consumed, len(self)) * self.batch_size * sampler.num_replicas,
+            "epoch_done": consumed >= len(self),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict or not isinstance(self.sampler, ResumableSampler):
+            return
+        epoch = int(state_dict["epoch"])
+        if state_dict.get("epoch_done"):
+            self.sampler.resume(epoch + 1, 0)
+        else:
+            self.sampler.resume(epoch, int(state_dict["samples_seen"]))
