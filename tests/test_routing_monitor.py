@@ -4,17 +4,20 @@ import io
 import math
 import sys
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_moe import MoELayer
+from lightning_moe.layer import labelled_tokens
 from lightning_moe.callbacks import LoadBalancingLoss, RoutingMonitor, routing_monitor
 
 from helpers import fit_quietly
@@ -339,3 +342,45 @@ def test_data_parallel_ranks_log_the_global_statistics(tmp_path):
     states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert states[0] == states[1]
     assert states[0]["last_active"]["layer_00"] == [3, 3, 3, -1]
+
+
+class LabelledOnRankZero(HandRoutedModule):
+    """Rank 0 routes its classes 0, 0, 1, 2 (labels 0, 0, 1, 1); rank 1's layers receive no tokens at all."""
+
+    def __init__(self):
+        super().__init__()
+        del self.moe_b, self.dense
+
+    def forward(self, x):
+        return self.moe_a(x)
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        rows = x.shape[0] if self.global_rank == 0 else 0
+        labels = (x[:rows].argmax(dim=-1) > 0).long()
+        with labelled_tokens(self, labels, num_labels=2):
+            return self(x[:rows]).pow(2).sum()
+
+    def train_dataloader(self):
+        return batches(3)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="forked ranks need fork")
+def test_label_counts_sync_when_a_rank_has_recorded_none(tmp_path):
+    if torch.cuda.is_initialized():
+        pytest.skip("forking ranks is impossible once CUDA is initialised in this process")
+    logger = CSVLogger(tmp_path, name="", version=0)
+    fit(
+        LabelledOnRankZero(),
+        None,
+        [RoutingMonitor()],
+        logger=logger,
+        max_steps=2,
+        devices=2,
+        strategy=DDPStrategy(start_method="fork", timeout=timedelta(seconds=20)),
+        use_distributed_sampler=False,
+    )
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row["moe/layer_00/domain_expert_mi"]]
+    # Label 0 goes to expert 0 only, label 1 to experts 1 and 2: I(label; expert) = H(label) = log 2.
+    assert [float(row["moe/layer_00/domain_expert_mi"]) for row in rows] == pytest.approx([math.log(2)] * 2)

@@ -57,9 +57,9 @@ class LayerRoutingMetric(Metric):
     :meth:`update` takes a :class:`~lightning_moe.RoutingStats` (one optimizer step of
     one rank) or ``None`` (no training forward through the layer in that step); every
     state reduces by sum, so :meth:`compute` describes the global batch of all steps since
-    the last :meth:`reset`. The estimator's telemetry keys become states the first time
-    they are seen (:meth:`add_telemetry`); ``RoutingMonitor`` gives every rank the same
-    keys before the states are synchronised.
+    the last :meth:`reset`. The estimator's telemetry keys and the token-label counts become
+    states the first time they are seen (:meth:`lazy_states`); ``RoutingMonitor`` gives
+    every rank the same states before they are synchronised.
     """
 
     full_state_update = False
@@ -84,9 +84,7 @@ class LayerRoutingMetric(Metric):
             self.add_telemetry(name)
             setattr(self, f"telemetry_{name}", getattr(self, f"telemetry_{name}") + value)
         if stats.label_expert_counts is not None:
-            if "label_expert_counts" not in self._defaults:
-                counts_LE = torch.zeros_like(stats.label_expert_counts, device=self.device)
-                self.add_state("label_expert_counts", counts_LE, dist_reduce_fx="sum")
+            self.add_label_counts(tuple(stats.label_expert_counts.shape))
             self.label_expert_counts = self.label_expert_counts + stats.label_expert_counts
 
     def add_telemetry(self, name: str) -> None:
@@ -94,6 +92,23 @@ class LayerRoutingMetric(Metric):
         if name not in self.telemetry_names:
             self.add_state(f"telemetry_{name}", torch.zeros((), device=self.device), dist_reduce_fx="sum")
             self.telemetry_names.append(name)
+
+    def add_label_counts(self, shape: tuple[int, ...]) -> None:
+        """Start summing ``label_expert_counts`` [num_labels, E] (no-op if it is summed already)."""
+        if "label_expert_counts" not in self._defaults:
+            self.add_state("label_expert_counts", torch.zeros(shape, device=self.device), dist_reduce_fx="sum")
+
+    def lazy_states(self) -> dict[str, Any]:
+        """The states created on first use (telemetry keys, label counts), for :meth:`add_lazy_states`."""
+        labelled = "label_expert_counts" in self._defaults
+        return {"telemetry": list(self.telemetry_names), "label_counts": self.label_expert_counts.shape if labelled else None}
+
+    def add_lazy_states(self, states: dict[str, Any]) -> None:
+        """Create (as zero sums) the states another rank's :meth:`lazy_states` lists and this one lacks."""
+        for name in states["telemetry"]:
+            self.add_telemetry(name)
+        if states["label_counts"] is not None:
+            self.add_label_counts(tuple(states["label_counts"]))
 
     def sums(self) -> dict[str, Any]:
         """Every summed state as plain numbers (for checkpoints), not synchronised across ranks."""
@@ -105,8 +120,8 @@ class LayerRoutingMetric(Metric):
             tensor = torch.tensor(value, dtype=torch.float32, device=self.device)
             if state.startswith("telemetry_"):
                 self.add_telemetry(state.removeprefix("telemetry_"))
-            elif state not in self._defaults:
-                self.add_state(state, torch.zeros_like(tensor), dist_reduce_fx="sum")
+            elif state == "label_expert_counts":
+                self.add_label_counts(tuple(tensor.shape))
             setattr(self, state, tensor)
 
     def compute(self) -> dict[str, Tensor]:
@@ -283,11 +298,10 @@ class RoutingMonitor(L.Callback):
             idle_steps[tag] = step - merged_E
 
         # A rank whose layers have had no tokens yet has not met the estimator's telemetry
-        # keys; the metrics sync only if every rank holds the same states.
-        for rank_names in all_gather_objects({tag: self._metrics[tag].telemetry_names for tag in tags}):
-            for tag, names in rank_names.items():
-                for name in names:
-                    self._metrics[tag].add_telemetry(name)
+        # keys or the token labels; the metrics sync only if every rank holds the same states.
+        for rank_states in all_gather_objects({tag: self._metrics[tag].lazy_states() for tag in tags}):
+            for tag, states in rank_states.items():
+                self._metrics[tag].add_lazy_states(states)
         loads = {}
         for tag in tags:
             metric = self._metrics[tag]
