@@ -35,6 +35,9 @@ def loop_experts(
     tokens_per_expert = torch.bincount(indices_TK.reshape(-1), minlength=experts.num_experts)
     if not return_output_sums:
         return y_TD, ExpertStats(tokens_per_expert)
+    # Detached: this branch runs only in recorded forwards, not in an activation-checkpoint
+    # recompute, so it must save no tensors for backward (the two would not match).
     tokens, slots = torch.cat(token_ids), torch.cat(slot_ids)
-    sums = expert_output_sums(torch.cat(expert_ids), torch.cat(outputs), weights_TK[tokens, slots], experts.num_experts)
+    gate_N = weights_TK.detach()[tokens, slots]
+    sums = expert_output_sums(torch.cat(expert_ids), torch.cat(outputs), gate_N, experts.num_experts)
     return y_TD, ExpertStats(tokens_per_expert, *sums)

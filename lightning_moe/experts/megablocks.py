@@ -175,7 +175,9 @@ class MegaBlocksDispatch:
             )
         if not return_output_sums:
             return y_TD, ExpertStats(self.tokens_per_expert_E)
-        gate_N = weights_TK.reshape(-1)[self.order_N.long()]
+        # Detached: recorded forwards only, so nothing may be saved for backward here (an
+        # activation-checkpoint recompute does not run this branch).
+        gate_N = weights_TK.detach().reshape(-1)[self.order_N.long()]
         sums = expert_output_sums(self.bin_ids_N.long(), out_ND, gate_N, self.num_experts)
         return y_TD, ExpertStats(self.tokens_per_expert_E, *sums)
 
