@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from lightning_moe.estimators import ESTIMATOR_REGISTRY, Estimator
@@ -84,6 +86,26 @@ class RoutingStats:
 def _in_backward() -> bool:
     """True while autograd runs a backward pass, e.g. an activation-checkpoint recompute."""
     return torch._C._current_graph_task_id() != -1
+
+
+def _in_reentrant_checkpoint_forward() -> bool:
+    """True inside the first forward of reentrant activation checkpointing.
+
+    ``torch.utils.checkpoint.checkpoint(..., use_reentrant=True)`` (also FSDP's
+    ``checkpoint_wrapper`` with ``CheckpointImpl.REENTRANT``) runs that forward under
+    ``no_grad`` inside ``CheckpointFunction.forward`` and the recompute, with gradients,
+    inside backward. Nothing else marks it, so look for that function on the call stack;
+    called only for training forwards with gradients disabled, which are rare.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    target = torch.utils.checkpoint.CheckpointFunction.forward.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is target:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class MoELayer(nn.Module):
@@ -196,7 +218,15 @@ class MoELayer(nn.Module):
         self.nonfinite = flags if self.nonfinite is None else self.nonfinite | flags
 
     def _recording(self) -> bool:
-        return self.training and torch.is_grad_enabled() and not _in_backward()
+        """Whether this forward records statistics: a training forward, once per forward.
+
+        Of the two forwards of activation checkpointing, the first records and the
+        recompute inside backward does not; reentrant checkpointing runs that first
+        forward without gradients, so it is recognised explicitly.
+        """
+        if not self.training or _in_backward():
+            return False
+        return torch.is_grad_enabled() or _in_reentrant_checkpoint_forward()
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.d_model:
@@ -225,8 +255,10 @@ class MoELayer(nn.Module):
             y_TD = y_TD + correction_TD.to(y_TD.dtype)
 
         aux: dict[str, Tensor] = {}
-        if self.training and self.aux_losses and torch.is_grad_enabled():
+        attach = self.training and torch.is_grad_enabled()
+        if self.aux_losses and (attach or recording):
             aux = {name: term(routing, logits_TE, expert_stats.tokens_per_expert) for name, term in self.aux_losses.items()}
+        if aux and attach:
             y_TD = attach_aux_loss(y_TD, torch.stack(list(aux.values())).sum(), self.aux_grad_scale)
 
         if recording and self.check_finite != "off":

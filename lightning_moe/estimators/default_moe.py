@@ -172,6 +172,10 @@ class DefaultMoE(Estimator):
     def observe_expert_outputs(self, stats: ExpertStats) -> None:
         sum_ED = stats.weighted_output_sum if self.weighted else stats.output_sum
         if sum_ED is None:
+        # Also checked here: the first forward of reentrant activation checkpointing records
+        # but runs without gradients, so route() does not check it.
+        if not self.updater_attached:
+            raise RuntimeError(NO_UPDATER_MESSAGE)
             raise ValueError("DefaultMoE needs per-expert output sums from the experts backend (ExpertStats)")
         if self._gate_normalised():
             if self._weight_sum_E is None:
