@@ -247,7 +247,7 @@ def test_fsdp2_through_model_parallel_strategy_equals_one_process(tmp_path):
     assert_equals_single(ranks, single)
 
 
-def test_fsdp2_resumes_from_a_full_checkpoint_bit_for_bit(tmp_path):
+def test_fsdp2_resumes_from_a_full_checkpoint_bit_for_bit(tmp_path, record_monitor_tokens):
     moe = {"num_experts": 4, "top_k": 2, "estimator": "sparsemixer_v2", "backend": "torch"}
 
     def run(name, ckpt_path=None):
@@ -257,12 +257,17 @@ def test_fsdp2_resumes_from_a_full_checkpoint_bit_for_bit(tmp_path):
         checkpoints = ModelCheckpoint(
             dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1
         )
-        return fit_language_model(tmp_path, name, moe, [checkpoints], 2, strategy, batch_size=4, ckpt_path=ckpt_path)
+        # The monitor logs once, at the last step, over all four steps: two of them before the checkpoint.
+        monitor = RoutingMonitor(log_every_n_steps=STEPS)
+        return fit_language_model(
+            tmp_path, name, moe, [checkpoints, monitor], 2, strategy, batch_size=4, ckpt_path=ckpt_path
+        )
 
     full = run("full")
     resumed = run("resumed", ckpt_path=tmp_path / "ckpt" / "step=2.ckpt")
     for rank in range(2):
         assert resumed[rank]["losses"] == {s: full[rank]["losses"][s] for s in range(2, STEPS)}
+        assert full[rank]["monitor_tokens"] and resumed[rank]["monitor_tokens"] == full[rank]["monitor_tokens"]
         for key, value in full[rank]["state"].items():
             assert torch.equal(resumed[rank]["state"][key], value), key
 

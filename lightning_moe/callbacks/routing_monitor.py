@@ -259,9 +259,6 @@ class RoutingMonitor(L.Callback):
         self._metrics = {tag: LayerRoutingMetric(layer.num_experts).to(pl_module.device) for tag, layer in self._layers}
         self._stats.reset()
         self._last_active, self._warned = {}, set()
-        if self._restored is not None:
-            self._restore(self._restored, trainer, pl_module.device)
-            self._restored = None
         trainer_every = trainer.log_every_n_steps
         self._every = trainer_every if self.log_every_n_steps is None else self.log_every_n_steps
         if self.log_every_n_steps is not None and trainer_every and self.log_every_n_steps % trainer_every:
@@ -270,6 +267,13 @@ class RoutingMonitor(L.Callback):
                 f" Trainer(log_every_n_steps={trainer_every}): Lightning writes logged values only on its own"
                 " logging steps, so some of the monitor's values would be dropped or written late."
             )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Not ``on_fit_start``: strategies that restore the checkpoint after setup (FSDP,
+        # ModelParallelStrategy) call ``load_state_dict`` after it; every strategy has by now.
+        if self._restored is not None:
+            self._restore(self._restored, trainer, pl_module.device)
+            self._restored = None
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
@@ -355,7 +359,7 @@ class RoutingMonitor(L.Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Applied in ``on_fit_start``, once the layers (possibly built in ``configure_model``) exist.
+        # Applied in ``on_train_start``, once the layers (possibly built in ``configure_model``) exist.
         self._restored = state_dict
 
     def _restore(self, state: dict[str, Any], trainer: L.Trainer, device: torch.device) -> None:
