@@ -8,6 +8,7 @@ Everything is measured side by side in one run and printed as ratios:
 
     python benchmarks/moe_layer.py                       # CPU defaults of the issue
     python benchmarks/moe_layer.py --tokens 16384 --d-model 1024 --ffn-hidden 4096 --device cuda --dtype bfloat16
+    python benchmarks/moe_layer.py --experts 64 --top-k 8 --ffn-hidden 256 --backends torch --estimators densemixer
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--backends", nargs="+", default=["loop", "torch"])
     parser.add_argument("--estimator-backend", default="torch")
+    parser.add_argument("--estimators", nargs="+", help="estimators to time against topk (default: all registered)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -101,7 +103,7 @@ def main() -> None:
 
     num_experts = args.experts[0]
     print(f"\nestimator overhead, E={num_experts}, backend={args.estimator_backend} (time / topk time)")
-    names = ["topk"] + [n for n in available_estimators() if n != "topk"]
+    names = ["topk"] + [n for n in (args.estimators or available_estimators()) if n != "topk"]
     # Interleave the estimators over several rounds so drift in machine load hits all alike.
     layers = {n: make_layer(args, num_experts, args.estimator_backend, n).to(device) for n in names}
     samples = {n: [] for n in names}

@@ -250,7 +250,7 @@ class MoELayer(nn.Module):
             routing.weights,
             return_output_sums=recording and self.estimator.needs_expert_outputs,
         )
-        correction_TD = self.estimator.output_correction(routing)
+        correction_TD = self.estimator.output_correction(routing, x_TD, self.experts)
         if correction_TD is not None:
             y_TD = y_TD + correction_TD.to(y_TD.dtype)
 

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from lightning_moe.routing import Routing
 
 if TYPE_CHECKING:
-    from lightning_moe.experts import ExpertStats
+    from lightning_moe.experts import Experts, ExpertStats
 
 
 class Estimator(nn.Module):
@@ -47,8 +47,15 @@ class Estimator(nn.Module):
         """
         raise NotImplementedError
 
-    def output_correction(self, routing: Routing) -> Tensor | None:
-        """An optional [T, D] term added to the layer output (Default MoE's default outputs)."""
+    def output_correction(
+        self, routing: Routing, x_TD: Tensor | None = None, experts: Experts | None = None
+    ) -> Tensor | None:
+        """An optional [T, D] term added to the layer output.
+
+        Default MoE adds its default outputs here; DenseMixer adds a term whose value is 0
+        and whose backward runs the unselected ``experts`` on ``x_TD`` (the layer's
+        router/expert input) for the router's dense gradient.
+        """
         return None
 
     def observe_expert_outputs(self, stats: ExpertStats) -> None:

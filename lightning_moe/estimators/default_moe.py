@@ -17,7 +17,7 @@ from lightning_moe.estimators.registry import register_estimator
 from lightning_moe.routing import Routing
 
 if TYPE_CHECKING:
-    from lightning_moe.experts import ExpertStats
+    from lightning_moe.experts import Experts, ExpertStats
 
 WEIGHTED_NORMALIZERS = ("weight_sum", "token_count")
 
@@ -158,7 +158,9 @@ class DefaultMoE(Estimator):
             }
         return Routing(indices=indices_TK, weights=weights_TK, probs=probs_TE, telemetry=telemetry)
 
-    def output_correction(self, routing: Routing) -> Tensor | None:
+    def output_correction(
+        self, routing: Routing, x_TD: Tensor | None = None, experts: Experts | None = None
+    ) -> Tensor | None:
         if not (self.training or self.use_defaults_in_eval) or not (self.forward_defaults or torch.is_grad_enabled()):
             return None
         unselected_TE = routing.probs.scatter(1, routing.indices, 0.0)
