@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from lightning_moe.errors import ConfigError
 from lightning_moe.experts import ACTIVATIONS, init_std_for_depth
 from lightning_moe.layer import MoELayer
 
@@ -30,6 +32,10 @@ def _require_positive(name: str, value: int | float) -> None:
 def _require_activation(name: str, value: str) -> None:
     if value not in ACTIVATIONS:
         raise ValueError(f"`{name}` must be one of {ACTIVATIONS}, got {value!r}.")
+
+
+#: The values of ``TransformerConfig.activation_checkpointing`` that turn it on.
+CHECKPOINTING_MODES = ("non_reentrant", "reentrant")
 
 
 def default_ffn_hidden(d_model: int, activation: str) -> int:
@@ -123,6 +129,13 @@ class TransformerConfig:
         norm_eps: RMSNorm epsilon.
         moe: MoE settings; ``None`` builds a fully dense model. A plain ``dict`` is
             accepted and turned into :class:`MoEConfig`.
+        activation_checkpointing: recompute each block's activations during backward
+            instead of keeping them from the forward (less memory, one more forward of
+            every block): ``False`` (off), ``"non_reentrant"`` (``True`` means this) or
+            ``"reentrant"`` (``torch.utils.checkpoint``'s two modes). Gradients are
+            those without checkpointing, and every MoE layer records its routing
+            statistics once per forward in either mode. Not part of the architecture:
+            checkpoints load whatever it is set to.
     """
 
     vocab_size: int = 258
@@ -136,6 +149,7 @@ class TransformerConfig:
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     moe: MoEConfig | None = field(default_factory=MoEConfig)
+    activation_checkpointing: bool | str = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "rope_base", "norm_eps"):
@@ -151,6 +165,13 @@ class TransformerConfig:
                 " rotary embeddings; change `d_model` or `n_heads`."
             )
         _require_activation("activation", self.activation)
+        if self.activation_checkpointing is True:
+            self.activation_checkpointing = "non_reentrant"
+        if self.activation_checkpointing is not False and self.activation_checkpointing not in CHECKPOINTING_MODES:
+            raise ConfigError(
+                f"activation_checkpointing={self.activation_checkpointing!r} is not valid; use false,"
+                f" {' or '.join(repr(mode) for mode in CHECKPOINTING_MODES)}"
+            )
         if self.ffn_hidden is None:
             self.ffn_hidden = default_ffn_hidden(self.d_model, self.activation)
         _require_positive("ffn_hidden", self.ffn_hidden)
@@ -320,8 +341,14 @@ class MoETransformer(nn.Module):
         T = input_ids.shape[1]
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x_BTD = self.embed(input_ids)
+        mode = self.config.activation_checkpointing
         for block in self.blocks:
-            x_BTD = block(x_BTD, cos, sin)
+            if mode and torch.is_grad_enabled():
+                # The checkpoint keeps the RNG state, so sampled routing and input jitter
+                # replay identically in the recompute.
+                x_BTD = checkpoint(block, x_BTD, cos, sin, use_reentrant=mode == "reentrant")
+            else:
+                x_BTD = block(x_BTD, cos, sin)
         return self.lm_head(self.norm(x_BTD))
 
     def moe_layers(self) -> list[MoELayer]:

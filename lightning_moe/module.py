@@ -68,6 +68,9 @@ class MoELanguageModel(L.LightningModule):
         warmup_steps: optimizer steps of linear warmup.
         min_lr_ratio: final learning rate as a fraction of ``learning_rate``, reached by
             cosine decay at ``trainer.estimated_stepping_batches``.
+        activation_checkpointing: ``False``, ``"non_reentrant"`` (or ``True``) or
+            ``"reentrant"``: recompute each transformer block in backward instead of
+            keeping its activations (see :class:`~lightning_moe.model.TransformerConfig`).
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class MoELanguageModel(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
+        activation_checkpointing: bool | str = False,
     ) -> None:
         super().__init__()
         if learning_rate <= 0:
@@ -116,6 +120,7 @@ class MoELanguageModel(L.LightningModule):
                 tie_embeddings=tie_embeddings,
                 rope_base=rope_base,
                 moe=moe_config,
+                activation_checkpointing=activation_checkpointing,
             )
         )
         self.val_loss = MeanMetric()

@@ -10,15 +10,19 @@ same layer or model run without checkpointing and hand-counted token numbers.
 
 import copy
 
+import lightning as L
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_moe import MoELayer, available_estimators
+from lightning_moe.callbacks import AuxLossFreeBalancing, LoadBalancingLoss, RoutingMonitor
 from lightning_moe.errors import ConfigError
 from lightning_moe.model import MoETransformer, TransformerConfig
+from lightning_moe.module import MoELanguageModel
 
-from helpers import FakeKernels, use_fake_kernels
+from helpers import FakeKernels, fit_quietly, use_fake_kernels
 
 D, E = 8, 4
 MODES = ("non_reentrant", "reentrant")
@@ -101,3 +105,116 @@ def test_reentrant_checkpoint_without_an_updater_fails_in_forward():
     x = torch.randn(6, D, requires_grad=True)
     with pytest.raises(RuntimeError, match="DefaultOutputEMA"):
         checkpoint(layer, x, use_reentrant=True)
+
+
+# --- the model option: MoETransformer / MoELanguageModel(activation_checkpointing=...) ---
+
+
+def tiny_config(estimator: str, backend: str, activation_checkpointing=False) -> TransformerConfig:
+    moe = {"num_experts": E, "top_k": top_k_for(estimator), "estimator": estimator, "backend": backend}
+    moe["input_jitter"] = 0.05
+    return TransformerConfig(
+        vocab_size=32, d_model=D, n_layers=2, n_heads=2, max_seq_len=8, ffn_hidden=16, moe=moe,
+        activation_checkpointing=activation_checkpointing,
+    )
+
+
+def run_model(model: MoETransformer, input_ids: torch.Tensor) -> dict:
+    torch.manual_seed(1)
+    model(input_ids).float().square().mean().backward()
+    return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("estimator", available_estimators())
+def test_checkpointed_transformer_has_plain_gradients_and_one_record(estimator, backend, mode):
+    torch.manual_seed(0)
+    reference = MoETransformer(tiny_config(estimator, backend))
+    for layer in reference.moe_layers():
+        prepare(layer)
+    model = MoETransformer(tiny_config(estimator, backend, activation_checkpointing=mode))
+    model.load_state_dict(reference.state_dict())
+    for layer, ref_layer in zip(model.moe_layers(), reference.moe_layers()):
+        layer.use_selection_bias = ref_layer.use_selection_bias
+        if hasattr(layer.estimator, "attach_updater"):
+            layer.estimator.attach_updater()
+    input_ids = torch.randint(0, 32, (2, 8))
+    ref_grads = run_model(reference.train(), input_ids)
+    grads = run_model(model.train(), input_ids)
+    assert grads.keys() == ref_grads.keys()
+    torch.testing.assert_close(grads, ref_grads)
+    for layer, ref_layer in zip(model.moe_layers(), reference.moe_layers()):
+        assert_recorded_once(layer, ref_layer, 16)
+
+
+def test_checkpointing_recomputes_each_block_in_backward():
+    """The option really checkpoints: each block's forward runs again during backward."""
+    for mode, forwards in ((False, 1), ("non_reentrant", 2), ("reentrant", 2), (True, 2)):
+        model = MoETransformer(tiny_config("topk", "loop", activation_checkpointing=mode)).train()
+        calls = []
+        model.blocks[0].attn.register_forward_hook(lambda *_: calls.append(1))
+        model(torch.randint(0, 32, (2, 8))).sum().backward()
+        assert len(calls) == forwards, mode
+        calls.clear()
+        with torch.no_grad():  # nothing to recompute without a backward
+            model(torch.randint(0, 32, (2, 8)))
+        assert len(calls) == 1
+
+
+@pytest.mark.parametrize("value", ["yes", "full", 1, "Reentrant"])
+def test_bad_activation_checkpointing_value_names_the_field(value):
+    with pytest.raises(ConfigError, match="activation_checkpointing"):
+        tiny_config("topk", "loop", activation_checkpointing=value)
+
+
+class StepCounts(L.Callback):
+    """Per optimizer step and MoE layer: the tokens and (token, slot) pairs the callbacks will read."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        record = []
+        for layer in pl_module.model.moe_layers():
+            stats = layer.routing_stats
+            sums = getattr(layer.estimator, "_step_sums_EC", None)
+            pairs_in_sums = None if sums is None else sums[:, -1].sum().item()
+            record.append((stats.num_tokens, stats.tokens_per_expert.sum().item(), pairs_in_sums))
+        self.steps.append(record)
+
+
+def fit_language_model(estimator: str, mode):
+    """Two optimizer steps of two micro-batches each, with the router callbacks that fit the estimator."""
+    L.seed_everything(0)
+    model = MoELanguageModel(
+        vocab_size=32, d_model=D, n_layers=2, n_heads=2, max_seq_len=8, ffn_hidden=16, warmup_steps=0,
+        moe={"num_experts": E, "top_k": top_k_for(estimator), "estimator": estimator, "backend": "torch"},
+        activation_checkpointing=mode,
+    )
+    counts, monitor = StepCounts(), RoutingMonitor(log_every_n_steps=1000)
+    callbacks = [counts, monitor, LoadBalancingLoss(alpha=0.1)]  # the model adds DefaultOutputEMA itself
+    if all(layer.estimator.supports_selection_bias for layer in model.model.moe_layers()):
+        callbacks.append(AuxLossFreeBalancing(gamma=0.01))
+    ids = torch.randint(0, 32, (8, 8))
+    data = DataLoader(TensorDataset(ids, ids.roll(-1, dims=1)), batch_size=2)
+    fit_quietly(model, data, callbacks, max_steps=2, accumulate_grad_batches=2)
+    monitor_sums = {tag: metric.sums() for tag, metric in monitor._metrics.items()}
+    return model.state_dict(), counts.steps, monitor_sums
+
+
+@pytest.mark.parametrize("estimator", available_estimators())
+def test_fit_with_checkpointing_equals_fit_without_and_counts_each_token_once(estimator):
+    reference = fit_language_model(estimator, False)
+    tokens, pairs = 2 * 2 * 8, 2 * 2 * 8 * top_k_for(estimator)  # per step: 2 micro-batches of [2, 8]
+    for mode in MODES:
+        state, steps, monitor_sums = fit_language_model(estimator, mode)
+        torch.testing.assert_close(state, reference[0], msg=mode)  # parameters, selection bias, defaults
+        assert steps == reference[1]
+        for record in steps:
+            for num_tokens, num_pairs, pairs_in_sums in record:
+                assert (num_tokens, num_pairs) == (tokens, pairs)
+                assert pairs_in_sums in (None, pairs)
+        assert monitor_sums == reference[2]
+        for sums in monitor_sums.values():
+            assert sums["num_tokens"] == 2 * tokens and sum(sums["tokens_per_expert"]) == 2 * pairs
