@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_moe
 import lightning_moe.experts.megablocks as mb
 from lightning_moe import MoELayer
-from lightning_moe.callbacks import DefaultOutputEMA, LoadBalancingLoss
+from lightning_moe.callbacks import DefaultOutputEMA, LoadBalancingLoss, NonFiniteGuard
 from lightning_moe.experts import Experts
 from lightning_moe.experts.expert_parallel import ExpertShard, all_to_all, shard_experts, unshard_experts
 from lightning_moe.strategies import ExpertParallelStrategy
@@ -299,6 +299,59 @@ def test_fit_on_the_megablocks_path_equals_one_process(tmp_path, monkeypatch):
     sharded_losses = fit(sharded, tmp_path / "ep", devices=2)
     torch.testing.assert_close((sharded_losses[0] + sharded_losses[1]) / 2, single_losses, rtol=1e-5, atol=1e-6)
     assert_states_close(sharded.state_dict(), single.state_dict())
+
+
+class NaNAtSecondBatch(ShardedRegression):
+    """Every rank's second batch is NaN, so NonFiniteGuard(action="skip") drops every gradient of that step."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step([batch[0] * float("nan")] if batch_idx == 1 else batch, batch_idx)
+
+
+def test_norm_clipping_after_a_skipped_step_reduces_on_the_strategy_device(tmp_path, monkeypatch):
+    # A rank without gradients clips with norms of empty lists; torch's get_total_norm([]) is a
+    # CPU tensor, which NCCL cannot all-reduce. Here it is a meta tensor (not the CPU ranks'
+    # device) and all-reduce refuses tensors off the device as NCCL does (gloo would not).
+    def fit_skipping(module, devices):
+        strategy = ExpertParallelStrategy(start_method="fork") if devices > 1 else "auto"
+        trainer = L.Trainer(
+            default_root_dir=tmp_path,
+            accelerator="cpu",
+            devices=devices,
+            strategy=strategy,
+            max_steps=3,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+            gradient_clip_val=0.5,
+            callbacks=[NonFiniteGuard(action="skip"), DefaultOutputEMA()],
+        )
+        trainer.fit(module)
+
+    model = NaNAtSecondBatch(torch.randn(32, D), global_batch=8)
+    single, sharded = copy.deepcopy(model), copy.deepcopy(model)
+    fit_skipping(single, devices=1)
+    total_norm = torch.nn.utils.get_total_norm
+    monkeypatch.setattr(
+        torch.nn.utils,
+        "get_total_norm",
+        lambda tensors, *args, **kwargs: total_norm(tensors, *args, **kwargs)
+        if len(tensors)
+        else torch.zeros((), device="meta"),
+    )
+    all_reduce = dist.all_reduce
+
+    def all_reduce_on_cpu(tensor, *args, **kwargs):
+        assert tensor.device.type == "cpu", f"all_reduce of a tensor on {tensor.device}"
+        return all_reduce(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce_on_cpu)
+    fit_skipping(sharded, devices=2)
+    final = single.state_dict()
+    assert all(value.isfinite().all() for value in final.values())
+    assert_states_close(sharded.state_dict(), final)
 
 
 def test_validate_shards_the_experts_and_equals_one_process(tmp_path):

@@ -199,12 +199,17 @@ class ExpertParallelStrategy(DDPStrategy):
             return  # a micro-batch that accumulates: reduce once, after the one that synchronises
         reduce_expert_gradients(self._expert_parameters(), self._data_parallel_group(), self.world_size)
 
+    def _grad_norm(self, grads: list[Tensor]) -> Tensor:
+        # get_total_norm([]) is a CPU tensor, which NCCL cannot all-reduce; a rank holds no
+        # gradients e.g. in a step NonFiniteGuard(action="skip") dropped (Lightning clips after it).
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.root_device)
+
     def _clip_grad_by_global_norm(self, optimizer: Optimizer, clip_val: float) -> None:
         assert self.device_mesh is not None
         params = [p for p in self.precision_plugin.main_params(optimizer) if p.grad is not None]
         expert_ids = {id(p) for p in self._expert_parameters()}
-        replicated_norm = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) not in expert_ids])
-        expert_squares = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) in expert_ids]).pow(2)
+        replicated_norm = self._grad_norm([p.grad for p in params if id(p) not in expert_ids])
+        expert_squares = self._grad_norm([p.grad for p in params if id(p) in expert_ids]).pow(2)
         dist.all_reduce(expert_squares, group=self.device_mesh.get_group("expert_parallel"))
         total_norm = (replicated_norm.pow(2) + expert_squares).sqrt()
         torch.nn.utils.clip_grads_with_norm_(params, clip_val, total_norm)
