@@ -39,7 +39,10 @@ class _AttachAuxLoss(torch.autograd.Function):
     def forward(ctx, activation: Tensor, aux_loss: Tensor, grad_scale: GradScale) -> Tensor:
         ctx.grad_scale = grad_scale
         ctx.aux_shape, ctx.aux_dtype = aux_loss.shape, aux_loss.dtype
-        return activation.view_as(activation)
+        # A copy, not a view (returning the input as is makes one too): autograd forbids
+        # in-place ops on views made inside a custom Function, and callers add their
+        # residual in place (``y += x``). One [T, D] copy per layer and forward.
+        return activation.clone()
 
     @staticmethod
     def backward(ctx, grad_activation: Tensor):

@@ -61,19 +61,30 @@ class TinyMoEModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
+class InPlaceResidualModule(TinyMoEModule):
+    """Adds the residual to the MoE output in place, as many models do."""
+
+    def forward(self, x):
+        h = self.inp(x)
+        y = self.moe(h)
+        y += h
+        return self.head(y)
+
+
 class CaptureGrads(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if trainer.global_step == 0:
             self.grads = {n: p.grad.clone() for n, p in pl_module.named_parameters()}
 
 
+@pytest.mark.parametrize("module_class", [TinyMoEModule, InPlaceResidualModule])
 @pytest.mark.parametrize("accumulate", [1, 3])
-def test_injected_aux_gradients_equal_explicit_loss_gradients(accumulate, tmp_path):
+def test_injected_aux_gradients_equal_explicit_loss_gradients(accumulate, module_class, tmp_path):
     torch.manual_seed(0)
     alpha, z_weight, batch = 0.3, 0.05, 6
     xs, ys = torch.randn(batch * accumulate, 8), torch.randn(batch * accumulate, 1)
-    module = TinyMoEModule()
-    reference = TinyMoEModule()
+    module = module_class()
+    reference = module_class()
     reference.load_state_dict(module.state_dict())
 
     capture = CaptureGrads()
