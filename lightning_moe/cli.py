@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from jsonargparse import CLI
 from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_moe.checkpointing import CheckpointError, damaged_checkpoint_errors, use_atomic_checkpoint_io
 from lightning_moe.data import TextDataModule
@@ -32,6 +32,10 @@ class MoECLI(LightningCLI):
     recipes and ``--print_config`` stay unchanged; a checkpoint IO of another class that a recipe
     sets (``trainer.plugins``) is kept.
     """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The embedding size follows the data's tokenizer, so a recipe never states it twice.
+        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

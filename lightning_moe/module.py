@@ -126,6 +126,8 @@ class MoELanguageModel(L.LightningModule):
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self.num_domains: int | None = None  # the datamodule's, set in `setup`
+        # The datamodule's tokenizer (Tokenizer.state()), set in `setup` and kept in checkpoints.
+        self.tokenizer_state: dict | None = None
 
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids)
@@ -134,6 +136,8 @@ class MoELanguageModel(L.LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None)
         data_vocab_size = getattr(datamodule, "vocab_size", None)
         self.num_domains = getattr(datamodule, "num_domains", None)
+        if hasattr(getattr(datamodule, "tokenizer", None), "state"):
+            self.tokenizer_state = datamodule.tokenizer.state()
         if data_vocab_size is not None and data_vocab_size != self.model.config.vocab_size:
             raise ValueError(
                 f"`model.vocab_size` ({self.model.config.vocab_size}) does not match the data's"
@@ -188,6 +192,12 @@ class MoELanguageModel(L.LightningModule):
         from lightning_moe.checkpointing import check_checkpoint_matches
 
         check_checkpoint_matches(self, checkpoint, hparams=self.hparams, strict=self.strict_loading)
+        self.tokenizer_state = checkpoint.get("tokenizer", self.tokenizer_state)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # `lightning-moe sample` decodes with the tokenizer the model was trained with.
+        if self.tokenizer_state is not None:
+            checkpoint["tokenizer"] = self.tokenizer_state
 
     def _token_loss(self, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
         """Mean next-token cross-entropy (float32) and the number of tokens it averages."""
@@ -317,14 +327,16 @@ class MoELanguageModel(L.LightningModule):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
     ) -> str:
-        """Continue ``prompt`` with byte-level tokens and return prompt + continuation.
+        """Continue ``prompt`` and return prompt + continuation, as text.
 
-        The prompt is encoded as its UTF-8 bytes after a start-of-document token, as
+        Tokenised with the tokenizer the model was trained with (recorded in its
+        checkpoint; byte-level when none was), after a start-of-document token as
         documents appear in training (so an empty prompt samples a fresh document);
         special tokens are dropped from the text and invalid UTF-8 is replaced.
         """
-        from lightning_moe.data import decode, encode
+        from lightning_moe.data.tokenizers import tokenizer_from_state
 
-        prompt_ids = torch.from_numpy(encode(prompt, bos=True).astype("int64"))
+        tokenizer = tokenizer_from_state(self.tokenizer_state)
+        prompt_ids = torch.from_numpy(tokenizer.encode(prompt, bos=True).astype("int64"))
         ids = self.generate(prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
-        return decode(ids)
+        return tokenizer.decode(ids)

@@ -21,6 +21,7 @@ from lightning_moe.data import (
     decode,
     encode,
 )
+from lightning_moe.errors import ConfigError
 
 TEXT = "Héllo wörld — byte-level tokens ✓ 中文\n" * 40 + "the end\n"
 
@@ -157,8 +158,8 @@ def test_cache_reused_and_invalidated(tmp_path):
     assert np.array_equal(first.train_tokens, second.train_tokens)
     assert np.array_equal(first.val_tokens, second.val_tokens)
     assert second.val_documents == first.val_documents
-    # Only complete cache files, no temp leftovers from the atomic write.
-    assert [p.suffix for p in cache.iterdir()] == [".npz"]
+    # Only the complete cache folder, no temp leftovers from the atomic write.
+    assert [p.name for p in cache.iterdir()] == [Path(first.cache_path).name]
 
     (root / "a.txt").write_text("changed contents, and a different size\n" * 9)
     third = make_dm(root, tmp_path)
@@ -249,7 +250,7 @@ def test_too_small_corpus_raises(tmp_path):
 @pytest.mark.parametrize("name", ["missing/corpus.txt", "corpus.txt", "./corpus", "a/b/c"])
 def test_missing_path_raises(tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"source=.*no such file or folder"):
+    with pytest.raises(ConfigError, match=r"^data.source=.*no such file or folder[^\n]*$"):
         make_dm(name, tmp_path)
 
 
@@ -291,8 +292,8 @@ def test_corrupt_cache_is_rebuilt(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text(TEXT)
     first = make_dm(path, tmp_path)
-    Path(first.cache_path).write_bytes(b"not a zip file")
-    with pytest.warns(UserWarning, match="unreadable token cache"):
+    Path(first.cache_path, "meta.json").write_bytes(b"not json")
+    with pytest.warns(UserWarning, match="damaged.*meta.json.*rebuilding"):
         again = make_dm(path, tmp_path)
     assert not again.loaded_from_cache
     assert np.array_equal(again.train_tokens, first.train_tokens)

@@ -10,7 +10,6 @@ import re
 import sys
 import time
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +19,18 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from lightning_moe.data.cache import _FORMAT_VERSION, _build_corpus, _Corpus, _load_corpus, _save_corpus
+from lightning_moe.data.cache import FORMAT_VERSION, CacheDamaged, Corpus, TokenStream, build_cache, open_cache
 from lightning_moe.data.loading import ResumableDataLoader, ResumableSampler, TokenChunkDataset, _collate
-from lightning_moe.data.sources import _FileSource, _resolve_source
-from lightning_moe.data.tokenizers import BOS_ID, VOCAB_SIZE
+from lightning_moe.data.sources import FileSource, capped, resolve_source
+from lightning_moe.data.tokenizers import Tokenizer, load_tokenizer
+from lightning_moe.errors import ConfigError
 from lightning_moe.testbed import TestbedSource, domain_labels, parse_testbed_source
 
 _CACHE_ENV = "LIGHTNING_MOE_CACHE"
 
 
 class TextDataModule(lightning.LightningDataModule):
-    """Byte-level language-modelling batches from a text corpus.
+    """Language-modelling batches from a text corpus, tokenised once into a memory-mapped cache.
 
     Args:
         source: ``"stdlib"``, a local file / folder / glob pattern, a Hugging Face
@@ -49,14 +49,23 @@ class TextDataModule(lightning.LightningDataModule):
         hf_split: split passed to :func:`datasets.load_dataset`.
         hf_text_field: column holding the text in a Hugging Face dataset.
         seed: seeds the train/validation split and the training shuffle (and the testbed's text).
+        tokenizer: ``"bytes"`` (UTF-8 bytes, vocabulary 258) or a Hugging Face tokenizer: a
+            ``tokenizer.json`` file, a folder holding one, or a Hub name loaded with
+            ``transformers.AutoTokenizer`` (:mod:`lightning_moe.data.tokenizers`).
+        num_proc: processes that tokenise the corpus when the cache is built (the cache
+            does not depend on it).
+        max_tokens: stop after this many tokens (counting one start-of-document token per
+            document; the last document is cut).
+        hf_streaming: read a Hugging Face dataset as a stream instead of downloading it
+            whole (``datasets.load_dataset(streaming=True)``); needs ``max_bytes`` or
+            ``max_tokens`` to bound it.
 
     Batches are tuples ``(input_ids, targets)``, both ``[batch_size, seq_len]`` int64,
     with ``targets`` the inputs shifted left by one token. The testbed's batches are
     ``(input_ids, targets, domains)``, ``domains`` the domain of each input token, and
     :attr:`num_domains` is its number of domains (``None`` for other sources).
+    :attr:`vocab_size` is the tokenizer's; ``lightning-moe`` links ``model.vocab_size`` to it.
     """
-
-    vocab_size: int = VOCAB_SIZE
 
     def __init__(
         self,
@@ -70,22 +79,31 @@ class TextDataModule(lightning.LightningDataModule):
         hf_split: str = "train",
         hf_text_field: str = "text",
         seed: int = 0,
+        tokenizer: str = "bytes",
+        num_proc: int = 1,
+        max_tokens: int | None = None,
+        hf_streaming: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(source, (str, os.PathLike)) or not str(source):
-            raise ValueError(f"source must be a non-empty string, got {source!r}")
+            raise ConfigError(f"data.source must be a non-empty string, got {source!r}")
         source = os.fspath(source)
         _check_int("seq_len", seq_len, 1)
         _check_int("batch_size", batch_size, 1)
         _check_int("num_workers", num_workers, 0)
+        _check_int("num_proc", num_proc, 1)
         if max_bytes is not None:
             _check_int("max_bytes", max_bytes, 1, "a positive integer or None")
+        if max_tokens is not None:
+            _check_int("max_tokens", max_tokens, 1, "a positive integer or None")
         if (
             isinstance(val_fraction, bool)
             or not isinstance(val_fraction, (int, float))
             or not (0.0 < float(val_fraction) < 1.0)
         ):
-            raise ValueError(f"val_fraction must be a number with 0 < val_fraction < 1, got {val_fraction!r}")
+            raise ConfigError(f"data.val_fraction must be a number with 0 < val_fraction < 1, got {val_fraction!r}")
+        if hf_streaming and max_bytes is None and max_tokens is None:
+            raise ConfigError("data.hf_streaming=true needs data.max_bytes or data.max_tokens to bound the stream")
         self.save_hyperparameters()
         self.source = source
         self.seq_len = int(seq_len)
@@ -94,16 +112,24 @@ class TextDataModule(lightning.LightningDataModule):
         self.num_workers = int(num_workers)
         self.cache_dir = cache_dir
         self.max_bytes = max_bytes
+        self.max_tokens = max_tokens
         self.hf_split = hf_split
         self.hf_text_field = hf_text_field
+        self.hf_streaming = bool(hf_streaming)
         self.seed = int(seed)
+        self.num_proc = int(num_proc)
         self.num_domains = parse_testbed_source(source)
+        # Loaded now, not in setup: the model's vocab_size is linked to it when the CLI
+        # instantiates the classes, and a tokenizer that cannot load should fail first.
+        self.tokenizer: Tokenizer = load_tokenizer(tokenizer)
+        self.vocab_size: int = self.tokenizer.vocab_size
+        """Number of token ids of the tokenizer (the embedding size a model needs)."""
 
         self.loaded_from_cache: bool = False
-        """True when the token streams came from an existing on-disk cache file."""
+        """True when the token streams came from an existing on-disk cache."""
         self.cache_path: str | None = None
-        """The cache file of the current corpus (set by ``prepare_data``/``setup``)."""
-        self._corpus: _Corpus | None = None
+        """The cache folder of the current corpus (set by ``prepare_data``/``setup``)."""
+        self._corpus: Corpus | None = None
         self.train_dataset: TokenChunkDataset | None = None
         self.val_dataset: TokenChunkDataset | None = None
 
@@ -111,23 +137,26 @@ class TextDataModule(lightning.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Tokenise the corpus and write the cache (Lightning calls this on rank 0 only)."""
+        self._check_fits_model()
         self._corpus = self._load_or_build()
         self._check_size(self._corpus)
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the token streams (from the cache when it exists) and build the datasets."""
+        """Open the token cache (building it if needed) and build the datasets."""
+        self._check_fits_model()
         if self._corpus is None:
             self._corpus = self._load_or_build()
         self._check_size(self._corpus)
         corpus = self._corpus
         train_labels = val_labels = None
         if self.num_domains is not None:
-            train_labels = domain_labels(corpus.train, corpus.train_documents, BOS_ID)
-            val_labels = domain_labels(corpus.val, corpus.val_documents, BOS_ID)
+            start = self.tokenizer.doc_start_id
+            train_labels = domain_labels(np.asarray(corpus.train), corpus.documents(0), start)
+            val_labels = domain_labels(np.asarray(corpus.val), corpus.documents(1), start)
         self.train_dataset = TokenChunkDataset(corpus.train, self.seq_len, train_labels)
         self.val_dataset = TokenChunkDataset(corpus.val, self.seq_len, val_labels)
         rank_zero_info(
-            f"TextDataModule: byte-unigram entropy of the training tokens is {self.unigram_entropy():.3f} nats"
+            f"TextDataModule: unigram entropy of the training tokens is {self.unigram_entropy():.3f} nats"
             " (the loss of a model that ignores context; val/loss should end well below it)."
         )
 
@@ -189,24 +218,24 @@ class TextDataModule(lightning.LightningDataModule):
     # ----------------------------------------------------------------- statistics
 
     @property
-    def train_tokens(self) -> np.ndarray:
-        """The training token stream (uint16), documents each preceded by ``BOS_ID``."""
+    def train_tokens(self) -> TokenStream:
+        """The training token stream (memory-mapped), documents each preceded by the tokenizer's ``doc_start_id``."""
         return self._require(self._corpus).train
 
     @property
-    def val_tokens(self) -> np.ndarray:
-        """The validation token stream (uint16)."""
+    def val_tokens(self) -> TokenStream:
+        """The validation token stream (memory-mapped)."""
         return self._require(self._corpus).val
 
     @property
     def train_documents(self) -> list[str]:
         """Names (relative paths, or ``split/index`` for Hub data) of training documents."""
-        return self._require(self._corpus).train_documents
+        return self._require(self._corpus).documents(0)
 
     @property
     def val_documents(self) -> list[str]:
         """Names of the validation documents."""
-        return self._require(self._corpus).val_documents
+        return self._require(self._corpus).documents(1)
 
     @property
     def num_train_tokens(self) -> int:
@@ -222,7 +251,9 @@ class TextDataModule(lightning.LightningDataModule):
         The cross-entropy a model reaches by predicting token frequencies alone, so a
         validation loss below it shows the model has learnt context.
         """
-        counts = np.bincount(self.train_tokens, minlength=VOCAB_SIZE).astype(np.float64)
+        counts = np.zeros(self.vocab_size, dtype=np.float64)
+        for chunk in self.train_tokens.chunks():
+            counts += np.bincount(chunk, minlength=self.vocab_size)[: self.vocab_size]
         p = counts[counts > 0] / counts.sum()
         return float(-(p * np.log(p)).sum())
 
@@ -239,88 +270,105 @@ class TextDataModule(lightning.LightningDataModule):
         env = os.environ.get(_CACHE_ENV)
         return os.path.expanduser(env) if env else os.path.join(Path.home(), ".cache", "lightning_moe")
 
-    def _load_or_build(self) -> _Corpus:
+    def _check_fits_model(self) -> None:
+        """Refuse, before any tokenising, a model too small for this data (when one is attached)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        hparams = getattr(module, "hparams", None) or {}
+        model_vocab, max_seq_len = hparams.get("vocab_size"), hparams.get("max_seq_len")
+        if isinstance(model_vocab, int) and self.vocab_size > model_vocab:
+            raise ConfigError(
+                f"data.tokenizer={self.tokenizer.name!r} has {self.vocab_size} tokens, more than"
+                f" model.vocab_size={model_vocab}; set model.vocab_size to at least {self.vocab_size}"
+            )
+        if isinstance(max_seq_len, int) and self.seq_len > max_seq_len:
+            raise ConfigError(
+                f"data.seq_len={self.seq_len} is longer than model.max_seq_len={max_seq_len};"
+                f" use data.seq_len <= {max_seq_len} or a larger model.max_seq_len"
+            )
+
+    def _load_or_build(self) -> Corpus:
         if self.num_domains is not None:
             src = TestbedSource(self.source, self.num_domains, self.seed)
         else:
-            src = _resolve_source(self.source, self.hf_split, self.hf_text_field)
+            src = resolve_source(self.source, self.hf_split, self.hf_text_field, self.hf_streaming)
         key_material = {
-            "format_version": _FORMAT_VERSION,
+            "format_version": FORMAT_VERSION,
             "source": self.source,
             "identity": src.identity(),
             "max_bytes": self.max_bytes,
+            "max_tokens": self.max_tokens,
             "val_fraction": self.val_fraction,
             "seed": self.seed,
+            "tokenizer": self.tokenizer.fingerprint(),
         }
         key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:24]
         slug = re.sub(r"[^A-Za-z0-9]+", "_", self.source).strip("_")[-40:] or "source"
-        path = os.path.join(self._resolved_cache_dir(), f"tokens-{slug}-{key}.npz")
+        tok_slug = "" if self.tokenizer.name == "bytes" else "bpe-"
+        path = os.path.join(self._resolved_cache_dir(), f"tokens-{tok_slug}{slug}-{key}")
         self.cache_path = path
-        if os.path.isfile(path):
+        if os.path.isdir(path):
             try:
-                corpus = _load_corpus(path)
+                corpus = open_cache(path, {"key": key})
                 self.loaded_from_cache = True
                 return corpus
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-                # A truncated, corrupt or foreign file: rebuild it rather than fail.
-                warnings.warn(f"ignoring unreadable token cache {path!r} ({err}); rebuilding")
+            except CacheDamaged as err:
+                # A damaged or foreign cache: rebuild it rather than fail or train on it.
+                warnings.warn(f"token cache {path!r} is damaged ({err}); rebuilding it", stacklevel=2)
+        elif os.path.exists(path):
+            os.unlink(path)  # a file where the cache folder belongs
 
         start = time.perf_counter()
-        docs = list(src.documents(self.max_bytes))
+        documents = src.documents(self.max_bytes)
         if self.max_bytes is not None:
-            docs = _cap(docs, self.max_bytes)
-        total = sum(len(d) for _, d in docs)
-        if total == 0:
-            what = "no files" if isinstance(src, _FileSource) and not src.files else "0 bytes of text"
-            raise ValueError(
-                f"source={self.source!r}: found {what} in {src.describe()} (0 bytes); need at "
-                f"least {self._bytes_needed()} bytes of text for one training and one "
-                f"validation sequence of seq_len={self.seq_len}"
-            )
-        corpus = _build_corpus(docs, self.val_fraction, self.seed)
-        self.loaded_from_cache = False
+            documents = capped(documents, self.max_bytes)
         try:
-            _save_corpus(path, corpus, key_material)
-        except OSError as err:
-            # A read-only home directory should not stop training; it only costs speed.
-            warnings.warn(f"could not write token cache {path!r}: {err}")
+            corpus = build_cache(
+                path,
+                documents,
+                self.tokenizer,
+                meta={"key": key, "key_material": key_material, "tokenizer": self.tokenizer.name},
+                val_fraction=self.val_fraction,
+                seed=self.seed,
+                num_proc=self.num_proc,
+                max_tokens=self.max_tokens,
+            )
+        except ValueError as err:
+            if str(err) != "no text":
+                raise
+            what = "no files" if isinstance(src, FileSource) and not src.files else "0 bytes of text"
+            raise ConfigError(
+                f"data.source={self.source!r}: found {what} in {src.describe()} (0 bytes); need at least"
+                f" {self._bytes_needed()} bytes of text for one training and one validation sequence"
+                f" of seq_len={self.seq_len}"
+            ) from None
+        self.loaded_from_cache = False
+        meta = corpus.meta
         rank_zero_info(
-            f"TextDataModule: {total:,} bytes from {len(docs):,} documents of "
+            f"TextDataModule: {meta['total_bytes']:,} bytes from {meta['num_documents']:,} documents of "
             f"{src.describe()} tokenised in {time.perf_counter() - start:.1f}s "
             f"(train {len(corpus.train):,} / val {len(corpus.val):,} tokens) -> {path}"
         )
         return corpus
 
     def _bytes_needed(self) -> int:
-        # Each split needs seq_len + 1 tokens, one of them the BOS marker, and holds
-        # roughly its share of the bytes.
+        # Each split needs seq_len + 1 tokens, one of them the document start marker, and
+        # holds roughly its share of the bytes.
         share = min(self.val_fraction, 1.0 - self.val_fraction)
         return max(2 * self.seq_len, math.ceil(self.seq_len / share))
 
-    def _check_size(self, corpus: _Corpus) -> None:
+    def _check_size(self, corpus: Corpus) -> None:
         need = self.seq_len + 1
         if len(corpus.train) < need or len(corpus.val) < need:
-            raise ValueError(
-                f"source={self.source!r}: found {corpus.total_bytes} bytes of text, giving "
+            raise ConfigError(
+                f"data.source={self.source!r}: found {corpus.total_bytes} bytes of text, giving "
                 f"{len(corpus.train)} training and {len(corpus.val)} validation tokens; each "
-                f"split needs at least seq_len + 1 = {need} tokens, i.e. about "
+                f"split needs at least data.seq_len + 1 = {need} tokens, i.e. about "
                 f"{self._bytes_needed()} bytes in total with val_fraction={self.val_fraction}. "
                 "Use more text (or a larger max_bytes), a smaller seq_len, or a different "
                 "val_fraction."
             )
 
 
-def _cap(docs: list[tuple[str, bytes]], max_bytes: int) -> list[tuple[str, bytes]]:
-    out, total = [], 0
-    for name, data in docs:
-        if total >= max_bytes:
-            break
-        take = data[: max_bytes - total]
-        out.append((name, take))
-        total += len(take)
-    return out
-
-
 def _check_int(field: str, value: Any, minimum: int, expected: str | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{field} must be {expected or f'an integer >= {minimum}'}, got {value!r}")
+        raise ConfigError(f"data.{field} must be {expected or f'an integer >= {minimum}'}, got {value!r}")

@@ -18,6 +18,8 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_only
 
+from lightning_moe.errors import ConfigError
+
 _STDLIB_SKIP_DIRS = frozenset(
     {"site-packages", "dist-packages", "__pycache__", "lib-dynload", "test", "tests", "idle_test"}
 )
@@ -26,10 +28,16 @@ _STDLIB_SKIP_DIRS = frozenset(
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?(:[\w.\-]+)?$")
 _FILE_EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,4}$")
 _GLOB_CHARS = frozenset("*?[")
+# A file is "not text" when more than this share of its first _SNIFF_BYTES is control
+# bytes or invalid UTF-8: random or compressed bytes come out near 50%, while text in a
+# legacy 8-bit encoding (accented letters invalid as UTF-8) stays at a few percent.
+_MAX_BINARY_SHARE = 0.1
+_SNIFF_BYTES = 2**20
+_CONTROL_BYTES = bytes(c for c in range(32) if chr(c) not in "\t\n\r\f\v") + b"\x7f"
 
 
 @dataclass
-class _FileSource:
+class FileSource:
     """Text files: (absolute path, document name) pairs, names relative and '/'-separated."""
 
     source: str
@@ -65,7 +73,7 @@ class _FileSource:
         total = 0
         try:
             for path, name in self.files:
-                data = _read_text(path, self.skip_binary)
+                data = _read_text(path, self.skip_binary, self.source)
                 if data:
                     yield name, data
                     total += len(data)
@@ -78,17 +86,37 @@ class _FileSource:
                 bar.close()
 
 
-def _read_text(path: str, skip_binary: bool) -> bytes | None:
+def _read_text(path: str, skip_binary: bool, source: str) -> bytes | None:
+    """The file's text as UTF-8; ``None`` for a file that is not text when ``skip_binary``, else an error."""
     with open(path, "rb") as fh:
         raw = fh.read()
-    # Same heuristic as git: a NUL byte near the start means "binary, not text".
-    if skip_binary and b"\x00" in raw[:8192]:
-        return None
     try:
         raw.decode("utf-8")
-        return raw
+        valid = True
     except UnicodeDecodeError:
-        return raw.decode("utf-8", errors="replace").encode("utf-8")
+        valid = False
+    share = _binary_share(raw, valid)
+    if share > _MAX_BINARY_SHARE:
+        if skip_binary:
+            return None
+        raise ConfigError(
+            f"data.source={source!r}: {path!r} is not text ({share:.0%} of its first bytes are NUL,"
+            " control characters or invalid UTF-8); pass UTF-8 text files"
+        )
+    return raw if valid else raw.decode("utf-8", errors="replace").encode("utf-8")
+
+
+def _binary_share(raw: bytes, valid_utf8: bool) -> float:
+    """Share of a file's first bytes that no text file has: invalid UTF-8, NUL and other control bytes."""
+    # Same as git for NUL: one near the start means "binary, not text".
+    if b"\x00" in raw[:8192]:
+        return 1.0
+    head = raw[:_SNIFF_BYTES]
+    if not head:
+        return 0.0
+    controls = len(head) - len(head.translate(None, _CONTROL_BYTES))
+    invalid = 0 if valid_utf8 else head.decode("utf-8", errors="replace").count("\ufffd")
+    return (controls + invalid) / len(head)
 
 
 def _stdlib_files() -> list[tuple[str, str]]:
@@ -128,12 +156,15 @@ def _glob_files(pattern: str) -> list[tuple[str, str]]:
 
 
 @dataclass
-class _HubSource:
+class HubSource:
+    """A Hugging Face dataset, loaded whole (Arrow, memory-mapped) or read as a stream."""
+
     source: str
     name: str
     config: str | None
     split: str
     text_field: str
+    streaming: bool = False
     _dataset: Any = None
 
     def describe(self) -> str:
@@ -142,40 +173,65 @@ class _HubSource:
     def load(self) -> Any:
         if self._dataset is None:
             self._dataset = _load_hub_dataset(self)
-            columns = list(getattr(self._dataset, "column_names", None) or [])
-            if self.text_field not in columns:
-                raise ValueError(
-                    f"hf_text_field={self.text_field!r} is not a column of the Hugging Face "
-                    f"dataset {self.name!r} (split {self.split!r}); available columns: {columns}"
-                )
+            # A stream may not know its columns before its first row; documents() checks then.
+            columns = getattr(self._dataset, "column_names", None)
+            if columns is not None and self.text_field not in columns:
+                self._missing_column(list(columns))
         return self._dataset
+
+    def _missing_column(self, columns: list[str]) -> None:
+        raise ConfigError(
+            f"data.hf_text_field={self.text_field!r} is not a column of the Hugging Face "
+            f"dataset {self.name!r} (split {self.split!r}); available columns: {columns}"
+        )
 
     def identity(self) -> dict[str, Any]:
         ds = self.load()
-        return {
+        identity = {
             "kind": "hub",
             "name": self.name,
             "config": self.config,
             "split": self.split,
             "text_field": self.text_field,
-            # The datasets library fingerprints every Arrow table it builds; a new
-            # revision of the dataset gives a new fingerprint.
-            "fingerprint": getattr(ds, "_fingerprint", None) or len(ds),
         }
+        if self.streaming:
+            # A stream has no fingerprint: its cache is reused until the key settings change.
+            return dict(identity, streaming=True)
+        # The datasets library fingerprints every Arrow table it builds; a new revision of
+        # the dataset gives a new fingerprint.
+        return dict(identity, fingerprint=getattr(ds, "_fingerprint", None) or len(ds))
 
     def documents(self, max_bytes: int | None) -> Iterator[tuple[str, bytes]]:
-        ds = self.load().select_columns([self.text_field])
         total = 0
-        index = 0
-        for batch in ds.iter(batch_size=1024):
-            for text in batch[self.text_field]:
-                data = ("" if text is None else str(text)).encode("utf-8")
-                if data:
-                    yield f"{self.split}/{index}", data
-                    total += len(data)
-                index += 1
-                if max_bytes is not None and total >= max_bytes:
-                    return
+        for index, text in enumerate(self._texts()):
+            data = ("" if text is None else str(text)).encode("utf-8")
+            if data:
+                yield f"{self.split}/{index}", data
+                total += len(data)
+            if max_bytes is not None and total >= max_bytes:
+                return
+
+    def _texts(self) -> Iterator[Any]:
+        ds = self.load()
+        if self.streaming:
+            for row in ds:
+                if self.text_field not in row:
+                    self._missing_column(list(row))
+                yield row[self.text_field]
+            return
+        for batch in ds.select_columns([self.text_field]).iter(batch_size=1024):
+            yield from batch[self.text_field]
+
+
+def capped(documents: Iterator[tuple[str, bytes]], max_bytes: int) -> Iterator[tuple[str, bytes]]:
+    """The documents up to ``max_bytes`` bytes in all; the last one is cut."""
+    total = 0
+    for name, data in documents:
+        if total >= max_bytes:
+            return
+        take = data[: max_bytes - total]
+        yield name, take
+        total += len(take)
 
 
 def _env_true(name: str) -> bool:
@@ -212,7 +268,7 @@ def _honour_offline_env() -> Iterator[None]:
             setattr(module, attr, value)
 
 
-def _load_hub_dataset(src: _HubSource) -> Any:
+def _load_hub_dataset(src: HubSource) -> Any:
     try:
         import datasets
     except ImportError as err:  # pragma: no cover - datasets is a dependency
@@ -223,7 +279,7 @@ def _load_hub_dataset(src: _HubSource) -> Any:
     where = f"the Hugging Face dataset {src.name!r}" + (f" (config {src.config!r})" if src.config else "")
     try:
         with _honour_offline_env():
-            return datasets.load_dataset(src.name, src.config, split=src.split)
+            return datasets.load_dataset(src.name, src.config, split=src.split, streaming=src.streaming)
     except (ConnectionError, OSError) as err:
         # Offline, unreachable or unknown: datasets cannot tell these apart without the
         # network, and the fix is the same for all of them.
@@ -236,7 +292,10 @@ def _load_hub_dataset(src: _HubSource) -> Any:
             "as `source` (source='stdlib' trains on the built-in offline corpus)."
         ) from err
     except ValueError as err:
-        raise ValueError(f"source={src.source!r}: could not load {where} with hf_split={src.split!r}: {err}") from err
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ConfigError(
+            f"data.source={src.source!r}: could not load {where} with data.hf_split={src.split!r}: {first}"
+        ) from err
 
 
 def _looks_like_path(source: str) -> bool:
@@ -247,30 +306,33 @@ def _looks_like_path(source: str) -> bool:
     return bool(_FILE_EXTENSION.search(source.split(":", 1)[0].rsplit("/", 1)[-1]))
 
 
-def _resolve_source(source: str, hf_split: str, hf_text_field: str) -> _FileSource | _HubSource:
+def resolve_source(
+    source: str, hf_split: str, hf_text_field: str, hf_streaming: bool = False
+) -> FileSource | HubSource:
+    """The source ``TextDataModule(source=...)`` names (see its docstring)."""
     if source == "stdlib":
-        return _FileSource(source, "stdlib", _stdlib_files(), skip_binary=False)
+        return FileSource(source, "stdlib", _stdlib_files(), skip_binary=False)
     if source.startswith("hf:"):
-        return _hub_source(source, source[3:], hf_split, hf_text_field)
+        return _hub_source(source, source[3:], hf_split, hf_text_field, hf_streaming)
     path = os.path.expanduser(source)
     if os.path.isfile(path):
-        return _FileSource(source, "file", [(os.path.abspath(path), os.path.basename(path))], False)
+        return FileSource(source, "file", [(os.path.abspath(path), os.path.basename(path))], False)
     if os.path.isdir(path):
-        return _FileSource(source, "folder", _folder_files(os.path.abspath(path)), skip_binary=True)
+        return FileSource(source, "folder", _folder_files(os.path.abspath(path)), skip_binary=True)
     if any(ch in _GLOB_CHARS for ch in source):
-        return _FileSource(source, "glob", _glob_files(path), skip_binary=True)
+        return FileSource(source, "glob", _glob_files(path), skip_binary=True)
     if _looks_like_path(source):
-        raise FileNotFoundError(
-            f"source={source!r}: no such file or folder: {os.path.abspath(path)!r}. Pass an "
+        raise ConfigError(
+            f"data.source={source!r}: no such file or folder: {os.path.abspath(path)!r}. Pass an "
             "existing file, folder or glob pattern, 'stdlib' for the built-in corpus, or a "
             "Hugging Face dataset name."
         )
-    return _hub_source(source, source, hf_split, hf_text_field)
+    return _hub_source(source, source, hf_split, hf_text_field, hf_streaming)
 
 
-def _hub_source(source: str, spec: str, hf_split: str, hf_text_field: str) -> _HubSource:
+def _hub_source(source: str, spec: str, hf_split: str, hf_text_field: str, streaming: bool) -> HubSource:
     name, _, config = spec.partition(":")
     if not name:
-        raise ValueError(f"source={source!r}: empty Hugging Face dataset name")
-    return _HubSource(source, name, config or None, hf_split, hf_text_field)
+        raise ConfigError(f"data.source={source!r}: empty Hugging Face dataset name")
+    return HubSource(source, name, config or None, hf_split, hf_text_field, streaming)
 
