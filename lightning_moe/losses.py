@@ -10,7 +10,7 @@ from typing import Callable, Union
 import torch
 from torch import Tensor
 
-GradScale = Union[float, Callable[[], float]]
+GradScale = Union[float, Tensor, Callable[[], Union[float, Tensor]]]
 
 
 def load_balancing_loss(*, probs_TE: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
@@ -47,7 +47,8 @@ class _AttachAuxLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_activation: Tensor):
         scale = ctx.grad_scale() if callable(ctx.grad_scale) else ctx.grad_scale
-        grad_aux = torch.full(ctx.aux_shape, float(scale), dtype=ctx.aux_dtype, device=grad_activation.device)
+        # A tensor scale (fp16 AMP's, on the device) is multiplied in, never read to the host.
+        grad_aux = torch.ones(ctx.aux_shape, dtype=ctx.aux_dtype, device=grad_activation.device) * scale
         return grad_activation, grad_aux, None
 
 
@@ -57,6 +58,6 @@ def attach_aux_loss(activation: Tensor, aux_loss: Tensor, grad_scale: GradScale 
     This is how auxiliary losses reach the parameters without the user adding them to
     the loss they return. ``grad_scale`` must be whatever the training loop multiplies
     its loss by before ``backward`` (Lightning: ``1 / accumulate_grad_batches``, times
-    the fp16 loss scale); it may be a callable, evaluated during backward.
+    the fp16 loss scale); it may be a tensor (0-d) or a callable, evaluated during backward.
     """
     return _AttachAuxLoss.apply(activation, aux_loss, grad_scale)

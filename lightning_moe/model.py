@@ -328,7 +328,11 @@ class MoETransformer(nn.Module):
                 f"`input_ids` has sequence length {input_ids.shape[1]}, longer than"
                 f" `max_seq_len` ({self.config.max_seq_len})."
             )
-        if input_ids.numel() and not torch.compiler.is_compiling():
+        if input_ids.numel() and input_ids.device.type != "cpu":
+            # Checked on the device (a bad id fails as a device-side assertion): reading the
+            # range back to the host would stall it on every forward.
+            torch._assert_async(((input_ids >= 0) & (input_ids < self.config.vocab_size)).all())
+        elif input_ids.numel() and not torch.compiler.is_compiling():
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(

@@ -117,6 +117,23 @@ def test_no_tokens_gives_zero_output_and_stats(monkeypatch):
     assert torch.equal(stats.output_sum, torch.zeros(3, 8))
 
 
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_no_tokens_still_give_every_expert_parameter_and_the_weights_an_exact_zero_gradient(monkeypatch, activation):
+    # As on the loop reference: DDP with find_unused_parameters=False needs a gradient for
+    # every parameter on a rank whose layer receives no tokens at all.
+    use_fake_kernels(monkeypatch, FakeKernels())
+    experts = Experts(8, 16, 3, activation=activation)
+    for backend in ("loop", "megablocks"):
+        experts.zero_grad(set_to_none=True)
+        x, weights = torch.randn(0, 8, requires_grad=True), torch.rand(0, 2, requires_grad=True)
+        y, _ = get_backend(backend)(experts, x, torch.zeros(0, 2, dtype=torch.long), weights, False)
+        y.sum().backward()
+        for name, p in experts.named_parameters():
+            assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), (backend, name)
+        assert weights.grad is not None and weights.grad.shape == (0, 2), backend
+        assert x.grad is not None and x.grad.shape == (0, 8), backend
+
+
 @pytest.mark.parametrize("estimator", available_estimators())
 def test_layer_with_every_estimator_matches_loop_through_the_plumbing(monkeypatch, estimator):
     use_fake_kernels(monkeypatch, FakeKernels())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import lightning as L
+import torch
 from torch import Tensor, nn
 
 from lightning_moe.layer import MoELayer, moe_layers
@@ -16,7 +17,7 @@ def layer_tags(module: nn.Module) -> list[tuple[str, MoELayer]]:
     return [(f"layer_{i:02d}", layer) for i, (_, layer) in enumerate(moe_layers(module))]
 
 
-def lightning_loss_scale(trainer: L.Trainer) -> Callable[[], float]:
+def lightning_loss_scale(trainer: L.Trainer) -> Callable[[], float | Tensor]:
     """What Lightning multiplies the returned loss by before ``backward``.
 
     Automatic optimisation divides the loss by ``accumulate_grad_batches``, and fp16 AMP
@@ -25,16 +26,31 @@ def lightning_loss_scale(trainer: L.Trainer) -> Callable[[], float]:
     Evaluated lazily (during backward) because the AMP scale changes between steps.
     """
 
-    def scale() -> float:
+    def scale() -> float | Tensor:
         value = 1.0
         if trainer.lightning_module.automatic_optimization:
             value /= trainer.accumulate_grad_batches
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and scaler.is_enabled():
-            value *= scaler.get_scale()
+            value = value * _loss_scale(scaler)
         return value
 
     return scale
+
+
+def _loss_scale(scaler) -> float | Tensor:
+    """The grad scaler's current scale, as the tensor on the device when it has one.
+
+    ``GradScaler.get_scale()`` reads that tensor back to the host: a synchronisation per
+    MoE layer and backward. The tensor is the very factor ``scaler.scale(loss)`` applied.
+    Before the first ``scale()`` there is no tensor yet and ``get_scale()`` returns the
+    initial scale without reading anything.
+    """
+    if isinstance(scaler, torch.amp.GradScaler):
+        device_scale = scaler._get_scale_async()
+        if device_scale is not None:
+            return device_scale
+    return scaler.get_scale()
 
 
 class AuxLossCallback(L.Callback):

@@ -44,6 +44,17 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def count_per_expert(expert_ids: Tensor, num_experts: int) -> Tensor:
+    """[E] int64: how often each expert id occurs, computed without leaving the device.
+
+    Not ``torch.bincount``: on CUDA it reads the input's min and max back to the host, two
+    synchronisations per MoE layer and step; a scatter-add of ones into ``num_experts``
+    bins never does (and is deterministic for a 1-D input).
+    """
+    ids_N = expert_ids.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=ids_N.device).scatter_add_(0, ids_N, torch.ones_like(ids_N))
+
+
 def expert_output_sums(
     expert_ids_N: Tensor, out_ND: Tensor, weights_N: Tensor, num_experts: int
 ) -> tuple[Tensor, Tensor]:

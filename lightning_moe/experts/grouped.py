@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_moe.experts import Experts, ExpertStats, compute_dtype, expert_output_sums
+from lightning_moe.experts import Experts, ExpertStats, compute_dtype, count_per_expert, expert_output_sums
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -40,13 +40,38 @@ def _grouped_mm_supported(x_ND: Tensor, w_EAB: Tensor) -> bool:
     return x_ND.shape[1] % align == 0 and w_EAB.shape[1] % align == 0 and w_EAB.shape[2] % align == 0
 
 
-def grouped_mm(x_ND: Tensor, w_EAB: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+class Segments:
+    """The per-expert segments of rows sorted by expert, in the form each kernel takes.
+
+    ``torch._grouped_mm`` takes the segments' end offsets on the device; the per-segment
+    fallback splits the rows, which needs the sizes on the host. Those are read at most
+    once per FFN (the fallback's one host synchronisation, shared by its three matmuls
+    and their backward), and not at all when there are no rows.
+    """
+
+    def __init__(self, tokens_per_expert_E: Tensor, num_rows: int) -> None:
+        self.tokens_per_expert_E, self.num_rows = tokens_per_expert_E, num_rows
+        self._offsets_E: Tensor | None = None
+        self._sizes: list[int] | None = None
+
+    def offsets(self) -> Tensor:
+        if self._offsets_E is None:
+            self._offsets_E = self.tokens_per_expert_E.cumsum(0).to(torch.int32)
+        return self._offsets_E
+
+    def sizes(self) -> list[int]:
+        if self._sizes is None:
+            num_experts = self.tokens_per_expert_E.shape[0]
+            self._sizes = [0] * num_experts if self.num_rows == 0 else self.tokens_per_expert_E.tolist()
+        return self._sizes
+
+
+def grouped_mm(x_ND: Tensor, w_EAB: Tensor, segments: Segments) -> Tensor:
     """Rows of ``x_ND`` sorted by expert, segment e multiplied by ``w_EAB[e]`` -> [N, B]."""
     if _grouped_mm_supported(x_ND, w_EAB):
-        offsets = tokens_per_expert_E.cumsum(0).to(torch.int32)
-        return torch._grouped_mm(x_ND, w_EAB, offs=offsets)
-    segments = x_ND.split(tokens_per_expert_E.tolist())
-    return torch.cat([seg @ w_EAB[e] for e, seg in enumerate(segments)])
+        return torch._grouped_mm(x_ND, w_EAB, offs=segments.offsets())
+    # Every expert runs, also on no rows: its weights then get an exact zero gradient.
+    return torch.cat([seg @ w_EAB[e] for e, seg in enumerate(x_ND.split(segments.sizes()))])
 
 
 class SortedPairs(NamedTuple):
@@ -62,7 +87,7 @@ def sort_pairs(indices_TK: Tensor, num_experts: int) -> SortedPairs:
     """Sort the (token, slot) pairs by expert; ties keep token order (a stable sort)."""
     expert_ids_N = indices_TK.reshape(-1)
     order_N = expert_ids_N.argsort(stable=True)
-    tokens_per_expert_E = torch.bincount(expert_ids_N, minlength=num_experts)
+    tokens_per_expert_E = count_per_expert(expert_ids_N, num_experts)
     return SortedPairs(order_N, order_N // indices_TK.shape[1], expert_ids_N[order_N], tokens_per_expert_E)
 
 
@@ -73,9 +98,10 @@ def grouped_ffn(experts: Experts, x_ND: Tensor, tokens_per_expert_E: Tensor) -> 
     of them, or an expert-parallel rank's own); the result is [N, D] in the rows' order.
     """
     w1, v1, w2 = experts.expert_weights(x_ND.dtype)
-    h1 = grouped_mm(x_ND, w1, tokens_per_expert_E)
-    h3 = None if v1 is None else grouped_mm(x_ND, v1, tokens_per_expert_E)
-    return grouped_mm(experts.activate(h1, h3), w2, tokens_per_expert_E)
+    segments = Segments(tokens_per_expert_E, x_ND.shape[0])
+    h1 = grouped_mm(x_ND, w1, segments)
+    h3 = None if v1 is None else grouped_mm(x_ND, v1, segments)
+    return grouped_mm(experts.activate(h1, h3), w2, segments)
 
 
 def combine_pairs(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_moe.experts import Experts, ExpertStats, compute_dtype, expert_output_sums
+from lightning_moe.experts import Experts, ExpertStats, compute_dtype, count_per_expert, expert_output_sums
 
 
 def loop_experts(
@@ -18,12 +18,18 @@ def loop_experts(
     x_TD = x_TD.to(dtype)
     w1, v1, w2 = experts.expert_weights(dtype)
     y_TD = torch.zeros_like(x_TD)
+    top_k = indices_TK.shape[1]
+    tokens_per_expert = count_per_expert(indices_TK, experts.num_experts)
+    # Each expert's (token, slot) pairs in token order: the pair ids sorted (stably) by
+    # expert, split by the counts. Each expert's matmul needs its row count on the host, so
+    # reading the counts is inherent here; it is this backend's one host synchronisation.
+    pairs_by_expert = indices_TK.reshape(-1).argsort(stable=True).split(tokens_per_expert.tolist())
     token_ids, slot_ids, expert_ids, outputs = [], [], [], []
     # Every expert runs, also on zero tokens: its parameters then get an exact zero
     # gradient instead of none, which DDP (find_unused_parameters=False) needs on a rank
     # where a layer receives no tokens at all.
-    for e in range(experts.num_experts):
-        tokens, slots = (indices_TK == e).nonzero(as_tuple=True)
+    for e, pairs_n in enumerate(pairs_by_expert):
+        tokens, slots = pairs_n // top_k, pairs_n % top_k
         x_nD = x_TD[tokens]
         h = experts.activate(x_nD @ w1[e], None if v1 is None else x_nD @ v1[e])
         out_nD = h @ w2[e]
@@ -32,7 +38,6 @@ def loop_experts(
         token_ids.append(tokens), slot_ids.append(slots), outputs.append(out_nD)
         expert_ids.append(torch.full_like(tokens, e))
 
-    tokens_per_expert = torch.bincount(indices_TK.reshape(-1), minlength=experts.num_experts)
     if not return_output_sums:
         return y_TD, ExpertStats(tokens_per_expert)
     # Detached: this branch runs only in recorded forwards, not in an activation-checkpoint

@@ -33,8 +33,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_moe.experts import Experts, ExpertStats, compute_dtype, expert_output_sums
-from lightning_moe.experts.grouped import grouped_ffn
+from lightning_moe.experts import Experts, ExpertStats, compute_dtype, count_per_expert, expert_output_sums
+from lightning_moe.experts.grouped import grouped_experts, grouped_ffn
 
 INSTALL_DOC = "docs/megablocks.md"
 # Order matters: megablocks imports stk at import time and looks for grouped_gemm.
@@ -133,7 +133,7 @@ class MegaBlocksDispatch:
         self.experts, self.kernels, self.num_experts = experts, kernels, num_experts
         self.dtype, self.device_type, self.top_k = x_TD.dtype, x_TD.device.type, indices_TK.shape[1]
         expert_ids_N = indices_TK.reshape(-1)
-        self.tokens_per_expert_E = torch.bincount(expert_ids_N, minlength=num_experts)
+        self.tokens_per_expert_E = count_per_expert(expert_ids_N, num_experts)
         # MegaBlocks' indices_and_bins, with torch ops and the int32 indices its kernels take:
         # bin_ids_N are the sorted expert ids, order_N[i] the (token * K + slot) pair at
         # sorted position i, bins_E the inclusive cumulative token counts.
@@ -153,7 +153,9 @@ class MegaBlocksDispatch:
         if x_ND.shape[0] == 0:  # an expert-parallel rank that receives no rows: nothing for gmm to do
             return grouped_ffn(self.experts, x_ND, tokens_per_expert_E)
         w1, v1, w2 = self.experts.expert_weights(self.dtype)
-        batch_sizes_E = tokens_per_expert_E.cpu()  # gmm takes the segment sizes on the host
+        # gmm takes the segment sizes on the host: this backend's one host synchronisation per
+        # forward, inherent to grouped_gemm (its backward reuses the same host tensor).
+        batch_sizes_E = tokens_per_expert_E.cpu()
         empty_E = batch_sizes_E == 0
         if empty_E.any():
             empty_experts = empty_E.nonzero().squeeze(1).to(x_ND.device)
@@ -190,12 +192,11 @@ def megablocks_experts(
     num_experts = experts.num_experts
     x_TD = x_TD.to(dtype).contiguous()
     if indices_TK.numel() == 0:
-        y_TD = x_TD.new_zeros(x_TD.shape)
-        tokens_per_expert = torch.zeros(num_experts, dtype=torch.long, device=x_TD.device)
-        if not return_output_sums:
-            return y_TD, ExpertStats(tokens_per_expert)
-        zeros = x_TD.new_zeros(num_experts, x_TD.shape[1], dtype=torch.float32)
-        return y_TD, ExpertStats(tokens_per_expert, zeros, zeros.clone())
+        # No tokens (a data-parallel rank whose layer received none): MegaBlocks' kernels are
+        # not run on an empty routing. The torch backend runs every expert on no rows, so the
+        # expert parameters and the routing weights still get an exact zero gradient, which
+        # DDP with find_unused_parameters=False needs on this rank.
+        return grouped_experts(experts, x_TD, indices_TK, weights_TK, return_output_sums)
     dispatch = MegaBlocksDispatch(experts, kernels, x_TD, indices_TK, num_experts)
     out_ND = dispatch.ffn(dispatch.gather(x_TD), dispatch.tokens_per_expert_E)
     return dispatch.combine(out_ND, weights_TK, return_output_sums)
