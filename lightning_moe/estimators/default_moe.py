@@ -172,12 +172,12 @@ class DefaultMoE(Estimator):
         return correction_TD - correction_TD.detach()
 
     def observe_expert_outputs(self, stats: ExpertStats) -> None:
-        sum_ED = stats.weighted_output_sum if self.weighted else stats.output_sum
-        if sum_ED is None:
         # Also checked here: the first forward of reentrant activation checkpointing records
         # but runs without gradients, so route() does not check it.
         if not self.updater_attached:
             raise RuntimeError(NO_UPDATER_MESSAGE)
+        sum_ED = stats.weighted_output_sum if self.weighted else stats.output_sum
+        if sum_ED is None:
             raise ValueError("DefaultMoE needs per-expert output sums from the experts backend (ExpertStats)")
         if self._gate_normalised():
             if self._weight_sum_E is None:
