@@ -123,7 +123,7 @@ def test_no_tokens_still_give_every_expert_parameter_and_the_weights_an_exact_ze
     # every parameter on a rank whose layer receives no tokens at all.
     use_fake_kernels(monkeypatch, FakeKernels())
     experts = Experts(8, 16, 3, activation=activation)
-    for backend in ("loop", "megablocks"):
+    for backend in ("loop", "torch", "megablocks"):
         experts.zero_grad(set_to_none=True)
         x, weights = torch.randn(0, 8, requires_grad=True), torch.rand(0, 2, requires_grad=True)
         y, _ = get_backend(backend)(experts, x, torch.zeros(0, 2, dtype=torch.long), weights, False)
