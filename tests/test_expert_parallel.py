@@ -301,6 +301,64 @@ def test_fit_on_the_megablocks_path_equals_one_process(tmp_path, monkeypatch):
     assert_states_close(sharded.state_dict(), single.state_dict())
 
 
+class ManualAccumulation(ShardedRegression):
+    """Lightning's documented manual accumulation: two ``manual_backward`` calls, then one step.
+
+    Saves the expert gradients each rank holds right before each step (``<root>/grads<rank>.pt``).
+    """
+
+    def __init__(self, data):
+        super().__init__(data, global_batch=4)  # micro-batches of 4 / W; 8 samples per step
+        self.automatic_optimization = False
+        self.expert_grads = []
+
+    def training_step(self, batch, batch_idx):
+        self.manual_backward(super().training_step(batch, batch_idx) / 2)
+        if batch_idx % 2 == 1:
+            optimizer = self.optimizers()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    def on_before_optimizer_step(self, optimizer):
+        self.expert_grads.append({n: p.grad.clone() for n, p in self.moe.experts.named_parameters()})
+
+    def on_train_end(self):
+        super().on_train_end()
+        torch.save(self.expert_grads, f"{self.trainer.default_root_dir}/grads{self.global_rank}.pt")
+
+
+def test_manual_optimisation_with_accumulation_equals_one_process(tmp_path):
+    model = ManualAccumulation(torch.randn(16, D))
+    runs = {}
+    for devices in (1, 2):
+        root = tmp_path / str(devices)
+        root.mkdir()
+        strategy = ExpertParallelStrategy(start_method="fork") if devices > 1 else "auto"
+        trainer = L.Trainer(
+            default_root_dir=root,
+            accelerator="cpu",
+            devices=devices,
+            strategy=strategy,
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+            callbacks=[DefaultOutputEMA()],
+        )
+        runs[devices] = copy.deepcopy(model)
+        trainer.fit(runs[devices])
+        runs[devices].grads = [torch.load(root / f"grads{r}.pt") for r in range(devices)]
+    (single,), sharded = runs[1].grads, runs[2].grads
+    assert len(single) == 2  # two optimizer steps of two micro-batches
+    for step, expected in enumerate(single):
+        for name, grad in expected.items():
+            # Rank r holds experts 2r, 2r + 1 of the 4.
+            torch.testing.assert_close(torch.cat([sharded[r][step][name] for r in range(2)]), grad, msg=name)
+    assert_states_close(runs[2].state_dict(), runs[1].state_dict())
+
+
 class NaNAtSecondBatch(ShardedRegression):
     """Every rank's second batch is NaN, so NonFiniteGuard(action="skip") drops every gradient of that step."""
 

@@ -14,9 +14,10 @@ contributions of the tokens of all ep ranks of its group (the all-to-all's backw
 carries them home): sum_{r in group} dL_r/dw. Summing that over the W / ep ranks holding
 the same experts (the mesh's data-parallel dimension) gives sum over all W ranks, and
 dividing by W gives the same (1/W) sum_r dL_r/dw. So expert parameters are kept out of
-DDP, and after the backward that synchronises (the last micro-batch of a gradient
-accumulation) their gradients are all-reduced over the data-parallel dimension (nothing
-to do when W = ep) and divided by W. Clipping by norm uses the global norm.
+DDP, and once per optimizer step, after its last backward (so the gradients sum every
+micro-batch of an accumulation, automatic or manual), their gradients are all-reduced over
+the data-parallel dimension (nothing to do when W = ep) and divided by W. Clipping by norm
+uses the global norm.
 
 Checkpoints hold the single-process layout: full [E, ...] expert tensors in the
 ``state_dict`` and in the optimizer state, gathered from the expert-parallel group on
@@ -34,7 +35,7 @@ expert-parallel forward is a collective every rank must join.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -191,13 +192,27 @@ class ExpertParallelStrategy(DDPStrategy):
             return None
         return self.device_mesh.get_group("data_parallel")
 
-    def post_backward(self, closure_loss: Tensor) -> None:
-        super().post_backward(closure_loss)
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: pl.LightningModule | nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
         if not self._sharded:
-            return
-        if isinstance(self.model, DistributedDataParallel) and not self.model.require_backward_grad_sync:
-            return  # a micro-batch that accumulates: reduce once, after the one that synchronises
-        reduce_expert_gradients(self._expert_parameters(), self._data_parallel_group(), self.world_size)
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        expert_ids = {id(p) for p in self._expert_parameters()}
+        params = [p for group in optimizer.param_groups for p in group["params"] if id(p) in expert_ids]
+
+        def closure_then_reduce() -> Any:
+            # Once per optimizer step, after its last backward and before clipping, the
+            # optimizer-step hooks and the step: the expert gradients then hold the sums of all
+            # micro-batches (automatic accumulation, or several manual_backward calls).
+            result = closure()
+            reduce_expert_gradients(params, self._data_parallel_group(), self.world_size)
+            return result
+
+        return super().optimizer_step(optimizer, closure_then_reduce, model, **kwargs)
 
     def _grad_norm(self, grads: list[Tensor]) -> Tensor:
         # get_total_norm([]) is a CPU tensor, which NCCL cannot all-reduce; a rank holds no
