@@ -195,6 +195,13 @@ def test_the_counter_sees_each_kind_of_host_read():
         t[torch.tensor([0, 2])].cumsum(0).to(torch.float32)
         torch.topk(counts, 2)
     assert counter.syncs == []
+    with HostSyncCounter() as counter:  # one read; what is computed from the host copy is free
+        sizes = t.cpu()
+        empty = sizes == 0
+        if empty.any():
+            empty.nonzero().tolist()
+        sizes.to(t.device)  # uploaded again: reading it would count
+    assert counter.syncs == ["Tensor.cpu"]
 
 
 def fp16_trainer() -> SimpleNamespace:
@@ -304,6 +311,8 @@ def test_the_fp16_aux_loss_scale_stays_on_the_device_and_scales_as_the_host_valu
     scaler.scale(torch.ones(()))  # Lightning scales the loss before backward: the scale now lives in a tensor
     counter, grad = router_grad_with_fp16_scaler(scaler)
     assert "aten::_local_scalar_dense" not in counter.syncs  # not read back once per MoE layer
-    host_scaler = SimpleNamespace(is_enabled=lambda: True, get_scale=lambda: 1024.0)
-    _, grad_from_host_value = router_grad_with_fp16_scaler(host_scaler)
+    host_scaler = lambda scale: SimpleNamespace(is_enabled=lambda: True, get_scale=lambda: scale)  # noqa: E731
+    _, grad_from_host_value = router_grad_with_fp16_scaler(host_scaler(1024.0))
     torch.testing.assert_close(grad, grad_from_host_value, rtol=1e-6, atol=0)
+    _, grad_unscaled_aux = router_grad_with_fp16_scaler(host_scaler(1.0))
+    assert not torch.allclose(grad, grad_unscaled_aux)  # the scale reaches the aux gradient

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_moe.errors import ConfigError
+
 if TYPE_CHECKING:
     from lightning_moe.experts.expert_parallel import ExpertShard
 
@@ -52,7 +54,8 @@ def count_per_expert(expert_ids: Tensor, num_experts: int) -> Tensor:
     bins never does (and is deterministic for a 1-D input).
     """
     ids_N = expert_ids.reshape(-1)
-    return torch.zeros(num_experts, dtype=torch.long, device=ids_N.device).scatter_add_(0, ids_N, torch.ones_like(ids_N))
+    counts_E = torch.zeros(num_experts, dtype=torch.long, device=ids_N.device)
+    return counts_E.scatter_add_(0, ids_N, torch.ones_like(ids_N))
 
 
 def expert_output_sums(
@@ -83,9 +86,9 @@ class Experts(nn.Module):
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"activation={activation!r} is not valid; choose one of {ACTIVATIONS}")
+            raise ConfigError(f"activation={activation!r} is not valid; choose one of {ACTIVATIONS}")
         if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r} is not valid; choose one of {BACKENDS}")
+            raise ConfigError(f"backend={backend!r} is not valid; choose one of {BACKENDS}")
         self.d_model, self.ffn_hidden, self.num_experts = d_model, ffn_hidden, num_experts
         self.activation = activation
         self.backend = backend
@@ -153,7 +156,7 @@ def get_backend(name: str) -> BackendFn:
         from lightning_moe.experts.megablocks import megablocks_experts
 
         return megablocks_experts
-    raise ValueError(f"backend={name!r} is not valid; choose one of {BACKENDS}")
+    raise ConfigError(f"backend={name!r} is not valid; choose one of {BACKENDS}")
 
 
 @functools.cache
