@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lightning_moe.estimators import ESTIMATOR_REGISTRY, Estimator
 from lightning_moe.experts import ACTIVATIONS, BACKENDS, Experts
+from lightning_moe.float32_buffers import Float32Buffers
 from lightning_moe.losses import GradScale, attach_aux_loss
 from lightning_moe.routing import Router, Routing
 
@@ -108,7 +109,7 @@ def _in_reentrant_checkpoint_forward() -> bool:
     return False
 
 
-class MoELayer(nn.Module):
+class MoELayer(Float32Buffers):
     """A sparse Mixture-of-Experts feed-forward layer with a swappable router gradient.
 
     ``forward(x[..., d_model]) -> y[..., d_model]``; add the residual yourself.
@@ -137,7 +138,10 @@ class MoELayer(nn.Module):
     :class:`~lightning_moe.callbacks.NonFiniteGuard` to act on.
     :attr:`selection_bias` ([E], in ``state_dict``) is added to the scores that choose
     the experts, not to the gate weights, when :attr:`use_selection_bias` is True and the
-    estimator has ``supports_selection_bias`` (aux-loss-free balancing).
+    estimator has ``supports_selection_bias`` (aux-loss-free balancing). The switch is
+    saved with the bias (``selection_bias_enabled``), so a loaded model routes as it was
+    trained; a ``state_dict`` without it (older checkpoints) loads with the bias off. The
+    bias stays float32 whatever dtype the module is cast to.
     While :attr:`token_labels` holds a label per token (e.g. its domain; set it with
     :func:`labelled_tokens`), recorded forwards also count the (label, expert) pairs in
     ``routing_stats.label_expert_counts``.
@@ -182,7 +186,9 @@ class MoELayer(nn.Module):
         # so checkpoints have the same keys with or without it; used only while
         # ``use_selection_bias`` is set and the estimator supports it.
         self.register_buffer("selection_bias", torch.zeros(num_experts, dtype=torch.float32))
-        self.use_selection_bias = False
+        # The switch is a buffer too: it belongs to the trained model, and the forward uses
+        # it on the device without asking the host.
+        self.register_buffer("selection_bias_enabled", torch.zeros((), dtype=torch.bool))
         self.routing_stats = RoutingStats()
         self._step_finished = False
         self.check_finite = "logits"
@@ -199,6 +205,26 @@ class MoELayer(nn.Module):
         if isinstance(estimator, str):
             return ESTIMATOR_REGISTRY.get(estimator, **estimator_args)
         raise TypeError(f"estimator must be a registered name or an Estimator instance, got {type(estimator).__name__}")
+
+    float32_buffers = ("selection_bias",)
+
+    @property
+    def use_selection_bias(self) -> bool:
+        """Whether :attr:`selection_bias` steers routing (saved as ``selection_bias_enabled``)."""
+        return bool(self.selection_bias_enabled)
+
+    @use_selection_bias.setter
+    def use_selection_bias(self, enabled: bool) -> None:
+        self.selection_bias_enabled.fill_(bool(enabled))
+
+    def add_missing_state(self, state_dict: dict[str, Any], prefix: str = "") -> None:
+        """Give a ``state_dict`` saved before ``selection_bias_enabled`` existed the switch, off."""
+        if prefix + "selection_bias" in state_dict and prefix + "selection_bias_enabled" not in state_dict:
+            state_dict[prefix + "selection_bias_enabled"] = torch.zeros((), dtype=torch.bool)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self.add_missing_state(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def finish_step(self) -> None:
         """Mark :attr:`routing_stats` as consumed: the next training forward starts anew."""
@@ -237,8 +263,10 @@ class MoELayer(nn.Module):
             x_TD = x_TD * noise
 
         logits_TE = self.router(x_TD)
-        if self.use_selection_bias and self.estimator.supports_selection_bias:
-            routing = self.estimator.route(logits_TE, self.top_k, selection_bias=self.selection_bias)
+        if self.estimator.supports_selection_bias:
+            # Switched on the device: a zero bias chooses exactly what no bias does.
+            bias_E = torch.where(self.selection_bias_enabled, self.selection_bias, 0.0)
+            routing = self.estimator.route(logits_TE, self.top_k, selection_bias=bias_E)
         else:
             routing = self.estimator.route(logits_TE, self.top_k)
         # A forward with no tokens (possible on one data-parallel rank) records nothing: its
@@ -285,6 +313,16 @@ class MoELayer(nn.Module):
 def moe_layers(module: nn.Module) -> list[tuple[str, MoELayer]]:
     """All ``MoELayer``s inside ``module``, with their qualified names, in module order."""
     return [(name, m) for name, m in module.named_modules() if isinstance(m, MoELayer)]
+
+
+def add_missing_layer_state(module: nn.Module, state_dict: dict[str, Any]) -> None:
+    """Complete, in place, a ``state_dict`` of ``module`` saved by an older version.
+
+    ``load_state_dict`` does this by itself; call it before comparing the keys of a
+    checkpoint with the module's (as ``MoELanguageModel.on_load_checkpoint`` does).
+    """
+    for name, layer in moe_layers(module):
+        layer.add_missing_state(state_dict, f"{name}." if name else "")
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
-from lightning_moe.layer import labelled_tokens
+from lightning_moe.layer import add_missing_layer_state, labelled_tokens
 from lightning_moe.model import MoEConfig, MoETransformer, TransformerConfig
 
 IGNORE_INDEX = -100
@@ -191,6 +191,8 @@ class MoELanguageModel(L.LightningModule):
         """Refuse a checkpoint of another architecture with one error listing what differs."""
         from lightning_moe.checkpointing import check_checkpoint_matches
 
+        if isinstance(checkpoint.get("state_dict"), dict):  # older checkpoints lack newer switches
+            add_missing_layer_state(self, checkpoint["state_dict"])
         check_checkpoint_matches(self, checkpoint, hparams=self.hparams, strict=self.strict_loading)
         self.tokenizer_state = checkpoint.get("tokenizer", self.tokenizer_state)
 

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from lightning_moe.estimators.base import Estimator, select_top_k
 from lightning_moe.estimators.registry import register_estimator
+from lightning_moe.float32_buffers import Float32Buffers
 from lightning_moe.routing import Routing
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ def check_beta(beta: float) -> float:
     "default_moe",
     description="Top-K softmax gates plus EMA default outputs for the unselected experts (dense router gradient).",
 )
-class DefaultMoE(Estimator):
+class DefaultMoE(Float32Buffers, Estimator):
     """Top-K routing whose unselected experts contribute an EMA of their past outputs.
 
     With pi = softmax(z) over all E experts and A = the top-k of pi (gates not
@@ -49,8 +50,8 @@ class DefaultMoE(Estimator):
 
         y = sum_{i in A} pi_i E_i(x) + sum_{i not in A} pi_i Ehat_i
 
-    ``Ehat`` (:attr:`default_outputs`, [E, D], zero-initialised, saved in ``state_dict``)
-    is a buffer, so the experts get no gradient through the second term while the router
+    ``Ehat`` (:attr:`default_outputs`, [E, D], zero-initialised, saved in ``state_dict``,
+    float32 whatever dtype the module is cast to) is a buffer, so the experts get no gradient through the second term while the router
     gets a gradient for every expert: dL/dpi_i = <dL/dy, Ehat_i> for i not in A. The
     second term is one [T, E] x [E, D] product with the chosen entries zeroed.
 
@@ -94,6 +95,7 @@ class DefaultMoE(Estimator):
 
     needs_expert_outputs = True
     supports_selection_bias = True
+    float32_buffers = ("default_outputs",)
     default_outputs: Tensor
     default_initialised: Tensor
 
