@@ -30,9 +30,10 @@ def balancing_update(bias_E: Tensor, tokens_per_expert_E: Tensor, gamma: float) 
 class AuxLossFreeBalancing(L.Callback):
     """Balances expert load without an auxiliary loss, by moving a selection bias.
 
-    Every MoELayer holds :attr:`~lightning_moe.MoELayer.selection_bias` ([E], float32, in
-    the model's ``state_dict``, so checkpoints carry it and ``fit(ckpt_path=...)``
-    restores it). This callback switches it on (``layer.use_selection_bias = True``): the
+    Every MoELayer holds :attr:`~lightning_moe.MoELayer.selection_bias` ([E], float32
+    under any precision, in the model's ``state_dict``, so checkpoints carry it and
+    ``fit(ckpt_path=...)`` restores it). This callback switches it on
+    (``layer.use_selection_bias = True``, saved in the ``state_dict`` too): the
     estimator then chooses the top-k experts of ``softmax(z) + bias`` while the gate
     weights stay the unbiased softmax values, so the bias steers routing but never enters
     the output or the gradient.
@@ -44,9 +45,9 @@ class AuxLossFreeBalancing(L.Callback):
         b_i += gamma * sign(mean load - load_i);   b -= mean(b)
 
     Every rank applies the same update to the same counts, so the biases stay identical
-    across ranks. The switch stays on after ``fit`` so validation, testing and inference
-    route the way training did; a model rebuilt from a checkpoint outside a ``Trainer``
-    with this callback needs ``layer.use_selection_bias = True`` set by hand.
+    across ranks. The switch stays on after ``fit``, and a model loaded from a checkpoint
+    (e.g. by ``lightning-moe sample`` or ``predict``, without this callback) has it on
+    too, so validation, testing and inference route the way training did.
 
     Logs ``moe/layer_XX/selection_bias_max_abs`` per layer.
 
