@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import StrategyRegistry
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -357,6 +358,50 @@ def test_manual_optimisation_with_accumulation_equals_one_process(tmp_path):
             # Rank r holds experts 2r, 2r + 1 of the 4.
             torch.testing.assert_close(torch.cat([sharded[r][step][name] for r in range(2)]), grad, msg=name)
     assert_states_close(runs[2].state_dict(), runs[1].state_dict())
+
+
+class OverflowOnOneRank(ShardedRegression):
+    """Rank 0's expert gradients overflow in the second step; every other gradient stays finite.
+
+    Saves each rank's replicated parameters and loss scale (``<root>/rank<r>.pt``).
+    """
+
+    def on_train_start(self):
+        if self.global_rank == 0:
+            self.moe.experts.w1.register_hook(lambda g: g * float("inf") if self.trainer.global_step == 1 else g)
+
+    def on_train_end(self):
+        replicated = {k: v.clone() for k, v in self.state_dict().items() if not k.startswith("moe.experts.")}
+        scale = self.trainer.precision_plugin.scaler.get_scale()
+        torch.save({"replicated": replicated, "scale": scale}, f"{self.trainer.default_root_dir}/rank{self.global_rank}.pt")
+
+
+def test_fp16_loss_scaling_skips_an_overflowing_step_on_every_rank(tmp_path):
+    # Expert gradients differ between the ranks of an expert-parallel group: a rank whose
+    # experts overflow must not skip the step alone (its replicated parameters would fall behind).
+    model = OverflowOnOneRank(torch.randn(24, D), global_batch=8)
+    initial = model.proj.weight.detach().clone()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1000)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=2,
+        strategy=ExpertParallelStrategy(start_method="fork"),
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],  # Lightning adds no scaler on CPU
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[DefaultOutputEMA()],
+    )
+    trainer.fit(model)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["scale"] for r in ranks] == [2.0**7, 2.0**7]  # one skipped step, on both ranks
+    for key, value in ranks[0]["replicated"].items():
+        assert torch.equal(ranks[1]["replicated"][key], value), key
+    assert not torch.equal(ranks[0]["replicated"]["proj.weight"], initial)  # the other steps trained
 
 
 class NaNAtSecondBatch(ShardedRegression):

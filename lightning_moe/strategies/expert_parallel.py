@@ -49,6 +49,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
+from lightning_moe.errors import ConfigError
 from lightning_moe.experts import Experts
 from lightning_moe.experts.expert_parallel import ExpertShard, gather_experts, shard_experts, unshard_experts
 from lightning_moe.layer import MoELayer, moe_layers
@@ -62,7 +63,7 @@ MESH_DIMS = ("data_parallel", "expert_parallel")
 def check_world_size(world_size: int, expert_parallel_size: int) -> None:
     """``ValueError`` unless ``expert_parallel_size`` divides the number of processes."""
     if world_size % expert_parallel_size:
-        raise ValueError(
+        raise ConfigError(
             f"expert_parallel_size={expert_parallel_size} does not divide the world size {world_size}"
             " (num_nodes x devices): the ranks form a [world / expert_parallel_size, expert_parallel_size]"
             " mesh. Choose devices or expert_parallel_size so that it divides."
@@ -73,13 +74,13 @@ def check_expert_parallel_model(module: nn.Module, expert_parallel_size: int) ->
     """The model's MoE layers, or ``ValueError`` naming the first layer that cannot be sharded."""
     layers = moe_layers(module)
     if not layers:
-        raise ValueError(
+        raise ConfigError(
             f"ExpertParallelStrategy found no MoELayer in {type(module).__name__}: there are no experts to"
             " shard. Use strategy='ddp' for a model without MoE layers."
         )
     for name, layer in layers:
         if layer.num_experts % expert_parallel_size:
-            raise ValueError(
+            raise ConfigError(
                 f"MoE layer {name!r} has num_experts={layer.num_experts}, which expert_parallel_size="
                 f"{expert_parallel_size} does not divide: every rank must hold the same number of experts."
                 f" Use an expert_parallel_size that divides {layer.num_experts}."
@@ -123,7 +124,7 @@ class ExpertParallelStrategy(DDPStrategy):
             or not isinstance(expert_parallel_size, int)
             or expert_parallel_size < 1
         ):
-            raise ValueError(f"expert_parallel_size must be a positive int or None, got {expert_parallel_size!r}")
+            raise ConfigError(f"expert_parallel_size must be a positive int or None, got {expert_parallel_size!r}")
         super().__init__(**kwargs)
         self._expert_parallel_size = expert_parallel_size
         self.device_mesh: DeviceMesh | None = None
@@ -162,6 +163,9 @@ class ExpertParallelStrategy(DDPStrategy):
         if sharding:
             # Instance attribute: the precision plugin's norm clipping would see one rank's experts only.
             self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_global_norm
+            scaler = getattr(self.precision_plugin, "scaler", None)
+            if scaler is not None:
+                scaler.unscale_ = self._unscale_agreeing_on_overflow(scaler.unscale_)
 
     def _shard(self, layers: list[tuple[str, MoELayer]]) -> None:
         assert self.device_mesh is not None
@@ -213,6 +217,26 @@ class ExpertParallelStrategy(DDPStrategy):
             return result
 
         return super().optimizer_step(optimizer, closure_then_reduce, model, **kwargs)
+
+    def _unscale_agreeing_on_overflow(self, unscale: Callable[[Optimizer], None]) -> Callable[[Optimizer], None]:
+        """``GradScaler.unscale_``, then every rank takes the overflow flag of any rank.
+
+        fp16 loss scaling skips a step (and lowers the scale) when the rank's own gradients
+        hold inf/NaN. Expert gradients differ between the ranks of a group, so one rank could
+        skip alone and its replicated parameters would fall behind for good; as FSDP's
+        ``ShardedGradScaler`` does, the flag is all-reduced (max) before the step decides.
+        """
+
+        def unscale_and_agree(optimizer: Optimizer) -> None:
+            unscale(optimizer)
+            scaler = self.precision_plugin.scaler
+            found_infs = list(scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values())
+            found_inf = torch.stack(found_infs).amax() if found_infs else torch.zeros((), device=self.root_device)
+            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+            for flag in found_infs:
+                flag.copy_(found_inf)
+
+        return unscale_and_agree
 
     def _grad_norm(self, grads: list[Tensor]) -> Tensor:
         # get_total_norm([]) is a CPU tensor, which NCCL cannot all-reduce; a rank holds no
@@ -309,6 +333,8 @@ class ExpertParallelStrategy(DDPStrategy):
                 module._ddp_params_and_buffers_to_ignore = self._ignored_before
             self._sharded, self._ignored_before = [], None
             vars(self.precision_plugin).pop("clip_grad_by_norm", None)
+            if getattr(self.precision_plugin, "scaler", None) is not None:
+                vars(self.precision_plugin.scaler).pop("unscale_", None)
         super().teardown()
 
     @classmethod
