@@ -71,15 +71,16 @@ def assert_recorded_once(layer: MoELayer, reference: MoELayer, num_tokens: int) 
         torch.testing.assert_close(sums, ref_sums)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend", [*CPU_BACKENDS, "megablocks"])
-def test_non_reentrant_checkpoint_of_default_moe_runs_and_matches(monkeypatch, backend):
+def test_checkpoint_of_default_moe_runs_and_matches(monkeypatch, backend, mode):
     if backend == "megablocks":
         use_fake_kernels(monkeypatch, FakeKernels())
     layer = prepare(MoELayer(D, 16, E, 2, estimator="default_moe", backend=backend)).train()
     reference = copy.deepcopy(layer)
     x = torch.randn(12, D)
     ref_grads = run_layer(reference, x, None)
-    grads = run_layer(layer, x, "non_reentrant")
+    grads = run_layer(layer, x, mode)
     torch.testing.assert_close(grads, ref_grads)
     assert_recorded_once(layer, reference, 12)
 
