@@ -5,9 +5,12 @@ Everything is measured side by side in one process, so the rows compare:
 1. roof: a large square bf16 matmul, the dense GEMM TFLOP/s this device reaches;
 2. layer: forward + backward of one ``MoELayer`` (top-k router) for each backend
    (``loop``, ``torch`` grouped GEMM, ``megablocks``) and of a dense SwiGLU FFN with the
-   same active FLOPs (hidden width ``k * f``), under bf16 autocast over fp32 weights.
+   same active FLOPs (hidden width ``k * f``), under bf16 autocast over fp32 weights, at a
+   coarse shape (d 2048, f 8192, 16 experts, top-2) and a fine-grained one (d 2048, f 1024,
+   64 experts, top-8) with the same active FLOPs per token.
    Achieved TFLOP/s counts the expert matmuls only, the same for MoE and dense:
-   3 projections x 2 FLOPs x (1 forward + 2 backward) = ``18 * T * k * d * f``;
+   3 projections x 2 FLOPs x (1 forward + 2 backward) = ``18 * T * k * d * f``. The
+   ``torch`` rows say which kernel ran (``torch._grouped_mm`` or the per-expert fallback);
 3. end to end: training tokens/s and MFU of ``MoETransformer`` (16 experts, top-2) and of
    a dense model with equal active parameters (``moe=None``, ``ffn_hidden = k * f``), with
    a plain AdamW loop under bf16 autocast. Model FLOPs per token follow PaLM (Chowdhery et
@@ -15,15 +18,20 @@ Everything is measured side by side in one process, so the rows compare:
    the achieved rate by ``--peak-tflops`` (989 for an H100 SXM's dense bf16) or, when not
    given, by the measured matmul roof.
 
+4. comparisons, from the rows above: each backend's TFLOP/s as a fraction of the roof and
+   of the dense FFN, ``megablocks`` against ``torch`` per shape, and each MoE model's
+   tokens/s as a fraction of the dense model's.
+
 Timing uses CUDA events around each iteration after warmup iterations (median reported).
 A backend that cannot run on the machine (MegaBlocks not installed, no GPU) becomes a row
 that says why instead of stopping the run.
 
     python benchmarks/gpu_backends.py --json gpu_backends.json --peak-tflops 989   # H100
-    python benchmarks/gpu_backends.py --cpu-smoke                                   # tiny, CPU
+    python benchmarks/gpu_backends.py --cpu-smoke                                   # small, CPU
+    python benchmarks/gpu_backends.py --dry-run --json out.json                     # tiny, CPU, seconds
 
-``--cpu-smoke`` runs every part with tiny shapes on the CPU to check that the script works;
-its numbers say nothing about GPU performance.
+``--cpu-smoke`` and ``--dry-run`` run every part with small shapes on the CPU to check that
+the script works; their numbers say nothing about GPU performance.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_moe.experts import megablocks as megablocks_backend
+from lightning_moe.experts.grouped import _grouped_mm_supported
 from lightning_moe.layer import MoELayer
 from lightning_moe.model import FeedForward, MoEConfig, MoETransformer, TransformerConfig, default_ffn_hidden
 
@@ -66,11 +75,13 @@ class Shape:
 
 
 GPU_DEFAULTS = {
-    "shapes": ["1024,4096,8,2", "2048,8192,16,2"],
+    "shapes": ["2048,8192,16,2", "2048,1024,64,8"],
     "tokens": 16384,
     "roof_size": 8192,
     "warmup": 3,
     "iters": 10,
+    "e2e_experts": 16,
+    "e2e_top_k": 2,
     "e2e_d_model": 1024,
     "e2e_layers": 8,
     "e2e_heads": 16,
@@ -83,11 +94,27 @@ CPU_SMOKE_DEFAULTS = {
     "roof_size": 256,
     "warmup": 1,
     "iters": 3,
+    "e2e_experts": 16,
+    "e2e_top_k": 2,
     "e2e_d_model": 64,
     "e2e_layers": 2,
     "e2e_heads": 2,
     "e2e_seq_len": 64,
     "e2e_batch": 4,
+}
+DRY_RUN_DEFAULTS = {
+    "shapes": ["32,64,4,2", "32,16,8,4"],
+    "tokens": 32,
+    "roof_size": 64,
+    "warmup": 0,
+    "iters": 1,
+    "e2e_experts": 4,
+    "e2e_top_k": 2,
+    "e2e_d_model": 32,
+    "e2e_layers": 1,
+    "e2e_heads": 2,
+    "e2e_seq_len": 16,
+    "e2e_batch": 2,
 }
 
 
@@ -154,6 +181,13 @@ def time_fwd_bwd(module: torch.nn.Module, x: torch.Tensor, device: torch.device,
     return median_seconds(step, device, warmup, iters)
 
 
+def torch_backend_kernel(shape: Shape, device: torch.device) -> str:
+    """The kernel the ``torch`` backend runs at this shape: ``torch._grouped_mm`` or its per-expert fallback."""
+    x = torch.empty(1, shape.d, device=device, dtype=AMP_DTYPE)
+    w = torch.empty(shape.experts, shape.d, shape.f, device=device, dtype=AMP_DTYPE)
+    return "torch._grouped_mm" if _grouped_mm_supported(x, w) else "per-expert mm"
+
+
 def layer_rows(args, shape: Shape, device: torch.device, roof: float) -> list[dict]:
     torch.manual_seed(0)
     x = torch.randn(args.tokens, shape.d, device=device, dtype=AMP_DTYPE, requires_grad=True)
@@ -162,6 +196,8 @@ def layer_rows(args, shape: Shape, device: torch.device, roof: float) -> list[di
     candidates = [(backend, backend) for backend in args.backends] + [("dense", None)]
     for name, backend in candidates:
         row = {"shape": str(shape), "tokens": args.tokens, "impl": name, "flops": flops}
+        if backend == "torch":
+            row["kernel"] = torch_backend_kernel(shape, device)
         reason = None if backend is None else unavailable_reason(backend, device)
         if reason is not None:
             rows.append({**row, "status": f"unavailable ({reason})"})
@@ -265,6 +301,40 @@ def e2e_rows(args, device: torch.device, peak: float) -> list[dict]:
     return rows
 
 
+def ok_rows(rows: list[dict], key: str) -> dict[str, dict]:
+    return {row[key]: row for row in rows if row["status"] == "ok"}
+
+
+def comparisons(layers: list[dict], e2e: list[dict], shapes: list[str]) -> dict:
+    """The ratios the rows were measured for; a ratio is None when a row it needs did not run."""
+    by_shape = []
+    for text in shapes:
+        name = str(Shape.parse(text))
+        rows = ok_rows([r for r in layers if r["shape"] == name], "impl")
+        dense = rows.get("dense")
+        entry = {"shape": name}
+        for impl in BACKENDS:
+            row = rows.get(impl)
+            entry[impl] = None
+            if row is not None:
+                entry[impl] = {
+                    "tflops": row["tflops"],
+                    "fraction_of_roof": row["fraction_of_roof"],
+                    "fraction_of_dense_ffn": None if dense is None else dense["ms"] / row["ms"],
+                }
+        both = rows.get("megablocks"), rows.get("torch")
+        entry["megablocks_speedup_over_torch"] = None if None in both else both[1]["ms"] / both[0]["ms"]
+        by_shape.append(entry)
+    models = [r for r in e2e if r["status"] == "ok"]
+    dense_lm = next((r for r in models if r["model"].startswith("dense")), None)
+    lm = {
+        r["model"]: None if dense_lm is None or r["status"] != "ok" else r["tokens_per_s"] / dense_lm["tokens_per_s"]
+        for r in e2e
+        if r["model"].startswith("moe")
+    }
+    return {"layer": by_shape, "moe_tokens_per_s_over_dense": lm}
+
+
 def package_versions() -> dict[str, str | None]:
     versions = {}
     for dist in ("torch", "triton", "megablocks", "stanford-stk", "grouped_gemm", "lightning"):
@@ -288,6 +358,24 @@ def print_layer_table(rows: list[dict]) -> None:
         )
 
 
+def print_comparisons(summary: dict) -> None:
+    def percent(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    print(f"{'shape':<28} {'impl':<11} {'of roof':>8} {'of dense FFN':>13}")
+    for entry in summary["layer"]:
+        for impl in BACKENDS:
+            if entry[impl] is not None:
+                print(
+                    f"{entry['shape']:<28} {impl:<11} {percent(entry[impl]['fraction_of_roof']):>8}"
+                    f" {percent(entry[impl]['fraction_of_dense_ffn']):>13}"
+                )
+        speedup = entry["megablocks_speedup_over_torch"]
+        print(f"{entry['shape']:<28} megablocks vs torch: {'-' if speedup is None else f'{speedup:.2f}x'}")
+    for model, ratio in summary["moe_tokens_per_s_over_dense"].items():
+        print(f"{model}: tokens/s {percent(ratio)} of the dense model's (GRIN reports 86.6 %)")
+
+
 def print_e2e_table(rows: list[dict]) -> None:
     print(f"{'model':<30} {'step ms':>9} {'tokens/s':>11} {'active':>9} {'total':>9} {'TFLOP/s':>8} {'MFU':>6}  status")
     for r in rows:
@@ -302,7 +390,9 @@ def print_e2e_table(rows: list[dict]) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (checks the script only)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--cpu-smoke", action="store_true", help="small shapes on the CPU (checks the script only)")
+    mode.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, one iteration (seconds)")
     parser.add_argument("--shapes", nargs="+", help="layer shapes as d,f,E,k")
     parser.add_argument("--tokens", type=int, help="tokens T per layer forward")
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
@@ -312,13 +402,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, help="device peak bf16 TFLOP/s for MFU (default: measured roof)")
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--e2e-backends", nargs="+", default=["torch", "megablocks"], choices=BACKENDS)
-    parser.add_argument("--e2e-experts", type=int, default=16)
-    parser.add_argument("--e2e-top-k", type=int, default=2)
-    for name in ("d-model", "layers", "heads", "seq-len", "batch", "expert-hidden"):
+    for name in ("experts", "top-k", "d-model", "layers", "heads", "seq-len", "batch", "expert-hidden"):
         parser.add_argument(f"--e2e-{name}", type=int)
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    defaults = CPU_SMOKE_DEFAULTS if args.cpu_smoke else GPU_DEFAULTS
+    defaults = DRY_RUN_DEFAULTS if args.dry_run else CPU_SMOKE_DEFAULTS if args.cpu_smoke else GPU_DEFAULTS
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -329,16 +417,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.cpu_smoke:
+    on_cpu = args.cpu_smoke or args.dry_run
+    if on_cpu:
         device = torch.device("cpu")
     elif torch.cuda.is_available():
         device = torch.device("cuda")
     else:
-        raise SystemExit("No CUDA device: the default shapes are for a GPU. Pass --cpu-smoke for a tiny CPU run.")
+        raise SystemExit("No CUDA device: the default shapes are for a GPU. Pass --cpu-smoke or --dry-run on a CPU.")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device: {device_name}  torch {torch.__version__}  bf16 autocast over fp32 weights")
-    if args.cpu_smoke:
-        print("CPU smoke run: tiny shapes to check the script; these numbers are not GPU results.")
+    if on_cpu:
+        print("CPU run: small shapes to check the script; these numbers are not GPU results.")
 
     roof = matmul_roof_tflops(device, args.roof_size, args.warmup, args.iters)
     peak = args.peak_tflops or roof
@@ -360,9 +449,13 @@ def main(argv: list[str] | None = None) -> dict:
         )
         print_e2e_table(e2e)
 
+    summary = comparisons(layers, e2e, args.shapes)
+    print("\ncomparisons (same run)")
+    print_comparisons(summary)
+
     results = {
         "device": device_name,
-        "cpu_smoke": args.cpu_smoke,
+        "cpu_smoke": on_cpu,
         "versions": package_versions(),
         "config": vars(args),
         "roof_tflops": roof,
@@ -370,6 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
         "mfu_peak_source": "--peak-tflops" if args.peak_tflops else "measured roof",
         "layer": layers,
         "e2e": e2e,
+        "comparisons": summary,
     }
     if args.json:
         with open(args.json, "w") as f:
