@@ -24,6 +24,7 @@ from lightning_moe.callbacks import (
     LoadBalancingLoss,
     NonFiniteGuard,
     ResumableRNG,
+    RouterGradientFidelity,
     RouterZLoss,
     RoutingMonitor,
 )
@@ -64,6 +65,7 @@ class RankRecord(L.Callback):
         state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in pl_module.state_dict().items()}
         record = {"losses": self.losses, "state": {k: v.detach().clone() for k, v in state.items()}}
         record["monitor_tokens"] = list(MONITOR_TOKENS)
+        record["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
         torch.save(record, f"{self.out_dir}/rank{trainer.global_rank}.pt")
 
 
@@ -247,6 +249,20 @@ def test_fsdp2_through_model_parallel_strategy_equals_one_process(tmp_path):
     strategy = ForkedModelParallel(data_parallel_size=2, tensor_parallel_size=1, timeout=TIMEOUT)
     callbacks = [LoadBalancingLoss(scope="global"), AuxLossFreeBalancing(0.01), RoutingMonitor()]
     ranks = fit_language_model(tmp_path, "fsdp2", moe, callbacks, 2, strategy, batch_size=4)
+    assert_ranks_identical(ranks)
+    assert_equals_single(ranks, single)
+
+
+def test_router_gradient_fidelity_probes_under_fsdp2_without_changing_training(tmp_path):
+    # Top-K with k = E is the dense mixture itself: the probe must find cosine and norm ratio 1.
+    moe = {"num_experts": 4, "top_k": 4, "estimator": "topk", "backend": "torch"}
+    single = fit_language_model(tmp_path, "single", moe, [], 1, "auto", batch_size=8)[0]
+    strategy = ForkedModelParallel(data_parallel_size=2, tensor_parallel_size=1, timeout=TIMEOUT)
+    probe = RouterGradientFidelity(every_n_steps=2)
+    ranks = fit_language_model(tmp_path, "fsdp2", moe, [probe], 2, strategy, batch_size=4)
+    for layer in ("layer_00", "layer_01"):
+        for name in ("router_grad_cosine", "router_grad_norm_ratio"):
+            assert ranks[0]["metrics"][f"moe/{layer}/{name}"] == pytest.approx(1.0, abs=1e-4), (layer, name)
     assert_ranks_identical(ranks)
     assert_equals_single(ranks, single)
 

@@ -13,8 +13,10 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
 from lightning_moe.callbacks.aux_loss import layer_tags
+from lightning_moe.errors import ConfigError
 from lightning_moe.layer import MoELayer
 
 
@@ -49,6 +51,26 @@ def _probing(layers: list[MoELayer]) -> Iterator[dict[int, dict[str, Tensor]]]:
             layer.training = mode
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def _full_parameters(module: nn.Module, layer: MoELayer) -> Iterator[None]:
+    """The layer's parameters as full tensors, for a call outside ``module``'s forward.
+
+    Under FSDP2 (``fully_shard``) they are sharded DTensors except during the forward and
+    backward of the FSDP module that holds them: that module is unsharded for the block and
+    resharded after (an all-gather, which every rank joins: every rank probes).
+    """
+    holders = [m for m in module.modules() if isinstance(m, FSDPModule) and any(sub is layer for sub in m.modules())]
+    if not holders:
+        yield
+        return
+    holder = holders[-1]  # modules() visits ancestors first: the last is the innermost
+    holder.unshard()
+    try:
+        yield
+    finally:
+        holder.reshard()
 
 
 def _expert_output_products(layer: MoELayer, x_TD: Tensor, grad_y_TD: Tensor) -> Tensor:
@@ -104,7 +126,8 @@ def router_gradient_fidelity(module: nn.Module, loss_fn: Callable[[], Tensor]) -
         estimator_TE = torch.zeros_like(z_TE) if grad_z is None else grad_z.float()
         grad_y_TD = torch.zeros_like(y) if grad_y is None else grad_y
         x_TD = captured[id(layer)]["x"].reshape(-1, layer.d_model)
-        products_TE = _expert_output_products(layer, x_TD, grad_y_TD.reshape(-1, layer.d_model))
+        with _full_parameters(module, layer):
+            products_TE = _expert_output_products(layer, x_TD, grad_y_TD.reshape(-1, layer.d_model))
         probs_TE = z_TE.detach().float().softmax(dim=-1)
         dense_TE = probs_TE * (products_TE - (probs_TE * products_TE).sum(dim=-1, keepdim=True))
         estimator, dense = estimator_TE.double().flatten(), dense_TE.double().flatten()
@@ -162,7 +185,7 @@ class RouterGradientFidelity(L.Callback):
         loss_fn: Callable[[L.LightningModule, Any], Tensor] | None = None,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"RouterGradientFidelity: every_n_steps must be an int >= 1, got {every_n_steps!r}")
+            raise ConfigError(f"RouterGradientFidelity: every_n_steps must be an int >= 1, got {every_n_steps!r}")
         self.every_n_steps = every_n_steps
         self.loss_fn = loss_fn
         self._probed_step = -1
@@ -172,7 +195,7 @@ class RouterGradientFidelity(L.Callback):
         if not layer_tags(pl_module):
             rank_zero_warn("RouterGradientFidelity: the model has no MoELayer; it logs nothing.")
         if self.loss_fn is None and not pl_module.automatic_optimization:
-            raise ValueError(
+            raise ConfigError(
                 "RouterGradientFidelity needs `loss_fn` with manual optimisation: training_step does its own backward."
             )
         if trainer.log_every_n_steps and self.every_n_steps % trainer.log_every_n_steps:
