@@ -29,8 +29,11 @@ import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from lightning_moe.distributed import all_gather_objects
@@ -38,6 +41,8 @@ from lightning_moe.distributed import all_gather_objects
 __all__ = [
     "AtomicCheckpointIO",
     "CheckpointError",
+    "PreemptionCheckpoint",
+    "ResumableEpochEnd",
     "ResumableRNG",
     "check_checkpoint_matches",
     "use_atomic_checkpoint_io",
@@ -302,6 +307,92 @@ class ResumableRNG(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Applied in ``on_train_start``, when this process knows its rank.
         self._loaded = list(state_dict["ranks"])
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+class ResumableEpochEnd(L.Callback):
+    """Checkpoints written once an epoch has closed resume at the batch that comes next.
+
+    Lightning resumes a step-budgeted run (``max_steps`` set) as "restarting" whatever the
+    checkpoint holds, and two checkpoints it writes itself then resume at the wrong batch:
+
+    * When ``max_steps`` (or ``trainer.should_stop``, e.g. early stopping) ends training
+      part-way through an epoch, the fit loop still closes the epoch: it counts it as
+      processed, runs ``on_train_epoch_end`` and counts it as completed. ``last.ckpt``,
+      written there or in ``on_train_end``, records a finished epoch while the epoch's batch
+      counter and the data loader's position say it is part done. Resumed (say, with a larger
+      ``max_steps``) it starts the next epoch's shuffle and never sees the rest of this one.
+    * After an epoch that did run to its end, the checkpoint keeps that epoch's batch
+      counter, so the resumed run takes one batch as the end of the old epoch and then
+      starts yet another epoch: one epoch's shuffle is skipped after the first batch.
+
+    This callback writes the loop state such a resume needs: an epoch cut short is still in
+    progress (the state of a checkpoint taken right after its last batch, which is also
+    what a preemption checkpoint holds), and an epoch that ran to its end is completed with
+    the next epoch's batch counter at zero. Either way the resumed run repeats an
+    uninterrupted one. (An ``interval="epoch"`` learning-rate scheduler steps after
+    ``on_train_epoch_end``; a checkpoint saved in that hook misses that step, with or
+    without this callback.) ``MoELanguageModel`` adds it itself.
+    """
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        epoch = trainer.fit_loop.epoch_progress.current
+        if trainer.state.fn != TrainerFn.FITTING or not 0 < epoch.processed == epoch.started:
+            return  # inside an epoch: Lightning resumes that correctly
+        batches = trainer.fit_loop.epoch_loop.batch_progress
+        loops = checkpoint["loops"]["fit_loop"]
+        cut_short = batches.current.ready < trainer.num_training_batches and not batches.is_last_batch
+        for counts in (loops["epoch_progress"]["total"], loops["epoch_progress"]["current"]):
+            counts["processed"] -= int(cut_short)
+            counts["completed"] = counts["processed"]
+        if not cut_short:
+            batch_progress = loops["epoch_loop.batch_progress"]
+            batch_progress["current"] = dict.fromkeys(batch_progress["current"], 0)
+            batch_progress["is_last_batch"] = False
+        checkpoint["epoch"] = loops["epoch_progress"]["current"]["completed"]
+
+
+class PreemptionCheckpoint(L.Callback):
+    """On SIGTERM, save ``last.ckpt`` at the step the run reached, to resume from exactly.
+
+    Schedulers and spot instances send SIGTERM some time before they stop a job. Lightning
+    catches it: the training loop finishes the batch it is on, then raises
+    ``SIGTERMException`` (a ``SystemExit``: the process exits with status 0), and calls every
+    callback's ``on_exception`` on the way out. This callback then writes a full checkpoint
+    to the ``last`` file of every ``ModelCheckpoint`` (``<dirpath>/last.ckpt``, atomically
+    with :class:`AtomicCheckpointIO`), whether or not it saves a last checkpoint itself, so
+    ``fit(ckpt_path="last")`` (``lightning-moe fit ... --ckpt_path last``) continues from
+    that step. The loops are between two batches at that point (or between validation
+    batches, which Lightning resumes), so the resumed run repeats the uninterrupted one.
+    Other exceptions save nothing: a checkpoint taken inside a failing step is no place to
+    resume from. ``MoELanguageModel`` adds it itself.
+    """
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
+            return
+        metrics = {**trainer.callback_metrics, "epoch": trainer.current_epoch, "step": trainer.global_step}
+        paths = sorted(
+            {
+                callback.format_checkpoint_name(metrics, callback.CHECKPOINT_NAME_LAST)
+                for callback in trainer.checkpoint_callbacks
+                if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None
+            }
+        )
+        if not paths:
+            rank_zero_warn(
+                f"Received SIGTERM at step {trainer.global_step}; no checkpoint saved: the trainer has no"
+                " ModelCheckpoint callback to say where."
+            )
+            return
+        for path in paths:
+            trainer.save_checkpoint(path)
+        rank_zero_info(
+            f"Received SIGTERM at step {trainer.global_step}: saved {', '.join(paths)}; continue with"
+            " fit(ckpt_path='last') (lightning-moe fit ... --ckpt_path last)."
+        )
 
 
 # --------------------------------------------------------------------------- matching

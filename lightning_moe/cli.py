@@ -23,6 +23,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning_moe.checkpointing import CheckpointError, damaged_checkpoint_errors, use_atomic_checkpoint_io
 from lightning_moe.data import TextDataModule
 from lightning_moe.module import MoELanguageModel
+from lightning_moe.resume import resolve_last_checkpoint
 
 
 class MoECLI(LightningCLI):
@@ -36,6 +37,12 @@ class MoECLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The embedding size follows the data's tokenizer, so a recipe never states it twice.
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        # ``fit --ckpt_path last`` continues the newest checkpoint of the run, in its own version
+        # folder, or stops with an error; fixed before the logger picks a new version folder.
+        if self.subcommand == "fit":
+            resolve_last_checkpoint(self.config["fit"])
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

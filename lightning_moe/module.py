@@ -149,13 +149,16 @@ class MoELanguageModel(L.LightningModule):
         """Callbacks this model trains with, each added unless the trainer has one of its kind.
 
         ``DefaultOutputEMA`` when a layer uses Default MoE (its EMA needs an updater),
-        ``ResumableRNG`` (sampled routing resumes exactly) and ``NonFiniteGuard`` (NaN/inf
-        stops training with the layer named; impossible setups fail before any compute).
+        ``ResumableRNG`` (sampled routing resumes exactly), ``ResumableEpochEnd`` (a run stopped
+        by ``max_steps`` resumes at the right batch), ``PreemptionCheckpoint`` (SIGTERM
+        saves ``last.ckpt`` at the current step) and ``NonFiniteGuard`` (NaN/inf stops training
+        with the layer named; impossible setups fail before any compute).
         """
         from lightning_moe.callbacks import DefaultOutputEMA, NonFiniteGuard, ResumableRNG
+        from lightning_moe.checkpointing import PreemptionCheckpoint, ResumableEpochEnd
         from lightning_moe.estimators.default_moe import DefaultMoE
 
-        wanted: list[L.Callback] = [ResumableRNG(), NonFiniteGuard()]
+        wanted: list[L.Callback] = [ResumableRNG(), ResumableEpochEnd(), PreemptionCheckpoint(), NonFiniteGuard()]
         if any(isinstance(layer.estimator, DefaultMoE) for layer in self.model.moe_layers()):
             wanted.insert(0, DefaultOutputEMA())
         present = self.trainer.callbacks if self._trainer is not None else []

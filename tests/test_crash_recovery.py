@@ -1,10 +1,11 @@
-"""Crash recovery: a training process killed with SIGKILL at random points resumes to the same final state.
+"""Crash recovery: a training process killed with SIGKILL at random points resumes to the same final state;
+one stopped with SIGTERM (preemption) saves the step it reached and resumes from there exactly.
 
 Each run is a child process executing ``lightning-moe fit`` (``lightning_moe.cli.main``)
 on a tiny recipe that checkpoints every step with ``save_last``. The children are forked
 from this process, so they start with the imports already done (a fresh interpreter
 needs many seconds to import torch and Lightning on a loaded machine); each is still an
-ordinary process that the test kills with SIGKILL, and each resume is a new process that
+ordinary process that the test kills with SIGKILL or SIGTERM, and each resume is a new process that
 finds only what is on disk.
 """
 
@@ -27,7 +28,7 @@ KILLS = 3
 KILL_SEED = 1234
 
 
-def write_recipe(tmp_path, run):
+def write_recipe(tmp_path, run, every_n_train_steps=1):
     corpus = tmp_path / "corpus.py"
     if not corpus.exists():
         corpus.write_text("".join(f"def h{i}(a, b):\n    return a ** {i % 3} - b * {i}\n" for i in range(30)))
@@ -68,7 +69,7 @@ def write_recipe(tmp_path, run):
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                     "init_args": {
                         "dirpath": str(tmp_path / run / "checkpoints"),
-                        "every_n_train_steps": 1,
+                        "every_n_train_steps": every_n_train_steps,
                         "save_top_k": 0,
                         "save_last": True,
                     },
@@ -93,9 +94,9 @@ def _fit(argv, log_path):
         main(argv)
 
 
-def start(recipe, log_path):
-    # "last": resume from the newest last.ckpt of the recipe's ModelCheckpoint, if there is one.
-    argv = ["fit", "--config", str(recipe), "--ckpt_path=last"]
+def start(recipe, log_path, resume=False):
+    # "last": resume from the newest last.ckpt of the recipe's ModelCheckpoint (an error if there is none).
+    argv = ["fit", "--config", str(recipe), *(["--ckpt_path=last"] if resume else [])]
     process = multiprocessing.get_context("fork").Process(target=_fit, args=(argv, str(log_path)))
     process.start()
     return process
@@ -105,14 +106,23 @@ def mtime(path):
     return path.stat().st_mtime_ns if path.exists() else None
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="needs fork and SIGKILL")
-def test_sigkill_at_random_points_then_resume_ends_like_an_uninterrupted_run(tmp_path):
+@pytest.fixture(scope="module")
+def reference_last(tmp_path_factory):
+    """last.ckpt of an uninterrupted run (a forked child like the others)."""
     if torch.cuda.is_initialized():
         pytest.skip("forking is impossible once CUDA is initialised in this process")
-    reference_recipe, reference_last = write_recipe(tmp_path, "reference")
-    reference = start(reference_recipe, tmp_path / "reference.log")
+    tmp_path = tmp_path_factory.mktemp("reference")
+    recipe, last = write_recipe(tmp_path, "reference")
+    reference = start(recipe, tmp_path / "reference.log")
     reference.join(120)
     assert reference.exitcode == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    return last
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs fork and SIGKILL")
+def test_sigkill_at_random_points_then_resume_ends_like_an_uninterrupted_run(tmp_path, reference_last):
+    if torch.cuda.is_initialized():
+        pytest.skip("forking is impossible once CUDA is initialised in this process")
 
     recipe, last = write_recipe(tmp_path, "crashing")
     rng = random.Random(KILL_SEED)
@@ -121,7 +131,7 @@ def test_sigkill_at_random_points_then_resume_ends_like_an_uninterrupted_run(tmp
         # Kill after a random number of this process's checkpoints, at a random moment of
         # the step that follows (which may be in the middle of writing the next one).
         checkpoints, pause = rng.randint(1, 12), rng.uniform(0.0, 0.05)
-        process = start(recipe, tmp_path / f"attempt{attempt}.log")
+        process = start(recipe, tmp_path / f"attempt{attempt}.log", resume=attempt > 0)
         seen, written = mtime(last), 0
         deadline = time.monotonic() + 60
         while written < checkpoints and process.is_alive() and time.monotonic() < deadline:
@@ -136,7 +146,7 @@ def test_sigkill_at_random_points_then_resume_ends_like_an_uninterrupted_run(tmp
         killed_at_steps.append(torch.load(last, weights_only=False)["global_step"])
     assert killed_at_steps == sorted(killed_at_steps) and killed_at_steps[-1] < MAX_STEPS
 
-    final = start(recipe, tmp_path / "final.log")
+    final = start(recipe, tmp_path / "final.log", resume=True)
     final.join(120)
     assert final.exitcode == 0, (tmp_path / "final.log").read_text()[-3000:]
     # Every run after the first resumed (a run from scratch would also end like the reference).
@@ -171,3 +181,42 @@ def assert_same(a, b):
             assert_same(x, y)
     else:
         assert a == b
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs fork and SIGTERM")
+def test_sigterm_saves_the_current_step_then_resume_ends_like_an_uninterrupted_run(tmp_path, reference_last):
+    if torch.cuda.is_initialized():
+        pytest.skip("forking is impossible once CUDA is initialised in this process")
+
+    # Checkpoints every 6 steps (MAX_STEPS is a multiple); SIGTERM at a random moment after the first one.
+    recipe, last = write_recipe(tmp_path, "preempted", every_n_train_steps=6)
+    process = start(recipe, tmp_path / "preempted.log")
+    deadline = time.monotonic() + 60
+    while not last.exists() and process.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(random.Random(KILL_SEED).uniform(0.0, 0.3))
+    os.kill(process.pid, signal.SIGTERM)
+    process.join(60)
+    log = (tmp_path / "preempted.log").read_text()
+    assert process.exitcode == 0, log[-3000:]  # a clean exit, not death by the signal
+    step = torch.load(last, weights_only=False)["global_step"]
+    assert 6 <= step < MAX_STEPS, "the run ended before the signal; raise MAX_STEPS"
+    # The checkpoint holds the step the run reached when the signal came, not the last periodic one.
+    assert f"Received SIGTERM at step {step}: saved {last}" in log, log[-3000:]
+    assert not list(last.parent.glob(".*.tmp"))
+
+    final = start(recipe, tmp_path / "final.log", resume=True)
+    final.join(120)
+    assert final.exitcode == 0, (tmp_path / "final.log").read_text()[-3000:]
+    assert f"Restored all states from the checkpoint at {last}" in (tmp_path / "final.log").read_text()
+    expected, got = torch.load(reference_last, weights_only=False), torch.load(last, weights_only=False)
+    assert got["global_step"] == expected["global_step"] == MAX_STEPS
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(got["state_dict"][key], value), key
+    for (_, a), (_, b) in zip(
+        expected["optimizer_states"][0]["state"].items(), got["optimizer_states"][0]["state"].items()
+    ):
+        assert all(torch.equal(a[name], b[name]) for name in a)
+    for callback in ("ResumableRNG", "RoutingMonitor"):
+        assert_same(got["callbacks"][callback], expected["callbacks"][callback])
+    print(f"SIGTERM at step {step} of {MAX_STEPS}")

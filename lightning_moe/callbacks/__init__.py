@@ -8,7 +8,7 @@ from lightning_moe.callbacks.guards import NonFiniteGuard
 from lightning_moe.callbacks.load_balancing import LoadBalancingLoss
 from lightning_moe.callbacks.routing_monitor import RoutingMonitor
 from lightning_moe.callbacks.z_loss import RouterZLoss
-from lightning_moe.checkpointing import ResumableRNG
+from lightning_moe.checkpointing import PreemptionCheckpoint, ResumableEpochEnd, ResumableRNG
 
 __all__ = [
     "AuxLossCallback",
@@ -16,6 +16,8 @@ __all__ = [
     "DefaultOutputEMA",
     "LoadBalancingLoss",
     "NonFiniteGuard",
+    "PreemptionCheckpoint",
+    "ResumableEpochEnd",
     "ResumableRNG",
     "RouterGradientFidelity",
     "RouterZLoss",
