@@ -113,9 +113,16 @@ class TokenStream(np.lib.mixins.NDArrayOperatorsMixin):
         return out
 
     def chunks(self, size: int = 2**24) -> Iterator[np.ndarray]:
-        """The stream in consecutive pieces of at most ``size`` tokens."""
-        for start in range(0, len(self), size):
-            yield self[start : start + size]
+        """The stream in consecutive pieces of at most ``size`` tokens, read with plain file reads.
+
+        A scan through the memory map would leave every page of the corpus mapped into
+        this process (counted in its resident memory); reads leave them to the page cache.
+        """
+        itemsize = self.dtype.itemsize
+        for shard, start, length in self.segments_S3.tolist():
+            for pos in range(start, start + length, size):
+                count = min(size, start + length - pos)
+                yield np.fromfile(self.paths[shard], dtype=self.dtype, count=count, offset=pos * itemsize)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = self[:]
@@ -138,6 +145,7 @@ class Corpus:
     val: TokenStream
     total_bytes: int
     meta: dict[str, Any]
+    train_counts: np.ndarray  # occurrences of each token id in the training stream
 
     def documents(self, split: int) -> list[str]:
         """Names of the documents of ``split`` (0 train, 1 validation), in stream order."""
@@ -161,9 +169,15 @@ def open_cache(path: str, expected_meta: dict[str, Any]) -> Corpus:
         _check_file(os.path.join(path, name), record)
     with np.load(os.path.join(path, "index.npz")) as index:
         shard, offset, length, split = (index[k] for k in ("shard", "offset", "length", "split"))
-    paths = [os.path.join(path, name) for name in meta["shards"]]
-    streams = [TokenStream(paths, meta["dtype"], _segments(shard, offset, length, split == s)) for s in (0, 1)]
-    return Corpus(path, streams[0], streams[1], int(meta["total_bytes"]), meta)
+        counts = index["train_counts"]
+    streams = _streams(path, meta["shards"], meta["dtype"], shard, offset, length, split)
+    return Corpus(path, streams[0], streams[1], int(meta["total_bytes"]), meta, counts)
+
+
+def _streams(path: str, shard_names: list[str], dtype: Any, *index: np.ndarray) -> list[TokenStream]:
+    shard, offset, length, split = index
+    paths = [os.path.join(path, name) for name in shard_names]
+    return [TokenStream(paths, dtype, _segments(shard, offset, length, split == s)) for s in (0, 1)]
 
 
 def _check_file(path: str, record: dict[str, int]) -> None:
@@ -270,15 +284,19 @@ def build_cache(
             split = np.arange(len(sizes)) > 0  # the cut document: head trains, tail validates
         else:
             split = choose_validation(np.asarray(writer.scores, dtype=np.uint64), sizes, val_fraction)
+        arrays = {
+            "shard": np.asarray(writer.shard, dtype=np.int32),
+            "offset": np.asarray(writer.offset, dtype=np.int64),
+            "length": np.asarray(writer.length, dtype=np.int64),
+            "split": split.astype(np.uint8),
+        }
+        # Counted once here, so that opening the cache never has to scan it.
+        train = _streams(tmp, writer.shard_names, tokenizer.dtype, *arrays.values())[0]
+        counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+        for chunk in train.chunks():
+            counts += np.bincount(chunk, minlength=tokenizer.vocab_size)[: tokenizer.vocab_size]
         index = os.path.join(tmp, "index.npz")
-        np.savez(
-            index,
-            shard=np.asarray(writer.shard, dtype=np.int32),
-            offset=np.asarray(writer.offset, dtype=np.int64),
-            length=np.asarray(writer.length, dtype=np.int64),
-            bytes=sizes,
-            split=split.astype(np.uint8),
-        )
+        np.savez(index, bytes=sizes, train_counts=counts, **arrays)
         files = dict(writer.files, **{"index.npz": _record(index)})
         full_meta = dict(meta, dtype=np.dtype(tokenizer.dtype).name, shards=writer.shard_names, files=files, **written)
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as fh:

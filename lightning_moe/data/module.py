@@ -251,9 +251,7 @@ class TextDataModule(lightning.LightningDataModule):
         The cross-entropy a model reaches by predicting token frequencies alone, so a
         validation loss below it shows the model has learnt context.
         """
-        counts = np.zeros(self.vocab_size, dtype=np.float64)
-        for chunk in self.train_tokens.chunks():
-            counts += np.bincount(chunk, minlength=self.vocab_size)[: self.vocab_size]
+        counts = self._require(self._corpus).train_counts.astype(np.float64)
         p = counts[counts > 0] / counts.sum()
         return float(-(p * np.log(p)).sum())
 

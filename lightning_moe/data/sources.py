@@ -239,7 +239,7 @@ def _env_true(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def _honour_offline_env() -> Iterator[None]:
+def honour_offline_env() -> Iterator[None]:
     # huggingface_hub and datasets read HF_HUB_OFFLINE once, at import time. If it was set
     # after that (a notebook, a test), respect it now instead of retrying the network for
     # half a minute before failing.
@@ -278,7 +278,7 @@ def _load_hub_dataset(src: HubSource) -> Any:
         ) from err
     where = f"the Hugging Face dataset {src.name!r}" + (f" (config {src.config!r})" if src.config else "")
     try:
-        with _honour_offline_env():
+        with honour_offline_env():
             return datasets.load_dataset(src.name, src.config, split=src.split, streaming=src.streaming)
     except (ConnectionError, OSError) as err:
         # Offline, unreachable or unknown: datasets cannot tell these apart without the

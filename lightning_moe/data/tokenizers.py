@@ -226,8 +226,11 @@ def _from_transformers(spec: str) -> HFTokenizer:
             f"data.tokenizer={spec!r} is not a local tokenizer.json file or folder; loading it by name"
             " needs the transformers package (pip install transformers)"
         ) from None
+    from lightning_moe.data.sources import honour_offline_env
+
     try:
-        tok = AutoTokenizer.from_pretrained(spec)
+        with honour_offline_env():
+            tok = AutoTokenizer.from_pretrained(spec)
     except Exception as err:  # offline, unknown name, or a folder without tokenizer files
         raise ConfigError(
             f"data.tokenizer={spec!r} cannot be loaded: no such tokenizer.json file or folder, and"
