@@ -373,7 +373,8 @@ class OverflowOnOneRank(ShardedRegression):
     def on_train_end(self):
         replicated = {k: v.clone() for k, v in self.state_dict().items() if not k.startswith("moe.experts.")}
         scale = self.trainer.precision_plugin.scaler.get_scale()
-        torch.save({"replicated": replicated, "scale": scale}, f"{self.trainer.default_root_dir}/rank{self.global_rank}.pt")
+        record = {"replicated": replicated, "scale": scale}
+        torch.save(record, f"{self.trainer.default_root_dir}/rank{self.global_rank}.pt")
 
 
 def test_fp16_loss_scaling_skips_an_overflowing_step_on_every_rank(tmp_path):

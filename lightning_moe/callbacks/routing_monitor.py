@@ -100,8 +100,8 @@ class LayerRoutingMetric(Metric):
 
     def lazy_states(self) -> dict[str, Any]:
         """The states created on first use (telemetry keys, label counts), for :meth:`add_lazy_states`."""
-        labelled = "label_expert_counts" in self._defaults
-        return {"telemetry": list(self.telemetry_names), "label_counts": self.label_expert_counts.shape if labelled else None}
+        counts_shape = self.label_expert_counts.shape if "label_expert_counts" in self._defaults else None
+        return {"telemetry": list(self.telemetry_names), "label_counts": counts_shape}
 
     def add_lazy_states(self, states: dict[str, Any]) -> None:
         """Create (as zero sums) the states another rank's :meth:`lazy_states` lists and this one lacks."""
