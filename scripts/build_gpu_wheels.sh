@@ -154,16 +154,22 @@ done
 export CUDA_HOME="$CUDA_SHIM" TORCH_CUDA_ARCH_LIST="$ARCH_LIST" MAX_JOBS="$JOBS" GROUPED_GEMM_CUTLASS="$CUTLASS"
 export PATH="$CUDA_SHIM/bin:$VENV/bin:$PATH"
 rm -f "$OUT"/*.whl
-declare -A SECONDS_OF
+TIMES=()  # per archive: wall seconds, CPU seconds of pip and every compiler it ran
+TIMEFORMAT='%R %U %S'
 for archive in "${ORDER[@]}"; do
-    start=$(date +%s)
     log "building $archive (MAX_JOBS=$JOBS)"
-    "${RUN[@]}" "$PY" -m pip wheel -v --no-cache-dir --no-build-isolation --no-deps -w "$OUT" "$SDIST/$archive" \
-        > "$OUT/build-${archive%.tar.gz}.log" 2>&1 \
-        || { tail -n 40 "$OUT/build-${archive%.tar.gz}.log" >&2; echo "error: building $archive failed" >&2; exit 1; }
-    SECONDS_OF[$archive]=$(( $(date +%s) - start ))
-    log "built $archive in ${SECONDS_OF[$archive]} s"
+    build_log="$OUT/build-${archive%.tar.gz}.log"
+    if ! { time "${RUN[@]}" "$PY" -m pip wheel -v --no-cache-dir --no-build-isolation --no-deps -w "$OUT" \
+        "$SDIST/$archive" > "$build_log" 2>&1; } 2> "$OUT/.time"; then
+        tail -n 40 "$build_log" >&2
+        echo "error: building $archive failed (log: $build_log)" >&2
+        exit 1
+    fi
+    read -r wall user sys < "$OUT/.time"
+    TIMES+=("$wall" "$(awk "BEGIN {print $user + $sys}")")
+    log "built $archive in $wall s ($(awk "BEGIN {print $user + $sys}") CPU s)"
 done
+rm -f "$OUT/.time"
 
 # 5. Check what can be checked without a GPU: the wheels install, the CUDA extensions load
 # (torch's CUDA libraries do not need a driver to load), and they hold code for each arch.
@@ -178,13 +184,12 @@ EOF
 )
 
 "$PY" - "$OUT" "$TARGET" "$TORCH_FULL" "$TORCH_CUDA" "$CXX11_ABI" "$NVCC_VERSION" "$ARCH_LIST" "$CUTLASS" \
-    "$JOBS" "$(( $(date +%s) - start_all ))" "${SECONDS_OF[stanford_stk-0.7.1.tar.gz]}" \
-    "${SECONDS_OF[grouped_gemm-0.3.0.tar.gz]}" "${SECONDS_OF[megablocks-0.10.0.tar.gz]}" <<'EOF'
+    "$JOBS" "$(( $(date +%s) - start_all ))" "${TIMES[@]}" <<'EOF'
 """Write BUILD_INFO.json: what the wheels were built against, and what each needs at run time."""
 import hashlib, json, os, platform, re, struct, subprocess, sys, zipfile
 from pathlib import Path
 
-out, target, torch_version, cuda, abi, nvcc, arch, cutlass, jobs, total, *per_package = sys.argv[1:]
+out, target, torch_version, cuda, abi, nvcc, arch, cutlass, jobs, total, *times = sys.argv[1:]
 
 
 def fatbin_code(data: bytes) -> list[str]:
@@ -219,7 +224,9 @@ for wheel in sorted(Path(out).glob("*.whl")):
                     "needs_glibcxx": newest(set(re.findall(rb"GLIBCXX_(\d+\.\d+(?:\.\d+)?)", data))),
                 }
     wheels[wheel.name] = info
-seconds = dict(zip(("stanford-stk", "grouped_gemm", "megablocks"), (int(s) for s in per_package)))
+packages = ("stanford-stk", "grouped_gemm", "megablocks")
+wall = {p: float(t) for p, t in zip(packages, times[0::2])}
+cpu = {p: float(t) for p, t in zip(packages, times[1::2])}
 info = {
     "target": target,
     "torch": torch_version,
@@ -231,7 +238,8 @@ info = {
     "grouped_gemm_cutlass": cutlass == "1",
     "max_jobs": int(jobs),
     "build_host_cores": os.cpu_count(),
-    "build_seconds": seconds,
+    "build_seconds": wall,
+    "build_cpu_seconds": cpu,
     "total_seconds": int(total),
     "compiler": subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout.splitlines()[0],
     "wheels": wheels,

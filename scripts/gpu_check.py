@@ -217,7 +217,10 @@ def install(check: Check, cuda: bool) -> None:
     if deps.is_dir():
         carried = {wheel_project(w) for w in deps.glob("*.whl")}
         wanted = [r for r in carried_requirements() if requirement_name(r) in carried]
-        step = check.run("install_deps", [*pip, "--find-links", str(deps), *wanted])
+        if wanted:
+            step = check.run("install_deps", [*pip, "--find-links", str(deps), *wanted])
+        else:
+            step = check.skip("install_deps", f"no wheel in {deps} is a requirement")
         # Neither carried nor installed (e.g. datasets: only Hugging Face sources import it).
         step["missing"] = [r for r in carried_requirements() if r not in wanted and not installed(r)]
         # Editable: the check runs this checkout. Its build backend (setuptools) comes from deps.
