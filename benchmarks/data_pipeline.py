@@ -185,7 +185,8 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/lightning_moe_data_bench")
     parser.add_argument("--gb", type=float, default=2.0, help="size of the large generated corpus")
     parser.add_argument("--small-gb", type=float, default=0.25, help="size of the small corpus compared with it")
-    parser.add_argument("--throughput-mb", type=float, default=16.0, help="MB of text per throughput run")
+    parser.add_argument("--throughput-mb", type=float, default=64.0, help="MB of text per byte-tokenizer run")
+    parser.add_argument("--bpe-throughput-mb", type=float, default=4.0, help="MB of text per BPE run")
     parser.add_argument("--bpe-vocab", type=int, default=4096)
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--num-proc", type=int, default=2, help="tokeniser processes for the large corpus")
@@ -204,16 +205,13 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     results: dict = {"load_average_at_start": os.getloadavg(), "cpus": os.cpu_count(), "throughput": {}, "corpora": {}}
     bpe = train_bpe(work / f"bpe-{args.bpe_vocab}.json", args.bpe_vocab)
-    sample = generate_corpus(work / f"corpus-sample-{args.throughput_mb:g}MB", args.throughput_mb / 1024, 2**20)
-    for name, tokenizer in (("bytes", "bytes"), (f"bpe{args.bpe_vocab}", str(bpe))):
+    for name, tokenizer, mb in (
+        ("bytes", "bytes", args.throughput_mb),
+        (f"bpe{args.bpe_vocab}", str(bpe), args.bpe_throughput_mb),
+    ):
+        sample = generate_corpus(work / f"corpus-sample-{mb:g}MB", mb / 1024, 2**20)
         for num_proc in (1, 2):
-            result = run_phase(
-                "throughput",
-                workdir=work,
-                source=sample,
-                tokenizer=tokenizer,
-                num_proc=num_proc,
-            )
+            result = run_phase("throughput", workdir=work, source=sample, tokenizer=tokenizer, num_proc=num_proc)
             results["throughput"][f"{name}/{num_proc}proc"] = result
             print(f"throughput {name:>8} {num_proc} proc: {result['MB_per_s']:7.2f} MB/s", flush=True)
     if not args.skip_large:
@@ -233,6 +231,7 @@ def main() -> None:
                 flush=True,
             )
             shutil.rmtree(cache, ignore_errors=True)
+    results["load_average_at_end"] = os.getloadavg()
     print(json.dumps(results, indent=2))
 
 

@@ -21,7 +21,10 @@ from lightning_moe.errors import ConfigError
 from lightning_moe.module import MoELanguageModel
 
 DOCS = {
-    f"doc_{i:02d}.py": "".join(f"def function_{i}_{j}(value):\n    return value * {j} + {i}  # café\n" for j in range(30))
+    f"doc_{i:02d}.py": "".join(
+        f"def function_{i}_{j}(value):\n    return value * {j} + {i}  # café\n"
+        for j in range(30)
+    )
     for i in range(12)
 }
 
