@@ -33,14 +33,19 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
-import tomllib
 import xml.etree.ElementTree as ET
 from importlib import metadata
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest brings tomli there
+    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 # Already on the GPU machine; never installed or replaced by this check.
@@ -121,7 +126,7 @@ class Check:
         print(f"[{name}] skipped: {reason}", flush=True)
         return step
 
-    def run(self, name: str, command: list[str], env: dict | None = None) -> dict:
+    def run(self, name: str, command: list[str]) -> dict:
         """Run one step in its own process group, its output in logs/<name>.log, within its timeout."""
         timeout = min(STEP_TIMEOUTS_S[name], self.remaining_s())
         if timeout < 5:
@@ -130,10 +135,7 @@ class Check:
         print(f"[{name}] {' '.join(command)}", flush=True)
         start = time.monotonic()
         with open(log, "w") as f:
-            process = subprocess.Popen(
-                command, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                start_new_session=True,
-            )
+            process = subprocess.Popen(command, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 rc = process.wait(timeout=timeout)
                 status = "ok" if rc == 0 else "failed"
@@ -162,14 +164,18 @@ class Check:
 
 
 ENVIRONMENT_PROBE = """
-import json, platform, sys
+import json, platform, shutil, subprocess, sys
 from importlib import metadata
 import torch
 info = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(), "devices": []}
 for i in range(torch.cuda.device_count()):
     p = torch.cuda.get_device_properties(i)
-    info["devices"].append({"name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1)})
+    memory_gib = round(p.total_memory / 2**30, 1)
+    info["devices"].append({"name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": memory_gib})
+if shutil.which("nvidia-smi"):
+    query = ["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit", "--format=csv,noheader"]
+    info["nvidia_smi"] = subprocess.run(query, capture_output=True, text=True).stdout.strip().splitlines()
 info["versions"] = {}
 for dist in sys.argv[2:]:
     try:
@@ -203,7 +209,7 @@ def environment(check: Check) -> dict:
     return info
 
 
-def install(check: Check, cuda: bool) -> None:
+def install(check: Check) -> None:
     args = check.args
     if args.skip_install:
         for name in ("install_deps", "install_package", "install_megablocks"):
@@ -296,7 +302,10 @@ def fit(check: Check, backend: str, cuda: bool) -> None:
     entry = [str(script)] if script.is_file() else [check.python, "-m", "lightning_moe.cli"]
     steps = check.args.fit_steps
     command = [
-        *entry, "fit", "--config", "recipes/quickstart.yaml",
+        *entry,
+        "fit",
+        "--config",
+        "recipes/quickstart.yaml",
         f"--model.moe.backend={backend}",
         "--trainer.precision=bf16-mixed",
         f"--trainer.accelerator={'cuda' if cuda else 'cpu'}",
@@ -310,14 +319,24 @@ def fit(check: Check, backend: str, cuda: bool) -> None:
     ]
     if check.args.dry_run:  # a tiny model: the step's plumbing, not a result
         command += [
-            "--model.d_model=32", "--model.n_heads=2", "--model.n_layers=1", "--model.moe.ffn_hidden=32",
-            "--model.warmup_steps=1", "--data.seq_len=32", "--data.batch_size=4", "--data.max_bytes=100000",
-            "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
+            "--model.d_model=32",
+            "--model.n_heads=2",
+            "--model.n_layers=1",
+            "--model.moe.ffn_hidden=32",
+            "--model.warmup_steps=1",
+            "--data.seq_len=32",
+            "--data.batch_size=4",
+            "--data.max_bytes=100000",
+            "--trainer.limit_val_batches=1",
+            "--trainer.log_every_n_steps=1",
         ]
     else:
         command += ["--trainer.limit_val_batches=10", "--trainer.log_every_n_steps=10"]
     step = check.run(name, command)
     step["result"] = fit_result(runs / name)
+    if not check.args.keep_checkpoints:  # a few hundred MB that the summary does not need
+        for checkpoint in (runs / name).rglob("*.ckpt"):
+            checkpoint.unlink()
 
 
 def fit_result(run_root: Path) -> dict:
@@ -330,7 +349,8 @@ def fit_result(run_root: Path) -> dict:
 
     events = EventAccumulator(str(run), size_guidance={"scalars": 0})
     events.Reload()
-    result = {"run": str(run), "last_ckpt": (run / "checkpoints" / "last.ckpt").is_file()}
+    last = run / "checkpoints" / "last.ckpt"
+    result = {"run": str(run), "last_ckpt_bytes": last.stat().st_size if last.is_file() else None}
     for tag in ("train/loss", "val/loss"):
         if tag in events.Tags()["scalars"]:
             values = events.Scalars(tag)
@@ -367,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-install", action="store_true", help="use the packages already installed")
     parser.add_argument("--fit-steps", type=int, help="optimizer steps of each fit (default 100; 3 with --dry-run)")
     parser.add_argument("--budget-s", type=float, default=660, help="wall-clock budget of the whole check")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep the fits' checkpoints and data cache")
     args = parser.parse_args(argv)
     if args.fit_steps is None:
         args.fit_steps = 3 if args.dry_run else 100
@@ -377,15 +398,17 @@ def main(argv: list[str] | None = None) -> int:
     cuda = bool(env.get("cuda_available"))
     if not cuda and not args.dry_run:
         print("warning: no CUDA device; the CUDA steps are skipped (use --dry-run on a CPU)", flush=True)
-    install(check, cuda)
-    if cuda or any(s["name"] == "install_megablocks" and s["status"] == "ok" for s in check.steps):
+    install(check)
+    if cuda or installed("megablocks"):  # the extensions load without a driver, so this runs on a CPU too
         check.python_step("import_kernels", KERNEL_PROBE, *KERNEL_MODULES)
     else:
-        check.skip("import_kernels", "no CUDA and no megablocks wheels installed")
+        check.skip("import_kernels", "no CUDA and megablocks is not installed")
     pytest_gpu(check)
     for backend in ("torch", "megablocks"):
         fit(check, backend, cuda)
     benchmark(check, cuda)
+    if not args.keep_checkpoints:
+        shutil.rmtree(check.out / "data-cache", ignore_errors=True)
 
     summary = {
         "ok": all(s["status"] in ("ok", "skipped") for s in check.steps),
@@ -405,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def git_commit() -> str | None:
     try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], check=False, cwd=REPO, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout.strip() or None

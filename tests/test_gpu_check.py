@@ -32,6 +32,7 @@ def test_dry_run_runs_every_step_it_can_on_a_cpu(tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
         ["bash", str(REPO / "scripts" / "gpu_check.sh"), "--dry-run", "--skip-install", "--out", str(out)],
+        check=False,
         cwd=REPO,
         env={**os.environ, "PYTHON": sys.executable},
         capture_output=True,
@@ -53,7 +54,8 @@ def test_dry_run_runs_every_step_it_can_on_a_cpu(tmp_path):
     tests = steps["pytest_gpu"]["result"]
     assert tests["tests"] > 0 and tests["skipped"] == tests["tests"]  # every gpu test skips on a CPU
     fit = steps["fit_torch"]["result"]
-    assert fit["last_ckpt"] and fit["train/loss"]["last_step"] == 2  # three steps, counted from 0
+    assert fit["last_ckpt_bytes"] > 0 and fit["train/loss"]["last_step"] == 2  # three steps, counted from 0
+    assert not list((out / "runs").rglob("*.ckpt"))  # removed once read: they are large on the real run
     assert 0 < fit["val/loss"]["last"] < 10  # a byte-level LM starts near ln(256) = 5.5
     comparisons = steps["benchmark"]["result"]["comparisons"]
     assert [entry["shape"] for entry in comparisons["layer"]] == [
