@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import random
@@ -78,26 +79,52 @@ def atomic_write(path: str, write: Callable[[Any], None]) -> None:
     process is killed at any point: the rename is atomic within one filesystem, which is
     why the temporary file lives in the target's folder (the system temp folder may be
     another filesystem, where a "move" is a copy). Temporary files left by a writer
-    that was killed earlier are removed first.
+    that was killed earlier are removed first. A write that fails (full disk, I/O error,
+    read-only folder) removes its temporary file and raises :class:`CheckpointError`: one
+    line naming ``path`` and the system's reason, the file at ``path`` left as it was.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     prefix = _temp_prefix(path)
-    for stale in glob.glob(os.path.join(glob.escape(directory), glob.escape(prefix) + "*.tmp")):
-        with contextlib.suppress(OSError):
-            os.unlink(stale)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
+    tmp = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        for stale in glob.glob(os.path.join(glob.escape(directory), glob.escape(prefix) + "*.tmp")):
+            with contextlib.suppress(OSError):
+                os.unlink(stale)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    except BaseException as err:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        cause = _os_error(err)
+        if cause is None or not isinstance(err, Exception):
+            raise
+        raise _write_error(path, cause, partial=tmp is not None) from err
     _fsync_directory(directory)
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The ``OSError`` behind ``err`` (``torch.save`` reports a failed write as a ``RuntimeError``)."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno is not None:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _write_error(path: str, err: OSError, partial: bool) -> CheckpointError:
+    code = errno.errorcode.get(err.errno, str(err.errno))
+    kept = "the previous checkpoint there is unchanged" if os.path.isfile(path) else "no file was written there"
+    removed = "the partial file was removed and " if partial else ""
+    hint = " Free space on that disk or save elsewhere (ModelCheckpoint dirpath)." if err.errno == errno.ENOSPC else ""
+    return CheckpointError(
+        f"Cannot write the checkpoint {path!r}: {os.strerror(err.errno)} ({code}); {removed}{kept}.{hint}"
+    )
 
 
 def _is_intact_zip(path: str) -> bool:

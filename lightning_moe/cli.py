@@ -23,7 +23,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning_moe.checkpointing import CheckpointError, damaged_checkpoint_errors, use_atomic_checkpoint_io
 from lightning_moe.data import TextDataModule
 from lightning_moe.module import MoELanguageModel
-from lightning_moe.resume import resolve_last_checkpoint
+from lightning_moe.resume import check_writable_folders, resolve_last_checkpoint
 
 
 class MoECLI(LightningCLI):
@@ -43,6 +43,10 @@ class MoECLI(LightningCLI):
         # folder, or stops with an error; fixed before the logger picks a new version folder.
         if self.subcommand == "fit":
             resolve_last_checkpoint(self.config["fit"])
+
+    def before_fit(self) -> None:
+        # An unwritable log, checkpoint or cache folder fails now, not at the first log or checkpoint.
+        check_writable_folders(self.trainer, self.datamodule)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

@@ -1,4 +1,6 @@
-"""``fit --ckpt_path last``: find the newest checkpoint of the same run and continue in its folder.
+"""Before ``lightning-moe fit`` trains: the checkpoint ``--ckpt_path last`` means, and folders it can write.
+
+``fit --ckpt_path last`` finds the newest checkpoint of the same run and continues in its folder.
 
 Lightning looks for ``last`` in the folders of the new run's ``ModelCheckpoint`` callbacks. A
 recipe that logs with a ``TensorBoardLogger`` or ``CSVLogger`` gives every run a new
@@ -10,14 +12,21 @@ with a fixed ``dirpath``) becomes ``ckpt_path``, and the logger is pointed at th
 version, so logs and checkpoints continue in the same folder. When there is nothing to
 resume, :class:`~lightning_moe.errors.ConfigError` says where it looked; a run never starts
 over silently.
+
+:func:`check_writable_folders` refuses log, checkpoint and cache folders that cannot be written
+(read-only disk, no permission, a file in the way) with a :class:`ConfigError` naming the
+setting, before any data is read or step taken, rather than failing at the first log or
+checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import importlib.util
 import os
 import re
+import tempfile
 from typing import Any
 
 from jsonargparse import Namespace
@@ -26,7 +35,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lightning_moe.errors import ConfigError
 
-__all__ = ["resolve_last_checkpoint"]
+__all__ = ["check_writable_folders", "resolve_last_checkpoint"]
 
 #: What Lightning takes for a last checkpoint: ``last.ckpt``, ``last-v1.ckpt``, ...
 _LAST = re.compile(r"^last.*\.ckpt$")
@@ -132,3 +141,44 @@ def resolve_last_checkpoint(config: Any) -> None:
         else:
             logger = _default_logger(default_root, version)
             trainer.logger = [logger, *loggers[1:]] if isinstance(loggers, list) else logger
+
+
+def _write_error(folder: str) -> OSError | None:
+    """Why a file cannot be created in ``folder`` (created if missing), or None if it can."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        return err
+    return None
+
+
+def check_writable_folders(trainer: Any, datamodule: Any = None) -> None:
+    """Raise :class:`ConfigError` unless every folder the fit will write to can be written.
+
+    Checked: the loggers' ``save_dir`` (``trainer.default_root_dir`` without a logger), the
+    ``dirpath`` of every ``ModelCheckpoint`` that sets one, and the datamodule's ``cache_dir``
+    when it is set. Missing folders are created, as the run would create them; remote
+    (``s3://``-style) folders are not checked.
+    """
+    folders = [
+        (f"trainer.logger {type(logger).__name__} save_dir", getattr(logger, "save_dir", None))
+        for logger in trainer.loggers
+    ]
+    if not trainer.loggers:
+        folders.append(("trainer.default_root_dir", trainer.default_root_dir))
+    folders += [("ModelCheckpoint dirpath", getattr(cb, "dirpath", None)) for cb in trainer.checkpoint_callbacks]
+    folders.append(("data.cache_dir", getattr(datamodule, "cache_dir", None)))
+    for field, folder in folders:
+        if folder is None or "://" in os.fspath(folder):
+            continue
+        folder = os.path.expanduser(os.fspath(folder))
+        err = _write_error(folder)
+        if err is not None:
+            reason = os.strerror(err.errno) if err.errno else str(err)
+            code = f" ({errno.errorcode[err.errno]})" if err.errno in errno.errorcode else ""
+            raise ConfigError(
+                f"{field}={folder!r} is not writable: {reason}{code}; choose a folder this process can write to"
+            )

@@ -1,9 +1,13 @@
 """Bad input and numerical faults: NaN/inf named by layer, skipped steps, impossible setups, bad checkpoints."""
 
+import errno
 import glob
+import io
 import os
 import pickle
+import re
 import sys
+import tempfile
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -19,8 +23,9 @@ from lightning_moe import MoELayer
 from lightning_moe.callbacks import AuxLossFreeBalancing, DefaultOutputEMA, NonFiniteGuard
 from lightning_moe.callbacks.guards import NonFiniteError, check_training_setup
 from lightning_moe.checkpointing import AtomicCheckpointIO, CheckpointError, atomic_write
-from lightning_moe.cli import MoECLI
+from lightning_moe.cli import MoECLI, main
 from lightning_moe.data import TextDataModule
+from lightning_moe.errors import ConfigError
 from lightning_moe.module import MoELanguageModel
 
 D = 8
@@ -281,3 +286,115 @@ def test_the_cli_trainer_writes_atomically():
     args = ["--model.d_model=32", "--model.n_heads=2", "--model.n_layers=1", "--trainer.logger=false"]
     cli = MoECLI(MoELanguageModel, TextDataModule, run=False, args=args)
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+class FailsAfter(io.RawIOBase):
+    """A file that takes ``budget`` bytes, then fails every write with ``OSError(code)`` (a full or failing disk)."""
+
+    def __init__(self, file, budget, code):
+        self.file, self.budget, self.code = file, budget, code
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if len(data) > self.budget:
+            raise OSError(self.code, os.strerror(self.code))
+        self.budget -= len(data)
+        return self.file.write(data)
+
+
+class SaveStep(L.Callback):
+    """Saves ``last.ckpt`` after every step, as ``ModelCheckpoint(save_last=True, every_n_train_steps=1)``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_train_batch_end(self, trainer, *args):
+        trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+def test_a_write_that_fails_part_way_keeps_the_previous_checkpoint_and_says_where(tmp_path, monkeypatch, code):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    real_save, saves = torch.save, []
+
+    def save_to_a_failing_disk(obj, file, *args, **kwargs):
+        saves.append(file)
+        # The third checkpoint meets a disk that takes only 10 kB more.
+        return real_save(obj, FailsAfter(file, 10_000, code) if len(saves) == 3 else file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_to_a_failing_disk)
+    with pytest.raises(CheckpointError) as caught:
+        fit(language_model(), token_batches(), [SaveStep(path)], max_steps=4, plugins=[AtomicCheckpointIO()])
+    monkeypatch.undo()
+    message = str(caught.value)
+    assert "\n" not in message and repr(str(path)) in message
+    assert os.strerror(code) in message and errno.errorcode[code] in message
+    assert "the previous checkpoint there is unchanged" in message
+    assert os.listdir(path.parent) == ["last.ckpt"]  # no temporary file left behind
+    assert torch.load(path, weights_only=False)["global_step"] == 2  # intact, the step before the failure
+    assert MoELanguageModel.load_from_checkpoint(path).hparams.moe["num_experts"] == 4
+
+
+def test_a_failing_fsync_or_a_read_only_folder_is_reported_with_the_path(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, path)
+
+    def fsync_fails(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", fsync_fails)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(repr(str(path)))}: Input/output error \(EIO\)"):
+        AtomicCheckpointIO().save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1} and os.listdir(tmp_path) == ["last.ckpt"]
+
+    (tmp_path / "a_file").write_text("")
+    inside_a_file = tmp_path / "a_file" / "checkpoints" / "last.ckpt"  # unwritable, even for root
+    with pytest.raises(CheckpointError, match=rf"{re.escape(repr(str(inside_a_file)))}: Not a directory"):
+        AtomicCheckpointIO().save_checkpoint({"step": 1}, inside_a_file)
+
+
+QUICKSTART = os.path.join(os.path.dirname(__file__), os.pardir, "recipes", "quickstart.yaml")
+TINY = ["--model.d_model=32", "--model.n_heads=2", "--model.n_layers=1", "--model.moe.ffn_hidden=32"]
+TINY += ["--data.seq_len=32", "--data.batch_size=4", "--data.max_bytes=2000", "--trainer.max_steps=2"]
+TINY += ["--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu"]
+
+
+def user_error_from_cli(argv, capsys):
+    """The one-line message of a ConfigError from ``lightning-moe`` (raised, or printed with exit status 2)."""
+    with pytest.raises((ConfigError, SystemExit)) as caught:
+        main(argv)
+    if caught.type is SystemExit:
+        assert caught.value.code == 2
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        return line
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("field", ["trainer.logger.init_args.save_dir", "data.cache_dir"])
+@pytest.mark.parametrize("read_only", [False, True], ids=["file_in_the_way", "read_only_disk"])
+def test_an_unwritable_log_or_cache_folder_is_refused_before_training(tmp_path, monkeypatch, capsys, field, read_only):
+    if read_only:  # what a read-only mount answers (root may write anywhere else)
+        folder = tmp_path / "mounted_read_only"
+        real_mkstemp = tempfile.mkstemp
+
+        def mkstemp(*args, dir=None, **kwargs):
+            if str(dir).startswith(str(folder)):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+            return real_mkstemp(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    else:
+        (tmp_path / "a_file").write_text("")
+        folder = tmp_path / "a_file" / "runs"
+    folders = {"trainer.logger.init_args.save_dir": tmp_path / "runs", "data.cache_dir": tmp_path / "cache"}
+    folders[field] = folder
+    argv = ["fit", "--config", QUICKSTART, *TINY, *(f"--{name}={path}" for name, path in folders.items())]
+    message = user_error_from_cli(argv, capsys)
+    assert "\n" not in message and field.rsplit(".", 1)[1] in message and repr(str(folder)) in message
+    assert (os.strerror(errno.EROFS) if read_only else os.strerror(errno.ENOTDIR)) in message
+    # Refused before the data was read or anything trained.
+    assert not glob.glob(str(tmp_path / "cache" / "*"))
+    assert not glob.glob(str(tmp_path / "**" / "*.ckpt"), recursive=True)
