@@ -1,0 +1,19 @@
+"""Hugging Face MoE models in and out (optional extra: ``pip install 'lightning-moe[hf]'``).
+
+::
+
+    from transformers import AutoModelForCausalLM
+    from lightning_moe.hf import from_hf, to_hf
+
+    model = from_hf(AutoModelForCausalLM.from_pretrained(...), estimator="densemixer")
+    ...  # train: every MoELayer estimator, backend and callback applies
+    to_hf(model).save_pretrained("out")  # an ordinary Hugging Face folder
+
+The conversion only reads module structure and never imports ``transformers`` itself, so
+importing this package costs nothing; :func:`from_hf` checks that ``transformers`` is
+installed and says which extra to install when it is not.
+"""
+
+from lightning_moe.hf.convert import HFMoEBlock, from_hf, to_hf
+
+__all__ = ["HFMoEBlock", "from_hf", "to_hf"]

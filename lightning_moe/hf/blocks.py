@@ -1,0 +1,216 @@
+"""Finding the sparse-MoE blocks of a Hugging Face model and reading their routing semantics.
+
+Shape legend: T tokens, D model width, F expert hidden width, E experts, K experts per token.
+
+Current ``transformers`` MoE families share one block shape: a child ``experts`` holding
+``gate_up_proj`` [E, 2F, D] and ``down_proj`` [E, D, F] (SiLU-gated, gate rows first), and
+a top-k router child with ``weight`` [E, D] that returns ``(logits, weights [T, K],
+indices [T, K])``. Blocks are found by that structure, not by class name, so a sibling
+family built from the same parts converts too. What differs is the routing function,
+read from the router's attributes and then checked by running the router itself on a
+random probe (:func:`check_router`): a block whose router computes anything else is
+refused, never converted approximately.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_moe.estimators import ESTIMATOR_REGISTRY, Estimator
+
+#: Children a convertible block may have besides its router and ``experts``.
+SHARED_EXPERT = "shared_expert"
+SHARED_EXPERT_GATE = "shared_expert_gate"
+ROUTER_NAMES = ("gate", "router")
+#: Router attributes of DeepSeek-V3-style routing (sigmoid scores, expert groups, score-correction bias).
+GROUPED_ROUTING_ATTRIBUTES = ("e_score_correction_bias", "n_group", "num_group", "routed_scaling_factor")
+
+SUPPORTED = (
+    "supported: softmax top-k with or without renormalisation, SparseMixer-v2 (PhiMoE), a shared expert with a"
+    " sigmoid gate (Qwen2-MoE), SiLU-gated experts without biases"
+)
+
+
+class UnsupportedBlock(Exception):
+    """What a block has that ``MoELayer`` cannot represent exactly (one short phrase)."""
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """How one Hugging Face sparse-MoE block routes, in ``MoELayer`` terms."""
+
+    router_name: str  # the router's attribute name in the block ("gate" or "router")
+    num_experts: int
+    top_k: int
+    d_model: int
+    ffn_hidden: int
+    routing: str  # "softmax_topk" or "sparsemixer"
+    renormalize: bool  # softmax top-k: divide the chosen gates by their sum
+    sparsemixer_eps: float  # sparsemixer: the jitter mask's eps (config.router_jitter_noise)
+    input_jitter: float  # training noise on the block input (Mixtral, PhiMoE)
+    shared_expert: bool  # Qwen2-MoE: a shared expert scaled by sigmoid(shared_expert_gate(x))
+
+    def native_estimator(self) -> tuple[str, dict]:
+        """The registered estimator (and its arguments) that reproduces the family's own routing."""
+        if self.routing == "sparsemixer":
+            return "sparsemixer_v2", {"jitter_eps": self.sparsemixer_eps}
+        return "topk", {"renormalize": self.renormalize}
+
+    def describe(self) -> str:
+        if self.routing == "sparsemixer":
+            return f"SparseMixer-v2 top-{self.top_k} with jitter eps {self.sparsemixer_eps}"
+        return f"softmax top-{self.top_k}" + (" renormalised" if self.renormalize else "")
+
+
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every module whose child ``experts`` holds a 3-D ``gate_up_proj`` parameter, in module order."""
+    found = []
+    for name, module in model.named_modules():
+        experts = getattr(module, "experts", None)
+        gate_up = getattr(experts, "gate_up_proj", None) if isinstance(experts, nn.Module) else None
+        if isinstance(gate_up, nn.Parameter) and gate_up.dim() == 3:
+            found.append((name, module))
+    return found
+
+
+def _router(block: nn.Module) -> tuple[str, nn.Module]:
+    for name in ROUTER_NAMES:
+        router = getattr(block, name, None)
+        if isinstance(router, nn.Module) and isinstance(getattr(router, "weight", None), nn.Parameter):
+            return name, router
+    raise UnsupportedBlock(f"a router child named one of {ROUTER_NAMES} with a weight [E, D]")
+
+
+def _check_experts(experts: nn.Module, num_experts: int, d_model: int) -> int:
+    """The expert hidden width F, after checking the experts are exactly SiLU(x Wg) * (x Wu) Wd."""
+    extra = sorted(name for name, _ in experts.named_parameters() if name not in ("gate_up_proj", "down_proj"))
+    extra += [f"limit={experts.limit}"] if hasattr(experts, "limit") else []
+    if extra:
+        raise UnsupportedBlock(f"biased or clamped SwiGLU experts ({', '.join(extra)}; gpt-oss style)")
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    two_f = gate_up.shape[1]
+    if gate_up.shape != (num_experts, two_f, d_model) or two_f % 2 or down.shape != (num_experts, d_model, two_f // 2):
+        raise UnsupportedBlock(
+            f"an expert layout other than gate_up_proj [E, 2F, D] and down_proj [E, D, F]"
+            f" (got {tuple(gate_up.shape)} and {tuple(down.shape)})"
+        )
+    act_fn = getattr(experts, "act_fn", None)
+    probe = torch.linspace(-6, 6, 97)
+    if not callable(act_fn) or not torch.allclose(act_fn(probe), F.silu(probe), rtol=1e-6, atol=1e-7):
+        raise UnsupportedBlock(f"expert activation {type(act_fn).__name__} (only SiLU-gated experts)")
+    return two_f // 2
+
+
+def _routing_of(router: nn.Module) -> tuple[str, bool, float]:
+    """(routing, renormalize, sparsemixer eps) from the router's attributes."""
+    grouped = [a for a in GROUPED_ROUTING_ATTRIBUTES if hasattr(router, a)]
+    if grouped:
+        raise UnsupportedBlock(
+            f"sigmoid routing over expert groups with a score-correction bias ({', '.join(grouped)}; DeepSeek-V3 style)"
+        )
+    if getattr(router, "bias", None) is not None:
+        raise UnsupportedBlock("a router bias")
+    if hasattr(router, "router_jitter_noise"):  # PhiMoE: GRIN's sparsemixer, eps = router_jitter_noise
+        return "sparsemixer", False, float(router.router_jitter_noise)
+    if hasattr(router, "norm_topk_prob"):
+        return "softmax_topk", bool(router.norm_topk_prob), 0.0
+    return "softmax_topk", True, 0.0  # Mixtral: the softmax over the chosen logits (check_router confirms)
+
+
+def _check_children(block: nn.Module, router_name: str) -> bool:
+    """Whether the block has a (gated) shared expert, after checking it has nothing else."""
+    extra = sorted(set(dict(block.named_children())) - {router_name, "experts", SHARED_EXPERT, SHARED_EXPERT_GATE})
+    if extra:
+        kinds = ", ".join(f"{name} ({type(getattr(block, name)).__name__})" for name in extra)
+        raise UnsupportedBlock(f"extra submodules {kinds} (only a shared expert with a sigmoid gate is supported)")
+    has_shared = hasattr(block, SHARED_EXPERT)
+    if has_shared != hasattr(block, SHARED_EXPERT_GATE):
+        raise UnsupportedBlock("a shared expert without its sigmoid gate")
+    return has_shared
+
+
+def inspect_block(block: nn.Module) -> BlockSpec:
+    """The :class:`BlockSpec` of one block, or :class:`UnsupportedBlock` naming everything missing."""
+    router_name, router = _router(block)
+    num_experts, d_model = router.weight.shape
+    missing = []
+
+    def attempt(check, *args):
+        try:
+            return check(*args)
+        except UnsupportedBlock as err:
+            missing.append(str(err))
+
+    routing = attempt(_routing_of, router)
+    ffn_hidden = attempt(_check_experts, block.experts, num_experts, d_model)
+    has_shared = attempt(_check_children, block, router_name)
+    top_k = getattr(router, "top_k", getattr(block, "top_k", None))
+    if not isinstance(top_k, int):
+        missing.append("a top_k attribute on the router or the block")
+    if missing:
+        raise UnsupportedBlock(" and ".join(missing))
+    spec = BlockSpec(
+        router_name=router_name,
+        num_experts=num_experts,
+        top_k=top_k,
+        d_model=d_model,
+        ffn_hidden=ffn_hidden,
+        routing=routing[0],
+        renormalize=routing[1],
+        sparsemixer_eps=routing[2],
+        input_jitter=float(getattr(block, "jitter_noise", 0.0) or getattr(block, "input_jitter_noise", 0.0) or 0.0),
+        shared_expert=has_shared,
+    )
+    check_router(router, spec)
+    return spec
+
+
+def build_estimator(name: str, args: dict) -> Estimator:
+    return ESTIMATOR_REGISTRY.get(name, **args)
+
+
+def eval_routing(estimator: Estimator, logits_TE: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """``estimator``'s evaluation routing of ``logits_TE``: (weights, indices), each row sorted by expert."""
+    was_training = estimator.training
+    estimator.eval()
+    try:
+        with torch.no_grad():
+            routing = estimator.route(logits_TE.float(), top_k)
+    finally:
+        estimator.train(was_training)
+    return _sorted_by_expert(routing.weights.float(), routing.indices)
+
+
+def _sorted_by_expert(weights_TK: Tensor, indices_TK: Tensor) -> tuple[Tensor, Tensor]:
+    indices_TK, order_TK = indices_TK.sort(dim=-1)
+    return weights_TK.gather(-1, order_TK), indices_TK
+
+
+def routings_agree(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> bool:
+    return torch.equal(a[1], b[1]) and torch.allclose(a[0], b[0], rtol=1e-5, atol=1e-7)
+
+
+def probe_inputs(d_model: int, num_tokens: int = 64) -> Tensor:
+    return torch.randn(num_tokens, d_model, generator=torch.Generator().manual_seed(0))
+
+
+def check_router(router: nn.Module, spec: BlockSpec) -> None:
+    """Run a float32 copy of the block's own router in eval on a random probe and compare its
+    weights and chosen experts with what ``spec``'s native estimator computes from the same logits."""
+    reference = copy.deepcopy(router).float().eval()
+    x_TD = probe_inputs(spec.d_model)
+    with torch.no_grad():
+        out = reference(x_TD)
+    if not (isinstance(out, tuple) and len(out) == 3):
+        raise UnsupportedBlock("a router that returns (logits, weights, indices)")
+    logits_TE = x_TD @ reference.weight.T
+    theirs = _sorted_by_expert(out[1].float(), out[2].long())
+    name, args = spec.native_estimator()
+    ours = eval_routing(build_estimator(name, args), logits_TE, spec.top_k)
+    if not routings_agree(ours, theirs):
+        raise UnsupportedBlock(f"a router whose output is not {spec.describe()} of its logits")

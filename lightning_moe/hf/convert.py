@@ -1,0 +1,273 @@
+"""Hugging Face MoE models in and out: each sparse-MoE block becomes a block built on MoELayer.
+
+Shape legend: D model width, F expert hidden width, E experts.
+
+Layouts: Hugging Face keeps ``gate_up_proj`` [E, 2F, D] (gate rows first) and
+``down_proj`` [E, D, F] and computes ``linear(x, W) = x W^T``; :class:`~lightning_moe.Experts`
+keeps ``w1``/``v1`` [E, D, F] and ``w2`` [E, F, D] and computes ``x @ W``. So
+``w1 = gate_up_proj[:, :F].T``, ``v1 = gate_up_proj[:, F:].T``, ``w2 = down_proj.T`` (per
+expert), and the router's ``weight`` [E, D] is shared as is. Conversion runs block by
+block and frees each original tensor as soon as its copy exists, so a large model is
+never held twice: at most about two thirds of one block's experts exist twice at once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_moe.errors import ConfigError
+from lightning_moe.estimators import ESTIMATOR_REGISTRY, Estimator
+from lightning_moe.experts import Experts
+from lightning_moe.hf.blocks import (
+    SHARED_EXPERT,
+    SHARED_EXPERT_GATE,
+    SUPPORTED,
+    BlockSpec,
+    UnsupportedBlock,
+    build_estimator,
+    eval_routing,
+    find_blocks,
+    inspect_block,
+    probe_inputs,
+    routings_agree,
+)
+from lightning_moe.layer import MoELayer, moe_layers
+
+_SAVED_ROUTER_LOGITS = "_lightning_moe_output_router_logits"
+
+
+class HFMoEBlock(nn.Module):
+    """A Hugging Face sparse-MoE block running on :class:`~lightning_moe.MoELayer`.
+
+    ``forward(hidden_states [..., D]) -> [..., D]``, as the block it replaced. With a
+    shared expert (Qwen2-MoE) the output is ``moe(x) + sigmoid(shared_expert_gate(x)) *
+    shared_expert(x)``; the shared expert and its gate are the original modules, moved
+    here. The original block, emptied of its parameters, is kept (outside the module
+    tree, so it is in no ``state_dict``) for :func:`to_hf` to refill.
+    """
+
+    def __init__(self, moe: MoELayer, spec: BlockSpec, shell: nn.Module) -> None:
+        super().__init__()
+        self.moe = moe
+        self.spec = spec
+        self.shared_expert = getattr(shell, SHARED_EXPERT) if spec.shared_expert else None
+        self.shared_expert_gate = getattr(shell, SHARED_EXPERT_GATE) if spec.shared_expert else None
+        object.__setattr__(self, "hf_shell", shell)  # not a submodule: no parameters, not saved
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        out = self.moe(hidden_states)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(hidden_states)) * self.shared_expert(hidden_states)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"hf_block={type(self.hf_shell).__name__}, routing={self.spec.describe()!r}"
+
+
+def _take(module: nn.Module, name: str) -> nn.Parameter:
+    """Remove parameter ``name`` from ``module`` and return it (the module no longer holds it)."""
+    param = module._parameters[name]
+    setattr(module, name, None)
+    return param
+
+
+def _parameter(data: Tensor, like: nn.Parameter) -> nn.Parameter:
+    return nn.Parameter(data, requires_grad=like.requires_grad)
+
+
+def _estimator_choice(
+    estimator: str | Estimator | None, estimator_kwargs: dict[str, Any], spec: BlockSpec
+) -> tuple[str | Estimator, dict[str, Any]]:
+    """The estimator for one block: the family's own when None; a registered softmax estimator
+    gets the family's renormalisation unless the caller set it."""
+    if estimator is None:
+        name, args = spec.native_estimator()
+        return name, {**args, **estimator_kwargs}
+    if isinstance(estimator, Estimator):
+        if estimator_kwargs:
+            raise ConfigError("estimator arguments are only used with an estimator name, not an Estimator instance")
+        return estimator, {}
+    if not isinstance(estimator, str):
+        raise ConfigError(f"estimator must be a registered name or an Estimator, not {type(estimator).__name__}")
+    args = dict(estimator_kwargs)
+    cls = ESTIMATOR_REGISTRY[estimator]["estimator"] if estimator in ESTIMATOR_REGISTRY else None
+    if cls is not None and spec.routing == "softmax_topk" and "renormalize" in inspect.signature(cls).parameters:
+        args.setdefault("renormalize", spec.renormalize)
+    return estimator, args
+
+
+def _new_layer(spec: BlockSpec, estimator: str | Estimator, args: dict, backend: str, device: torch.device) -> MoELayer:
+    """A MoELayer for ``spec`` whose expert parameters are not allocated (they are assigned after).
+
+    Everything but the experts is built for real, so the layer's and the estimator's state
+    start at their own initial values; the experts are built on the meta device.
+    """
+    with torch.device(device):
+        layer = MoELayer(
+            spec.d_model,
+            1,  # placeholder width: these experts are replaced just below
+            spec.num_experts,
+            spec.top_k,
+            estimator=estimator,
+            backend=backend,
+            input_jitter=spec.input_jitter,
+            estimator_args=args,
+        )
+    with torch.device("meta"):
+        layer.experts = Experts(spec.d_model, spec.ffn_hidden, spec.num_experts, activation="swiglu", backend=backend)
+    return layer
+
+
+def _convert_block(
+    block: nn.Module, spec: BlockSpec, estimator: str | Estimator, args: dict, backend: str
+) -> HFMoEBlock:
+    experts = block.experts
+    layer = _new_layer(spec, estimator, args, backend, experts.gate_up_proj.device)
+    router = getattr(block, spec.router_name)
+    layer.router.weight = _take(router, "weight")
+    ours, f = layer.experts, spec.ffn_hidden
+    gate_up = _take(experts, "gate_up_proj")
+    ours.w1 = _parameter(gate_up[:, :f].transpose(1, 2).contiguous(), gate_up)
+    ours.v1 = _parameter(gate_up[:, f:].transpose(1, 2).contiguous(), gate_up)
+    del gate_up  # freed here: its copies exist, nothing else refers to it
+    down = _take(experts, "down_proj")
+    ours.w2 = _parameter(down.transpose(1, 2).contiguous(), down)
+    del down
+    meta = [name for name, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
+    if meta:
+        raise RuntimeError(f"MoELayer tensors left unconverted: {meta}")
+    converted = HFMoEBlock(layer, spec, block)
+    if spec.shared_expert:  # now owned by the converted block
+        setattr(block, SHARED_EXPERT, None)
+        setattr(block, SHARED_EXPERT_GATE, None)
+    return converted
+
+
+def _warn_if_eval_routing_differs(layer: MoELayer, spec: BlockSpec, family: str) -> None:
+    name, args = spec.native_estimator()
+    logits_TE = probe_inputs(spec.num_experts, 64) * 2
+    native = eval_routing(build_estimator(name, args), logits_TE, spec.top_k)
+    if not routings_agree(eval_routing(layer.estimator, logits_TE, spec.top_k), native):
+        warnings.warn(
+            f"estimator {type(layer.estimator).__name__} routes differently at evaluation than {family}"
+            f" ({spec.describe()}, estimator={name!r}): the exported model will run {family}'s own routing",
+            stacklevel=3,
+        )
+
+
+def family_name(model: nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+
+
+def from_hf(
+    model: nn.Module, estimator: str | Estimator | None = None, backend: str = "auto", **estimator_kwargs: Any
+) -> nn.Module:
+    """Replace each sparse-MoE block of a loaded ``transformers`` model by an :class:`HFMoEBlock`.
+
+    In place; returns ``model``. Router and expert weights move into ``MoELayer``'s layout
+    (same dtype, device and ``requires_grad``), keeping the family's routing exactly:
+    ``estimator=None`` picks the family's own (``topk`` with its renormalisation, or
+    ``sparsemixer_v2`` with the config's ``router_jitter_noise`` for PhiMoE); a named
+    softmax estimator (``topk``, ``densemixer``, ...) gets the family's renormalisation
+    unless ``renormalize`` is passed. Input jitter (Mixtral's ``router_jitter_noise``,
+    PhiMoE's ``input_jitter_noise``) becomes ``MoELayer.input_jitter``. An estimator whose
+    evaluation routing differs from the family's is allowed, with a warning.
+
+    Nothing is changed when a block cannot be represented exactly: one :class:`ConfigError`
+    names the family and what is missing. ``config.output_router_logits`` is switched off
+    (the routers it records are gone; balancing losses come from this library's callbacks)
+    and restored by :func:`to_hf`.
+    """
+    if importlib.util.find_spec("transformers") is None:
+        raise ImportError("lightning_moe.hf needs the `transformers` package: pip install 'lightning-moe[hf]'")
+    family = family_name(model)
+    if any(isinstance(m, HFMoEBlock) for m in model.modules()):
+        raise ConfigError(f"{family} model is already converted (it holds HFMoEBlock modules); call to_hf first")
+    blocks = find_blocks(model)
+    if not blocks:
+        raise ConfigError(
+            f"{family} has no sparse-MoE block to convert: expected modules with an `experts` child holding"
+            " gate_up_proj [E, 2F, D] and down_proj [E, D, F] (transformers >= 5 layout)"
+        )
+    specs, problems = [], {}
+    for name, block in blocks:
+        try:
+            specs.append(inspect_block(block))
+        except UnsupportedBlock as missing:
+            problems.setdefault(str(missing), type(block).__name__)
+    if problems:
+        listed = "; ".join(f"{block} has {what}" for what, block in problems.items())
+        raise ConfigError(f"cannot convert {family}: {listed}; {SUPPORTED}")
+    choices = [_estimator_choice(estimator, estimator_kwargs, spec) for spec in specs]
+    for (name, args), spec in zip(choices, specs):  # fail before any block changes
+        try:
+            probe = MoELayer._build_estimator(name, args)
+            probe.bind(num_experts=spec.num_experts, top_k=spec.top_k, d_model=spec.d_model)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"estimator={name!r} cannot run {family} ({spec.describe()}): {err}") from err
+
+    warned = False
+    for (name, block), spec, (chosen, args) in zip(blocks, specs, choices):
+        converted = _convert_block(block, spec, chosen, args, backend)
+        model.set_submodule(name, converted)
+        if not warned:
+            _warn_if_eval_routing_differs(converted.moe, spec, family)
+            warned = True
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "output_router_logits"):
+        setattr(model, _SAVED_ROUTER_LOGITS, config.output_router_logits)
+        config.output_router_logits = False
+    return model
+
+
+def _restore_block(block: HFMoEBlock) -> nn.Module:
+    """Refill the original block from ``block``'s MoELayer, freeing each tensor once copied."""
+    shell, spec, layer = block.hf_shell, block.spec, block.moe
+    if layer.experts.expert_parallel is not None:
+        raise ConfigError("to_hf needs every expert in this process; gather the expert-parallel shards first")
+    setattr(getattr(shell, spec.router_name), "weight", _take(layer.router, "weight"))
+    ours = layer.experts
+    w1, v1 = _take(ours, "w1"), _take(ours, "v1")
+    shell.experts.gate_up_proj = _parameter(torch.cat([w1.transpose(1, 2), v1.transpose(1, 2)], dim=1), w1)
+    del w1, v1
+    w2 = _take(ours, "w2")
+    shell.experts.down_proj = _parameter(w2.transpose(1, 2).contiguous(), w2)
+    del w2
+    if spec.shared_expert:
+        setattr(shell, SHARED_EXPERT, block.shared_expert)
+        setattr(shell, SHARED_EXPERT_GATE, block.shared_expert_gate)
+    return shell
+
+
+def to_hf(model: nn.Module) -> nn.Module:
+    """Turn a model converted by :func:`from_hf` back into its Hugging Face form, in place.
+
+    Returns ``model``, whose ``save_pretrained`` then writes an ordinary folder that
+    ``AutoModelForCausalLM.from_pretrained`` loads without this library. What the Hugging
+    Face format has no place for is dropped, with a warning when it was in use: an
+    aux-loss-free selection bias and Default MoE's default outputs.
+    """
+    family = family_name(model)
+    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, HFMoEBlock)]
+    if not blocks:
+        raise ConfigError(f"{family} model holds no HFMoEBlock: nothing to export (was it converted with from_hf?)")
+    dropped = set()
+    for _, layer in moe_layers(model):
+        if layer.use_selection_bias and bool(layer.selection_bias.any()):
+            dropped.add("the aux-loss-free selection bias")
+        if layer.estimator.needs_expert_outputs:
+            dropped.add(f"the {type(layer.estimator).__name__} estimator's state")
+    if dropped:
+        warnings.warn(f"{family} has no place for {' and '.join(sorted(dropped))}; not exported", stacklevel=2)
+    for name, block in blocks:
+        model.set_submodule(name, _restore_block(block))
+    if hasattr(model, _SAVED_ROUTER_LOGITS):
+        model.config.output_router_logits = getattr(model, _SAVED_ROUTER_LOGITS)
+        delattr(model, _SAVED_ROUTER_LOGITS)
+    return model
