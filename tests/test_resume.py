@@ -7,6 +7,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import train_bpe_tokenizer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_moe.callbacks import AuxLossFreeBalancing, LoadBalancingLoss, RouterZLoss, RoutingMonitor
@@ -36,17 +37,25 @@ class Recorder(L.Callback):
         self.logged[step] = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("moe/")}
 
 
-def train(tmp_path, moe, callbacks, run, ckpt_path=None, source=None):
+def train(tmp_path, moe, callbacks, run, ckpt_path=None, source=None, tokenizer="bytes"):
     L.seed_everything(0)
-    model = MoELanguageModel(
-        d_model=32, n_heads=2, n_layers=2, max_seq_len=16, moe=moe, warmup_steps=2, learning_rate=5e-3
-    )
     data = TextDataModule(
         source=source or str(write_corpus(tmp_path)),
         seq_len=16,
         batch_size=4,
         cache_dir=str(tmp_path / "cache"),
         val_fraction=0.1,
+        tokenizer=tokenizer,
+    )
+    model = MoELanguageModel(
+        vocab_size=data.vocab_size,
+        d_model=32,
+        n_heads=2,
+        n_layers=2,
+        max_seq_len=16,
+        moe=moe,
+        warmup_steps=2,
+        learning_rate=5e-3,
     )
     recorder = Recorder()
     checkpoints = ModelCheckpoint(dirpath=tmp_path / run, filename="{step}", every_n_train_steps=1, save_top_k=-1)
@@ -86,17 +95,24 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("config", sorted(CONFIGS))
-def test_resume_mid_epoch_repeats_the_uninterrupted_run_bit_for_bit(tmp_path, config):
+@pytest.mark.parametrize(
+    ("config", "tokenizer"),
+    [("default_moe_aux_free", "bytes"), ("sparsemixer_v2", "bytes"), ("sparsemixer_v2", "bpe")],
+)
+def test_resume_mid_epoch_repeats_the_uninterrupted_run_bit_for_bit(tmp_path, config, tokenizer):
     moe, callbacks = CONFIGS[config]
-    full_trainer, full, reference = train(tmp_path, moe, callbacks(), "full")
+    if tokenizer == "bpe":  # a BPE tokenizer trained on the corpus, read through the memory-mapped cache
+        tokenizer = str(train_bpe_tokenizer(tmp_path / "tokenizer.json", [write_corpus(tmp_path).read_text()], 260))
+    full_trainer, full, reference = train(tmp_path, moe, callbacks(), "full", tokenizer=tokenizer)
     epoch_length = full_trainer.num_training_batches
     assert 4 < epoch_length < 8, "the resume points below must fall inside epoch 0 and epoch 1"
     final_state = full.state_dict()
 
     for step in (4, epoch_length + 2):  # mid-epoch 0, and mid-epoch 1 (the shuffle order changes per epoch)
         ckpt = tmp_path / "full" / f"step={step}.ckpt"
-        trainer, resumed, recorder = train(tmp_path, moe, callbacks(), f"from{step}", ckpt_path=ckpt)
+        trainer, resumed, recorder = train(
+            tmp_path, moe, callbacks(), f"from{step}", ckpt_path=ckpt, tokenizer=tokenizer
+        )
         assert sorted(recorder.losses) == list(range(step, MAX_STEPS))
         for s in range(step, MAX_STEPS):
             assert recorder.losses[s] == reference.losses[s], f"resumed from step {step}: loss of step {s} differs"
