@@ -16,6 +16,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from lightning_moe.errors import ConfigError
 from lightning_moe.estimators import ESTIMATOR_REGISTRY, Estimator
 from lightning_moe.experts import ACTIVATIONS, BACKENDS, Experts
 from lightning_moe.float32_buffers import Float32Buffers
@@ -162,15 +163,15 @@ class MoELayer(Float32Buffers):
         super().__init__()
         for name, value in (("d_model", d_model), ("ffn_hidden", ffn_hidden), ("num_experts", num_experts)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+            raise ConfigError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
         if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r} is not valid; choose one of {BACKENDS}")
+            raise ConfigError(f"backend={backend!r} is not valid; choose one of {BACKENDS}")
         if activation not in ACTIVATIONS:
-            raise ValueError(f"activation={activation!r} is not valid; choose one of {ACTIVATIONS}")
+            raise ConfigError(f"activation={activation!r} is not valid; choose one of {ACTIVATIONS}")
         if not 0.0 <= input_jitter < 1.0:
-            raise ValueError(f"input_jitter must be in [0, 1), got {input_jitter!r}")
+            raise ConfigError(f"input_jitter must be in [0, 1), got {input_jitter!r}")
 
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.input_jitter = input_jitter
@@ -200,7 +201,7 @@ class MoELayer(Float32Buffers):
     def _build_estimator(estimator: str | Estimator, estimator_args: dict[str, Any]) -> Estimator:
         if isinstance(estimator, Estimator):
             if estimator_args:
-                raise ValueError("estimator_args are only used with an estimator name, not an instance")
+                raise ConfigError("estimator_args are only used with an estimator name, not an instance")
             return copy.deepcopy(estimator)
         if isinstance(estimator, str):
             return ESTIMATOR_REGISTRY.get(estimator, **estimator_args)

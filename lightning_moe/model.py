@@ -26,12 +26,12 @@ from lightning_moe.layer import MoELayer
 
 def _require_positive(name: str, value: int | float) -> None:
     if value <= 0:
-        raise ValueError(f"`{name}` must be > 0, got {value!r}.")
+        raise ConfigError(f"`{name}` must be > 0, got {value!r}.")
 
 
 def _require_activation(name: str, value: str) -> None:
     if value not in ACTIVATIONS:
-        raise ValueError(f"`{name}` must be one of {ACTIVATIONS}, got {value!r}.")
+        raise ConfigError(f"`{name}` must be one of {ACTIVATIONS}, got {value!r}.")
 
 
 #: The values of ``TransformerConfig.activation_checkpointing`` that turn it on.
@@ -88,7 +88,7 @@ class MoEConfig:
     def __post_init__(self) -> None:
         _require_positive("moe.num_experts", self.num_experts)
         if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(
+            raise ConfigError(
                 f"`moe.top_k` must be between 1 and `moe.num_experts` ({self.num_experts}), got {self.top_k}."
             )
         if self.ffn_hidden is not None:
@@ -96,9 +96,9 @@ class MoEConfig:
         if self.activation is not None:
             _require_activation("moe.activation", self.activation)
         if not 0.0 <= self.input_jitter < 1.0:
-            raise ValueError(f"`moe.input_jitter` must be in [0, 1), got {self.input_jitter}.")
+            raise ConfigError(f"`moe.input_jitter` must be in [0, 1), got {self.input_jitter}.")
         if self.every_n_layers < 1:
-            raise ValueError(f"`moe.every_n_layers` must be >= 1, got {self.every_n_layers}.")
+            raise ConfigError(f"`moe.every_n_layers` must be >= 1, got {self.every_n_layers}.")
 
     def is_moe_layer(self, index: int) -> bool:
         """Whether block ``index`` (0-based) gets an MoE feed-forward layer."""
@@ -155,12 +155,12 @@ class TransformerConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "rope_base", "norm_eps"):
             _require_positive(name, getattr(self, name))
         if self.d_model % self.n_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"`d_model` ({self.d_model}) must be divisible by `n_heads` ({self.n_heads});"
                 f" valid `n_heads` divide {self.d_model}."
             )
         if (self.d_model // self.n_heads) % 2:
-            raise ValueError(
+            raise ConfigError(
                 f"The head width `d_model / n_heads` = {self.d_model // self.n_heads} must be even for"
                 " rotary embeddings; change `d_model` or `n_heads`."
             )
@@ -178,7 +178,7 @@ class TransformerConfig:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig(**self.moe)
         if self.moe is not None and not isinstance(self.moe, MoEConfig):
-            raise ValueError(f"`moe` must be a MoEConfig, a dict or None, got {type(self.moe).__name__}.")
+            raise ConfigError(f"`moe` must be a MoEConfig, a dict or None, got {type(self.moe).__name__}.")
 
     @property
     def head_dim(self) -> int:

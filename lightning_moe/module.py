@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
+from lightning_moe.errors import ConfigError
 from lightning_moe.layer import add_missing_layer_state, labelled_tokens
 from lightning_moe.model import MoEConfig, MoETransformer, TransformerConfig
 
@@ -94,15 +95,15 @@ class MoELanguageModel(L.LightningModule):
     ) -> None:
         super().__init__()
         if learning_rate <= 0:
-            raise ValueError(f"`learning_rate` must be > 0, got {learning_rate}.")
+            raise ConfigError(f"`learning_rate` must be > 0, got {learning_rate}.")
         if weight_decay < 0:
-            raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay}.")
+            raise ConfigError(f"`weight_decay` must be >= 0, got {weight_decay}.")
         if not all(0.0 <= beta < 1.0 for beta in betas):
-            raise ValueError(f"`betas` must both lie in [0, 1), got {betas}.")
+            raise ConfigError(f"`betas` must both lie in [0, 1), got {betas}.")
         if warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}.")
+            raise ConfigError(f"`warmup_steps` must be >= 0, got {warmup_steps}.")
         if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(f"`min_lr_ratio` must be in [0, 1], got {min_lr_ratio}.")
+            raise ConfigError(f"`min_lr_ratio` must be in [0, 1], got {min_lr_ratio}.")
         moe_config = MoEConfig(**moe) if isinstance(moe, dict) else copy.deepcopy(moe)
         # Saved as a plain dict so checkpoints load with `weights_only=True` and
         # hparams.yaml stays readable; `__init__` accepts the dict back.
@@ -139,7 +140,7 @@ class MoELanguageModel(L.LightningModule):
         if hasattr(getattr(datamodule, "tokenizer", None), "state"):
             self.tokenizer_state = datamodule.tokenizer.state()
         if data_vocab_size is not None and data_vocab_size != self.model.config.vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"`model.vocab_size` ({self.model.config.vocab_size}) does not match the data's"
                 f" vocabulary size (`data.vocab_size` = {data_vocab_size}); set"
                 f" `model.vocab_size: {data_vocab_size}`."
@@ -179,7 +180,7 @@ class MoELanguageModel(L.LightningModule):
 
         mesh = self.device_mesh
         if mesh["tensor_parallel"].size() > 1:
-            raise ValueError(
+            raise ConfigError(
                 "MoELanguageModel under ModelParallelStrategy shards its parameters with FSDP2 only; tensor"
                 f" parallelism is not supported (tensor_parallel_size={mesh['tensor_parallel'].size()})."
                 " Use ModelParallelStrategy(data_parallel_size=<number of devices>, tensor_parallel_size=1)."
@@ -295,15 +296,15 @@ class MoELanguageModel(L.LightningModule):
         sampling reproducible.
         """
         if prompt_ids.dim() not in (1, 2) or prompt_ids.shape[-1] == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"`prompt_ids` must have shape [T] or [B, T] with T >= 1, got {tuple(prompt_ids.shape)}."
             )
         if max_new_tokens < 0:
-            raise ValueError(f"`max_new_tokens` must be >= 0, got {max_new_tokens}.")
+            raise ConfigError(f"`max_new_tokens` must be >= 0, got {max_new_tokens}.")
         if temperature < 0:
-            raise ValueError(f"`temperature` must be >= 0 (0 = greedy), got {temperature}.")
+            raise ConfigError(f"`temperature` must be >= 0 (0 = greedy), got {temperature}.")
         if top_k is not None and top_k < 1:
-            raise ValueError(f"`top_k` must be None or >= 1, got {top_k}.")
+            raise ConfigError(f"`top_k` must be None or >= 1, got {top_k}.")
         ids = (prompt_ids[None] if prompt_ids.dim() == 1 else prompt_ids).to(self.device)
         max_seq_len = self.model.config.max_seq_len
         was_training = self.training

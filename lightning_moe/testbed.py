@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_moe.errors import ConfigError
+
 #: Bump whenever the generated text would change for the same arguments.
 TESTBED_VERSION = 1
 DEFAULT_NUM_DOMAINS = 4
@@ -50,7 +52,7 @@ def parse_testbed_source(source: str) -> int | None:
         return None
     num_domains = int(match.group(1) or DEFAULT_NUM_DOMAINS)
     if not 2 <= num_domains <= len(_TERMINATORS):
-        raise ValueError(f"source={source!r}: the testbed has 2 to {len(_TERMINATORS)} domains, got {num_domains}")
+        raise ConfigError(f"source={source!r}: the testbed has 2 to {len(_TERMINATORS)} domains, got {num_domains}")
     return num_domains
 
 

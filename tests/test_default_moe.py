@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_moe import MoELayer
 from lightning_moe.callbacks.default_output_ema import DefaultOutputEMA
+from lightning_moe.errors import ConfigError
 from lightning_moe.estimators.default_moe import DefaultMoE
 
 D, HIDDEN, E = 8, 16, 4
@@ -295,7 +296,7 @@ def test_bad_arguments_name_the_field():
 def test_training_without_an_updater_fails_loudly_but_eval_and_no_grad_do_not():
     layer = make_layer(attach=False)
     x = torch.randn(4, D)
-    with pytest.raises(RuntimeError, match="DefaultOutputEMA"):
+    with pytest.raises(ConfigError, match="DefaultOutputEMA"):
         layer(x)
     with torch.no_grad():
         layer(x)
@@ -384,7 +385,7 @@ def test_trainer_updates_once_per_optimizer_step_over_all_micro_batches():
     assert "default_output_norm" in model.moe.routing_stats.telemetry  # logged by RoutingMonitor
     # The callback lets go after fit: training on without an updater fails loudly again.
     assert not estimator.updater_attached
-    with pytest.raises(RuntimeError, match="DefaultOutputEMA"):
+    with pytest.raises(ConfigError, match="DefaultOutputEMA"):
         model.moe(torch.randn(2, D))
 
 

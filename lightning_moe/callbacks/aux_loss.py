@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from lightning_moe.errors import ConfigError
 from lightning_moe.layer import MoELayer, moe_layers
 from lightning_moe.routing import Routing
 
@@ -66,7 +67,7 @@ class AuxLossCallback(L.Callback):
 
     def __init__(self, weight: float) -> None:
         if weight < 0:
-            raise ValueError(f"{type(self).__name__}: the loss weight must be >= 0, got {weight}")
+            raise ConfigError(f"{type(self).__name__}: the loss weight must be >= 0, got {weight}")
         self.weight = weight
 
     def loss(self, routing: Routing, logits_TE: Tensor, tokens_per_expert_E: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ from torch import Tensor
 from lightning_moe.callbacks.aux_loss import layer_tags
 from lightning_moe.callbacks.routing_monitor import StepStatsReader
 from lightning_moe.distributed import data_parallel_sum
+from lightning_moe.errors import ConfigError
 from lightning_moe.layer import MoELayer, moe_layers
 
 
@@ -63,7 +64,7 @@ class AuxLossFreeBalancing(L.Callback):
 
     def __init__(self, gamma: float = 1e-3) -> None:
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
-            raise ValueError(f"AuxLossFreeBalancing: gamma must be a number > 0, got {gamma!r}")
+            raise ConfigError(f"AuxLossFreeBalancing: gamma must be a number > 0, got {gamma!r}")
         self.gamma = float(gamma)
         self._layers: list[tuple[str, MoELayer]] = []
         self._stats = StepStatsReader()
@@ -74,7 +75,7 @@ class AuxLossFreeBalancing(L.Callback):
         for tag, layer in self._layers:
             if not layer.estimator.supports_selection_bias:
                 estimator = type(layer.estimator).__name__
-                raise ValueError(
+                raise ConfigError(
                     f"AuxLossFreeBalancing: MoELayer {names[id(layer)]!r} ({tag}) uses the estimator {estimator},"
                     f" which does not support a selection bias ({estimator}.supports_selection_bias is False;"
                     " for sampled routing such as SparseMixer's, a bias would change the distribution the router"

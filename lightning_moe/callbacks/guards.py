@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_moe.distributed import data_parallel_sum
+from lightning_moe.errors import ConfigError
 from lightning_moe.layer import FINITE_CHECKS, NONFINITE_TENSORS, MoELayer, moe_layers
 
 ACTIONS = ("raise", "skip")
@@ -38,7 +39,7 @@ def check_training_setup(trainer: L.Trainer, pl_module: L.LightningModule) -> No
     strategy = trainer.strategy
     device = strategy.root_device
     if isinstance(strategy, FSDPStrategy) and device.type == "cpu":
-        raise ValueError(
+        raise ConfigError(
             "FSDPStrategy cannot train on CPU: torch's FullyShardedDataParallel (FSDP1) needs an accelerator"
             " ('FSDP needs a non-CPU accelerator device'). On CPU use strategy='ddp' (or 'ddp_fork'), or"
             " lightning.pytorch.strategies.ModelParallelStrategy, whose FSDP2 (fully_shard) runs over gloo;"
@@ -98,9 +99,9 @@ class NonFiniteGuard(L.Callback):
 
     def __init__(self, action: str = "raise", check: str | None = None) -> None:
         if action not in ACTIONS:
-            raise ValueError(f"NonFiniteGuard: action={action!r} is not valid; choose one of {ACTIONS}")
+            raise ConfigError(f"NonFiniteGuard: action={action!r} is not valid; choose one of {ACTIONS}")
         if check is not None and check not in FINITE_CHECKS:
-            raise ValueError(f"NonFiniteGuard: check={check!r} is not valid; choose one of {FINITE_CHECKS} or None")
+            raise ConfigError(f"NonFiniteGuard: check={check!r} is not valid; choose one of {FINITE_CHECKS} or None")
         self.action = action
         self.check = check
         self.skipped_steps: list[int] = []

@@ -6,6 +6,7 @@ from torch import Tensor
 
 from lightning_moe.callbacks.aux_loss import AuxLossCallback
 from lightning_moe.distributed import data_parallel_sum
+from lightning_moe.errors import ConfigError
 from lightning_moe.losses import load_balancing_loss
 from lightning_moe.routing import Routing
 
@@ -27,7 +28,7 @@ class LoadBalancingLoss(AuxLossCallback):
     def __init__(self, alpha: float = 0.01, scope: str = "micro_batch") -> None:
         super().__init__(alpha)
         if scope not in SCOPES:
-            raise ValueError(f"LoadBalancingLoss: scope={scope!r} is not valid; choose one of {SCOPES}")
+            raise ConfigError(f"LoadBalancingLoss: scope={scope!r} is not valid; choose one of {SCOPES}")
         self.scope = scope
 
     def loss(self, routing: Routing, logits_TE: Tensor, tokens_per_expert_E: Tensor) -> Tensor:

@@ -17,6 +17,7 @@ from torchmetrics import Metric
 
 from lightning_moe.callbacks.aux_loss import layer_tags
 from lightning_moe.distributed import all_gather_objects
+from lightning_moe.errors import ConfigError
 from lightning_moe.layer import MoELayer, RoutingStats
 from lightning_moe.testbed import mutual_information
 
@@ -237,7 +238,7 @@ class RoutingMonitor(L.Callback):
             ("dead_warn_after", dead_warn_after, 1),
         ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-                raise ValueError(f"RoutingMonitor: {name} must be an int >= {minimum}, got {value!r}")
+                raise ConfigError(f"RoutingMonitor: {name} must be an int >= {minimum}, got {value!r}")
         self.log_every_n_steps = log_every_n_steps
         self.dead_window = dead_window
         self.dead_warn_after = dead_window if dead_warn_after is None else dead_warn_after

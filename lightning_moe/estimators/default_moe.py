@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
+from lightning_moe.errors import ConfigError
 from lightning_moe.estimators.base import Estimator, select_top_k
 from lightning_moe.estimators.registry import register_estimator
 from lightning_moe.float32_buffers import Float32Buffers
@@ -34,7 +35,7 @@ NO_UPDATER_MESSAGE = (
 def check_beta(beta: float) -> float:
     """``beta`` as a float, or ``ValueError`` when it is not an EMA decay in [0, 1)."""
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
-        raise ValueError(f"beta must be a float in [0, 1), got {beta!r}")
+        raise ConfigError(f"beta must be a float in [0, 1), got {beta!r}")
     return float(beta)
 
 
@@ -110,12 +111,12 @@ class DefaultMoE(Float32Buffers, Estimator):
     ) -> None:
         super().__init__()
         if renormalize:
-            raise ValueError(
+            raise ConfigError(
                 "renormalize=True is not supported by DefaultMoE: its gates are the softmax over all experts,"
                 " and renormalised top-k is outside the method. Use estimator='topk' for renormalised gates."
             )
         if weighted_normalizer not in WEIGHTED_NORMALIZERS:
-            raise ValueError(
+            raise ConfigError(
                 f"weighted_normalizer={weighted_normalizer!r} is not valid; choose one of {WEIGHTED_NORMALIZERS}"
             )
         self.beta = check_beta(beta)
@@ -147,7 +148,7 @@ class DefaultMoE(Float32Buffers, Estimator):
 
     def route(self, logits_TE: Tensor, top_k: int, selection_bias: Tensor | None = None) -> Routing:
         if self.training and torch.is_grad_enabled() and not self.updater_attached:
-            raise RuntimeError(NO_UPDATER_MESSAGE)
+            raise ConfigError(NO_UPDATER_MESSAGE)
         probs_TE = logits_TE.float().softmax(dim=-1)
         weights_TK, indices_TK = select_top_k(probs_TE, top_k, selection_bias)
         if self.training and self._gate_normalised():
@@ -177,7 +178,7 @@ class DefaultMoE(Float32Buffers, Estimator):
         # Also checked here: the first forward of reentrant activation checkpointing records
         # but runs without gradients, so route() does not check it.
         if not self.updater_attached:
-            raise RuntimeError(NO_UPDATER_MESSAGE)
+            raise ConfigError(NO_UPDATER_MESSAGE)
         sum_ED = stats.weighted_output_sum if self.weighted else stats.output_sum
         if sum_ED is None:
             raise ValueError("DefaultMoE needs per-expert output sums from the experts backend (ExpertStats)")

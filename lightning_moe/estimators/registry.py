@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, Callable
 
+from lightning_moe.errors import ConfigError
 from lightning_moe.estimators.base import Estimator
+
+
+def _construct(name: str, cls: type[Estimator], kwargs: dict[str, Any]) -> Estimator:
+    """``cls(**kwargs)``, or a :class:`ConfigError` naming the arguments ``cls`` does not take."""
+    try:
+        inspect.signature(cls).bind(**kwargs)
+    except TypeError as err:
+        accepted = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+        raise ConfigError(
+            f"estimator_args for estimator={name!r}: {err}; {cls.__name__} takes {', '.join(accepted) or 'no arguments'}"
+        ) from None
+    return cls(**kwargs)
 
 
 class EstimatorRegistry(dict):
@@ -48,17 +62,17 @@ class EstimatorRegistry(dict):
         """A new estimator instance for ``name`` (registry name or dotted class path)."""
         if name in self:
             entry = self[name]
-            return entry["estimator"](**{**entry["init_params"], **overrides})
+            return _construct(name, entry["estimator"], {**entry["init_params"], **overrides})
         if "." in name:
             module_name, _, class_name = name.rpartition(".")
             try:
                 cls = getattr(importlib.import_module(module_name), class_name)
             except (ImportError, AttributeError) as err:
-                raise ValueError(f"estimator={name!r}: cannot import it ({err}).") from err
+                raise ConfigError(f"estimator={name!r}: cannot import it ({err}).") from err
             if not (isinstance(cls, type) and issubclass(cls, Estimator)):
-                raise ValueError(f"estimator={name!r} is not an Estimator subclass.")
-            return cls(**overrides)
-        raise ValueError(
+                raise ConfigError(f"estimator={name!r} is not an Estimator subclass.")
+            return _construct(name, cls, overrides)
+        raise ConfigError(
             f"Unknown estimator={name!r}. Valid names: {', '.join(self.available_estimators())}"
             " (or a dotted path to an Estimator subclass)."
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lightning_moe.errors import ConfigError
 from lightning_moe.estimators.base import Estimator
 from lightning_moe.estimators.jitter import (
     draw_coins,
@@ -30,7 +31,7 @@ _GRAD_FACTOR = 2.0
 
 def _check_top_1(top_k: int) -> None:
     if top_k != 1:
-        raise ValueError(f"SparseMixer is top-1 only; use sparsemixer_v2 for top_k=2 (got top_k={top_k}).")
+        raise ConfigError(f"SparseMixer is top-1 only; use sparsemixer_v2 for top_k=2 (got top_k={top_k}).")
 
 
 @register_estimator("sparsemixer", description="SparseMixer: top-1 sampled routing with a mid-point router gradient.")
@@ -60,7 +61,7 @@ class SparseMixer(Estimator):
     def __init__(self, jitter_eps: float = 0.1, learnable_omega: bool = False) -> None:
         super().__init__()
         if not 0.0 <= jitter_eps < float("inf"):
-            raise ValueError(f"jitter_eps must be a finite number >= 0, got {jitter_eps}")
+            raise ConfigError(f"jitter_eps must be a finite number >= 0, got {jitter_eps}")
         self.jitter_eps = jitter_eps
         self.learnable_omega = learnable_omega
         self.register_parameter("omega", None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_moe.errors import ConfigError
 from lightning_moe.estimators.base import Estimator
 from lightning_moe.estimators.jitter import (
     draw_coins,
@@ -66,12 +67,12 @@ class SparseMixerV2(Estimator):
     def __init__(self, jitter_eps: float = 0.01) -> None:
         super().__init__()
         if not 0.0 <= jitter_eps < float("inf"):
-            raise ValueError(f"jitter_eps must be a finite number >= 0, got {jitter_eps}")
+            raise ConfigError(f"jitter_eps must be a finite number >= 0, got {jitter_eps}")
         self.jitter_eps = jitter_eps
 
     def bind(self, *, num_experts: int, top_k: int, d_model: int) -> None:
         if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got top_k={top_k}")
+            raise ConfigError(f"top_k must be in [1, num_experts={num_experts}], got top_k={top_k}")
 
     def route(self, logits_TE: Tensor, top_k: int) -> Routing:
         with torch.autocast(device_type=logits_TE.device.type, enabled=False):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_moe.errors import ConfigError
 from lightning_moe.estimators.base import Estimator, select_top_k
 from lightning_moe.estimators.registry import register_estimator
 from lightning_moe.routing import Routing
@@ -29,7 +30,7 @@ class TopK(Estimator):
     def __init__(self, renormalize: bool = False, jitter_eps: float = 0.0) -> None:
         super().__init__()
         if not 0.0 <= jitter_eps < 1.0:
-            raise ValueError(f"jitter_eps must be in [0, 1), got {jitter_eps}")
+            raise ConfigError(f"jitter_eps must be in [0, 1), got {jitter_eps}")
         self.renormalize = renormalize
         self.jitter_eps = jitter_eps
 
