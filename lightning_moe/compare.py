@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import yaml
 
+from lightning_moe.errors import ConfigError
 from lightning_moe.testbed import parse_testbed_source
 
 VAL_LOSS = "val/loss"
@@ -167,7 +168,7 @@ def _fit(
     are not in the record, so a run is resumed whichever way it was started. ``placement``:
     entries added to the record (the device it ran on).
     """
-    from lightning_moe.cli import main as cli_main
+    from lightning_moe import cli
 
     placement = placement or {}
     start = time.perf_counter()
@@ -175,13 +176,13 @@ def _fit(
         with warnings.catch_warnings(), _noting_ctrl_c() as interrupted:
             # LightningCLI warns when given args while sys.argv holds the compare command's own.
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            cli_main([*args, *(launch or [])])
+            cli.run([*args, *(launch or [])])
     except SystemExit as err:
         if interrupted:
             # Ctrl-C: Lightning shut the fit down and exited with 1. Stop the study (this run
             # left no done.json, so it runs again when the study is resumed).
             raise KeyboardInterrupt(f"compare: interrupted during {run_dir}") from err
-        return _failed(args, run_dir, err, placement)  # jsonargparse's exit for a bad flag
+        return _failed(args, run_dir, err, placement)
     # Any failure of one run is recorded and the study goes on.
     except Exception as err:  # noqa: BLE001
         return _failed(args, run_dir, err, placement)
@@ -223,13 +224,29 @@ def _failed(args: list[str], run_dir: Path, err: BaseException, placement: dict[
     return {"args": args, "status": "failed", "error": str(err), **placement}
 
 
-def _run(args: list[str], run_dir: Path) -> dict[str, Any]:
-    """Run one fit in this process unless ``run_dir`` holds a finished run with the same arguments."""
-    record = _finished(args, run_dir)
-    if record is None:
-        _empty(run_dir)
-        record = _fit(args, run_dir)
-    return record
+def _run_in_process(jobs: list[_Job]) -> list[dict[str, Any]]:
+    """Every job's record; each unfinished job is fitted here in turn, with a line on its start and end."""
+    records = []
+    for number, job in enumerate(jobs, start=1):
+        label = f"[compare] run {number}/{len(jobs)}: {job}"
+        record = _finished(job.args, job.run_dir)
+        if record is not None:
+            print(f"{label}: finished earlier, skipped ({job.run_dir})", flush=True)
+        else:
+            print(f"{label}: training -> {job.run_dir}", flush=True)
+            _empty(job.run_dir)
+            record = _fit(job.args, job.run_dir)
+            print(f"{label}: {_outcome(record, job.run_dir)}", flush=True)
+        records.append(record)
+    return records
+
+
+def _outcome(record: dict[str, Any], run_dir: Path) -> str:
+    if record["status"] != "done":
+        return f"failed ({record.get('error', '')}); see {run_dir / 'failed.txt'}"
+    val = read_scalars(run_dir).get(VAL_LOSS)
+    final = f"final {VAL_LOSS} {val[-1][1]:.4f}" if val else f"no {VAL_LOSS} logged"
+    return f"done in {record['wall_seconds']:.1f} s, {final}"
 
 
 # ----------------------------------------------------------------------------- one run per device
@@ -273,9 +290,9 @@ def _device_ids(devices: int | list[int] | str | None, cuda_devices: int | None)
     ):
         ids = list(devices)
     else:
-        raise ValueError(f"compare: devices={devices!r} is not valid; give {valid}")
+        raise ConfigError(f"compare: devices={devices!r} is not valid; give {valid}")
     if cuda_devices is not None and max(ids) >= cuda_devices:
-        raise ValueError(
+        raise ConfigError(
             f"compare: devices={devices!r} names CUDA devices that are not there: {cuda_devices} are visible,"
             f" so valid ids are 0..{cuda_devices - 1}"
         )
@@ -368,6 +385,9 @@ def _run_on_devices(
     ``<run_dir>/log.txt``.
     """
     records: list[dict[str, Any] | None] = [_finished(job.args, job.run_dir) for job in jobs]
+    for job, record in zip(jobs, records):
+        if record is not None:
+            print(f"[compare] {job}: finished earlier, skipped ({job.run_dir})", flush=True)
     pending = deque(i for i, record in enumerate(records) if record is None)
     free = list(device_ids)
     running: dict[int, _Child] = {}
@@ -913,17 +933,17 @@ def compare(
     Returns the contents of ``results.json``.
     """
     if not configurations:
-        raise ValueError("compare: give at least one configuration")
+        raise ConfigError("compare: configurations is empty; give at least one configuration")
     names = [c.name for c in configurations]
     if len(set(names)) != len(names) or any(not n or "/" in n or n.startswith(".") for n in names):
-        raise ValueError(f"compare: configuration names must be unique folder names, got {names}")
+        raise ConfigError(f"compare: configuration names must be unique folder names, got {names}")
     reference = reference or names[0]
     if reference not in names:
-        raise ValueError(f"compare: reference={reference!r} is not one of the configurations {names}")
+        raise ConfigError(f"compare: reference={reference!r} is not one of the configurations {names}")
     pairs = [tuple(pair) for pair in pairs or []]
     unknown = sorted({n for pair in pairs for n in pair} - set(names))
     if unknown:
-        raise ValueError(f"compare: pairs name configurations that do not exist: {unknown}")
+        raise ConfigError(f"compare: pairs name configurations that do not exist: {unknown}; choose from {names}")
     out = Path(output_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(base, dict):
@@ -932,13 +952,15 @@ def compare(
     else:
         base_config = Path(base).absolute()
         if not base_config.is_file():
-            raise FileNotFoundError(f"compare: base recipe {base!r} not found")
+            raise ConfigError(f"compare: base={base!r}: no such recipe file")
     common = dict(overrides or {})
     if steps is not None:
         common["trainer.max_steps"] = steps
     if corpus is not None:
         common["data.source"] = corpus
 
+    if not report_only:
+        _check_runs_validate(base_config, common, configurations)
     uses_cuda = _runs_use_cuda(base_config, common, configurations)
     device_ids = _device_ids(devices, torch.cuda.device_count() if uses_cuda else None)
 
@@ -954,11 +976,13 @@ def compare(
     if report_only:
         done = [job.run_dir / "done.json" for job in jobs]
         records = [json.loads(d.read_text()) if d.is_file() else {"status": "not run"} for d in done]
+        if not any(record["status"] == "done" for record in records):
+            raise ConfigError(
+                f"compare: report_only=true, but {out / 'runs'} holds no finished run of this study (none of its"
+                f" {len(jobs)} runs has a done.json); train it first, without --report_only"
+            )
     elif device_ids is None:
-        records = []
-        for job in jobs:
-            print(f"[compare] {job} -> {job.run_dir}", flush=True)
-            records.append(_run(job.args, job.run_dir))
+        records = _run_in_process(jobs)
     else:
         records = _run_on_devices(jobs, device_ids, uses_cuda, num_threads)
     runs = [
@@ -969,6 +993,8 @@ def compare(
         run["metrics"] = run_metrics(read_scalars(run["run_dir"])) if run["status"] == "done" else None
 
     target, summary = summarise(runs, reference)
+    if not summary:
+        print(f"[compare] no finished run logged {VAL_LOSS}: the report compares nothing", file=sys.stderr, flush=True)
     by_config = _finished_by_configuration(runs)
     pair_results = []
     for configuration, baseline in pairs:
@@ -1013,6 +1039,35 @@ def _training_command(argv: list[str]) -> str:
             continue
         kept.append(arg)
     return " ".join(["lightning-moe compare", *kept])
+
+
+def _check_runs_validate(base_config: Path, common: dict[str, Any], configurations: list[Configuration]) -> None:
+    """Refuse, before anything trains, a study whose runs would log no ``val/loss`` (the compared metric).
+
+    Caught here: validation turned off (``trainer.limit_val_batches: 0``), and a step budget
+    shorter than an integer ``trainer.val_check_interval`` (validation comes every that many
+    batches, and a run stopped by ``max_steps`` does not validate at its end).
+    """
+    problems = {}
+    for configuration in configurations:
+        def value(key: str) -> Any:
+            return configuration.overrides.get(key, _recipe_value(base_config, common, key))
+
+        steps, interval = value("trainer.max_steps"), value("trainer.val_check_interval")
+        limit = value("trainer.limit_val_batches")
+        if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit == 0:
+            problems[configuration.name] = f"trainer.limit_val_batches={limit}"
+        elif all(isinstance(v, int) and not isinstance(v, bool) for v in (steps, interval)) and 0 < steps < interval:
+            problems[configuration.name] = (
+                f"steps={steps} is below trainer.val_check_interval={interval} (give steps >= {interval})"
+            )
+    if not problems:
+        return
+    metric = f"so no run would log {VAL_LOSS}, the metric the report compares"
+    if len(problems) == len(configurations) and len(set(problems.values())) == 1:
+        raise ConfigError(f"compare: {next(iter(problems.values()))}, {metric}")
+    listed = "; ".join(f"configuration {name!r}: {problem}" for name, problem in problems.items())
+    raise ConfigError(f"compare: {listed}; {metric.replace('no run', 'those runs')}")
 
 
 def _recipe_value(base_config: Path, common: dict[str, Any], key: str) -> Any:

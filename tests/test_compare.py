@@ -23,6 +23,7 @@ import lightning_moe.cli
 import lightning_moe.compare
 from lightning_moe.compare import Configuration, compare, run_arguments, steps_to_reach, summarise
 from lightning_moe.data import TextDataModule
+from lightning_moe.errors import ConfigError
 from lightning_moe.module import MoELanguageModel
 
 ARTIFACTS = (
@@ -97,7 +98,7 @@ def in_process_study(tmp_path_factory) -> Path:
 
 
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
-def test_compare_end_to_end(in_process_study, monkeypatch):
+def test_compare_end_to_end(in_process_study, monkeypatch, capsys):
     config = in_process_study
     out = config.parent / "study"
     for artifact in ARTIFACTS:
@@ -151,11 +152,14 @@ def test_compare_end_to_end(in_process_study, monkeypatch):
 
     done = sorted(out.rglob("done.json"))
     stamps = [p.stat().st_mtime_ns for p in done]
-    monkeypatch.setattr(lightning_moe.cli, "main", no_training)
+    monkeypatch.setattr(lightning_moe.cli, "run", no_training)
     from lightning_moe.compare import main
 
     main(["--config", str(config)])
     assert [p.stat().st_mtime_ns for p in done] == stamps
+    printed = capsys.readouterr().out
+    for number, (name, seed) in enumerate([("topk", 0), ("smv2", 0), ("topk", 1), ("smv2", 1)], start=1):
+        assert f"[compare] run {number}/4: {name} seed {seed}: finished earlier, skipped" in printed
 
 
 def test_steps_to_reach():
@@ -403,3 +407,29 @@ def test_devices_are_the_visible_gpus_when_runs_use_cuda(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
     assert [_cuda_visible_devices(i, uses_cuda=True) for i in (0, 1)] == ["4", "6"]
     assert _cuda_visible_devices(1, uses_cuda=False) == "1"
+
+
+def test_compare_shows_progress_per_run(tmp_path, capsys):
+    compare([Configuration("topk")], base=_study(tmp_path)["base"], seeds=[0], steps=2, output_dir=str(tmp_path / "out"))
+    printed = capsys.readouterr().out
+    assert "[compare] run 1/1: topk seed 0: training ->" in printed
+    assert "[compare] run 1/1: topk seed 0: done in" in printed and "final val/loss" in printed
+
+
+def test_too_few_steps_to_validate_are_refused_before_training(tmp_path):
+    # steps below the recipe's val_check_interval: no run would log val/loss, the compared metric.
+    base = _study(tmp_path)["base"]
+    with pytest.raises(ConfigError, match=r"steps=1 .*val_check_interval=2.*steps >= 2"):
+        compare([Configuration("topk")], base=base, seeds=[0], steps=1, output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "runs").exists() and not (tmp_path / "out" / "summary.csv").exists()
+    # A configuration that turns validation off is refused too, naming it.
+    off = Configuration("no_val", {"trainer.limit_val_batches": 0})
+    with pytest.raises(ConfigError, match=r"no_val.*limit_val_batches=0"):
+        compare([Configuration("topk"), off], base=base, seeds=[0], steps=2, output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_report_only_without_finished_runs_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"report_only.*no finished run"):
+        compare([Configuration("topk")], base=_study(tmp_path)["base"], output_dir=str(tmp_path / "out"), report_only=True)
+    assert not (tmp_path / "out" / "summary.csv").exists()
