@@ -277,6 +277,18 @@ class MoELanguageModel(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        # A resumed run builds its schedule for its own length (estimated_stepping_batches), but the
+        # optimizer state brings the rate the checkpoint's schedule set for this step; with a new
+        # max_steps they differ, so set this run's rate from its first step on (a no-op otherwise).
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                # LambdaLR's own formula (get_lr), which warns when called outside step().
+                groups = scheduler.optimizer.param_groups
+                for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                    group["lr"] = base * factor(scheduler.last_epoch)
+
     @torch.no_grad()
     def generate(
         self,

@@ -1,5 +1,6 @@
 """Exact resume: ``fit(ckpt_path=...)`` continues bit for bit like an uninterrupted run (CPU, fp32)."""
 
+import math
 import random
 import warnings
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from helpers import train_bpe_tokenizer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_moe.callbacks import AuxLossFreeBalancing, LoadBalancingLoss, RouterZLoss, RoutingMonitor
 from lightning_moe.checkpointing import ResumableRNG, rng_states, set_rng_states
@@ -228,3 +230,57 @@ def test_a_finished_epoch_resumes_at_the_next_one():
     fresh = resumable_loader(dataset, 1, 0, batch_size=4, consumed=None)
     fresh.sampler.set_epoch(1)
     assert [x.tolist() for x, _ in resumed] == [x.tolist() for x, _ in fresh]
+
+
+class LearningRates(L.Callback):
+    """The learning rate each optimizer step uses (read before the step; the scheduler steps after it)."""
+
+    def __init__(self):
+        self.used = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.used[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
+
+def test_a_resumed_run_with_a_larger_max_steps_follows_the_cosine_of_its_new_length(tmp_path):
+    def fit(max_steps, ckpt_path=None):
+        L.seed_everything(0)
+        model = MoELanguageModel(
+            d_model=16,
+            n_heads=2,
+            n_layers=1,
+            max_seq_len=8,
+            moe={"num_experts": 2, "top_k": 1},
+            warmup_steps=2,
+            learning_rate=1.0,
+            min_lr_ratio=0.1,
+        )
+        tokens = torch.randint(0, 258, (64, 9), generator=torch.Generator().manual_seed(0))
+        data = DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=4)
+        lrs = LearningRates()
+        trainer = L.Trainer(
+            max_steps=max_steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            callbacks=[lrs],
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+        trainer.save_checkpoint(tmp_path / f"{max_steps}.ckpt")
+        return lrs.used
+
+    def factor(step, total):  # warmup, then cosine to min_lr_ratio at step total - 1
+        if step + 1 <= 2:
+            return (step + 1) / 2
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step + 1 - 2) / (total - 2))))
+
+    first = fit(10)
+    assert [first[s] for s in range(10)] == pytest.approx([factor(s, 10) for s in range(10)])
+    extended = fit(20, tmp_path / "10.ckpt")
+    # From the first resumed step on: the 20-step schedule at that step (back up from the 10-step floor).
+    assert sorted(extended) == list(range(10, 20))
+    assert [extended[s] for s in range(10, 20)] == pytest.approx([factor(s, 20) for s in range(10, 20)])
+    assert extended[10] > 5 * first[9]
