@@ -138,16 +138,9 @@ class InterruptAtStep(L.Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
-def train_bpe_tokenizer(path, texts, vocab_size=300, special_tokens=("<|endoftext|>",)):
-    """A byte-level BPE tokenizer trained on ``texts`` with the `tokenizers` library, saved to ``path``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_bpe_tokenizer(path, texts, vocab_size=300):
+    """A byte-level BPE tokenizer (special token ``<|endoftext|>``) trained on ``texts``, saved to ``path``."""
+    from lightning_moe.data.train_tokenizer import train_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tok.train_from_iterator(
-        texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), initial_alphabet=alphabet)
-    )
-    tok.save(str(path))
+    train_bpe(texts, vocab_size, str(path))
     return path

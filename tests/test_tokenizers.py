@@ -6,17 +6,20 @@ Every tokenizer here is trained or built locally with the `tokenizers` library; 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
+import yaml
 from helpers import train_bpe_tokenizer
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from lightning_moe.cli import MoECLI, main
 from lightning_moe.data import TextDataModule, decode
 from lightning_moe.data.tokenizers import load_tokenizer
+from lightning_moe.data.train_tokenizer import main as train_tokenizer
 from lightning_moe.errors import ConfigError
 from lightning_moe.module import MoELanguageModel
 
@@ -211,3 +214,25 @@ def test_checkpoint_records_the_tokenizer_and_sample_decodes_with_it(tmp_path, c
     capsys.readouterr()
     main(["sample", str(ckpt), "--prompt", prompt, "--max_new_tokens", "8"])
     assert capsys.readouterr().out == expected + "\n"
+
+
+def test_offline_bpe_recipe_trains_its_tokenizer_then_fits_and_samples(tmp_path, monkeypatch, capsys):
+    recipe = Path(__file__).parents[1] / "recipes" / "pretrain_bpe_offline.yaml"
+    data = yaml.safe_load(recipe.read_text())["data"]
+    monkeypatch.chdir(tmp_path)  # the recipe's tokenizer path is relative, as its comment's commands are
+    train_tokenizer(
+        ["--source", data["source"], "--vocab-size", "320", "--max-bytes", "200000", "--output", data["tokenizer"]]
+    )
+    tiny = ["--model.d_model=32", "--model.n_heads=2", "--model.n_layers=1", "--model.moe.ffn_hidden=32"]
+    main(
+        ["fit", "--config", str(recipe), *tiny, "--model.warmup_steps=1", "--data.seq_len=32", "--data.batch_size=4"]
+        + ["--data.max_bytes=200000", f"--data.cache_dir={tmp_path / 'cache'}", "--trainer.max_steps=2"]
+        + ["--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false"]
+    )
+    last = tmp_path / "runs" / "pretrain_bpe_offline" / "version_0" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["tokenizer"]["name"] == data["tokenizer"]
+    assert checkpoint["state_dict"]["model.embed.weight"].shape[0] == 320  # linked to the tokenizer
+    capsys.readouterr()
+    main(["sample", str(last), "--prompt", "import ", "--max_new_tokens", "5"])
+    assert capsys.readouterr().out.startswith("import ")
