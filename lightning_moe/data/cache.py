@@ -270,7 +270,7 @@ def build_cache(
     tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
-        writer = _Writer(tmp, np.dtype(tokenizer.dtype), tokenizer.doc_start_id, shard_tokens, max_tokens, seed)
+        writer = _Writer(tmp, tokenizer, shard_tokens, max_tokens, seed)
         docs, single = _peek_single(documents, val_fraction)
         with _Tokenize(tokenizer, num_proc) as tokenize:
             for names, sizes, token_lists in tokenize(_batches(docs)):
@@ -290,11 +290,12 @@ def build_cache(
             "length": np.asarray(writer.length, dtype=np.int64),
             "split": split.astype(np.uint8),
         }
-        # Counted once here, so that opening the cache never has to scan it.
-        train = _streams(tmp, writer.shard_names, tokenizer.dtype, *arrays.values())[0]
-        counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
-        for chunk in train.chunks():
-            counts += np.bincount(chunk, minlength=tokenizer.vocab_size)[: tokenizer.vocab_size]
+        # Stored so that opening the cache never has to scan it: the counts of all tokens,
+        # less those of the (small) validation split.
+        val = _streams(tmp, writer.shard_names, tokenizer.dtype, *arrays.values())[1]
+        counts = writer.counts.copy()
+        for chunk in val.chunks():
+            counts -= np.bincount(chunk, minlength=len(counts))
         index = os.path.join(tmp, "index.npz")
         np.savez(index, bytes=sizes, train_counts=counts, **arrays)
         files = dict(writer.files, **{"index.npz": _record(index)})
@@ -426,33 +427,35 @@ class _Tokenize:
 class _Writer:
     """Appends documents to shard files and records the per-document index."""
 
-    def __init__(
-        self, folder: str, dtype: np.dtype, doc_start_id: int, shard_tokens: int, max_tokens: int | None, seed: int
-    ) -> None:
-        self.folder, self.dtype, self.doc_start_id = folder, dtype, doc_start_id
+    def __init__(self, folder: str, tokenizer: Tokenizer, shard_tokens: int, max_tokens: int | None, seed: int) -> None:
+        self.folder, self.dtype, self.doc_start_id = folder, np.dtype(tokenizer.dtype), tokenizer.doc_start_id
+        vocab_size = tokenizer.vocab_size
         self.shard_tokens, self.max_tokens, self.seed = shard_tokens, max_tokens, seed
         self.shard, self.offset, self.length = array.array("i"), array.array("q"), array.array("q")
         self.sizes, self.scores = array.array("q"), array.array("Q")
         self.shard_names: list[str] = []
         self.files: dict[str, dict[str, int]] = {}
         self.total_tokens = self.total_bytes = 0
+        self.counts = np.zeros(vocab_size, dtype=np.int64)
         self._fh: Any = None
         self._crc = self._tokens_in_shard = 0
         self._names = open(os.path.join(folder, "documents.jsonl"), "w", encoding="utf-8")
 
     def add(self, names: list[str], sizes: list[int], token_lists: list[np.ndarray]) -> bool:
         """Write the documents; False once ``max_tokens`` is reached (nothing more is wanted)."""
+        written = []
         for name, size, tokens in zip(names, sizes, token_lists):
             n = len(tokens) + 1
             if self.max_tokens is not None:
                 n = min(n, self.max_tokens - self.total_tokens)
                 if n <= 0:
-                    return False
+                    break
             if self._fh is None or (self._tokens_in_shard and self._tokens_in_shard + n > self.shard_tokens):
                 self._next_shard()
             doc = np.empty(n, dtype=self.dtype)
             doc[0] = self.doc_start_id
             doc[1:] = tokens[: n - 1]
+            written.append(doc)
             data = doc.tobytes()
             self._fh.write(data)
             self._crc = zlib.crc32(data, self._crc)
@@ -465,6 +468,8 @@ class _Writer:
             self._tokens_in_shard += n
             self.total_tokens += n
             self.total_bytes += size
+        if written:
+            self.counts += np.bincount(np.concatenate(written), minlength=len(self.counts))
         return self.max_tokens is None or self.total_tokens < self.max_tokens
 
     def _next_shard(self) -> None:
