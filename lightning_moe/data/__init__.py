@@ -12,20 +12,37 @@ Corpora:
   from the seed (:mod:`lightning_moe.testbed`), whose batches also carry each token's
   domain.
 
-Tokens are raw UTF-8 bytes (ids 0..255) plus two specials, so no tokenizer has to be
-downloaded: :data:`BOS_ID` starts every document, :data:`EOS_ID` is reserved for
-padding / end of sequence. The train/validation split is by document, and the token
-streams are cached on disk so that a second run starts in well under a second.
+Tokens are raw UTF-8 bytes by default (ids 0..255 plus two specials, nothing to download:
+:data:`BOS_ID` starts every document, :data:`EOS_ID` pads), or the ids of any Hugging Face
+tokenizer (``tokenizer=``: a ``tokenizer.json``, a folder or a Hub name). The split is by
+document and deterministic; the token streams are written once, in parallel, to
+memory-mapped shards on disk that training reads without loading the corpus into memory,
+so a second run starts in well under a second (docs/data.md).
 
 Modules: :mod:`~lightning_moe.data.sources` (where text comes from),
 :mod:`~lightning_moe.data.tokenizers` (text to token ids), :mod:`~lightning_moe.data.cache`
 (the split and the on-disk token cache), :mod:`~lightning_moe.data.loading` (windows,
-resumable sampler and loader) and :mod:`~lightning_moe.data.module` (the data module).
+resumable sampler and loader), :mod:`~lightning_moe.data.module` (the data module) and
+:mod:`~lightning_moe.data.train_tokenizer` (a BPE tokenizer trained locally).
 """
 
+from lightning_moe.data.cache import TokenStream
 from lightning_moe.data.loading import ResumableDataLoader, ResumableSampler, TokenChunkDataset
 from lightning_moe.data.module import TextDataModule
-from lightning_moe.data.tokenizers import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, VOCAB_SIZE, decode, encode
+from lightning_moe.data.tokenizers import (
+    BOS_ID,
+    BYTE_VOCAB_SIZE,
+    EOS_ID,
+    PAD_ID,
+    VOCAB_SIZE,
+    HFTokenizer,
+    Tokenizer,
+    decode,
+    encode,
+    load_tokenizer,
+    tokenizer_from_state,
+)
+from lightning_moe.data.train_tokenizer import train_bpe
 
 __all__ = [
     "BOS_ID",
@@ -33,10 +50,16 @@ __all__ = [
     "EOS_ID",
     "PAD_ID",
     "VOCAB_SIZE",
+    "HFTokenizer",
     "ResumableDataLoader",
     "ResumableSampler",
     "TextDataModule",
     "TokenChunkDataset",
+    "TokenStream",
+    "Tokenizer",
     "decode",
     "encode",
+    "load_tokenizer",
+    "tokenizer_from_state",
+    "train_bpe",
 ]
