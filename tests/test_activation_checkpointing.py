@@ -65,18 +65,24 @@ def assert_recorded_once(layer: MoELayer, reference: MoELayer, num_tokens: int) 
     assert stats.aux_losses.keys() == ref.aux_losses.keys()
     for name in stats.aux_losses:
         torch.testing.assert_close(stats.aux_losses[name], ref.aux_losses[name], msg=name)
-    if hasattr(layer.estimator, "_step_sums_EC"):  # Default MoE: the step's output sums | token counts
+    if hasattr(layer.estimator, "_step_sums_EC"):  # Default MoE: the step's output sums | normalisers
         sums, ref_sums = layer.estimator._step_sums_EC, reference.estimator._step_sums_EC
-        assert sums[:, -1].sum().item() == num_tokens * layer.top_k
+        if not layer.estimator.weighted:  # the normalisers are token counts
+            assert sums[:, -1].sum().item() == num_tokens * layer.top_k
         torch.testing.assert_close(sums, ref_sums)
+    # The non-finite check (for NonFiniteGuard) ran in the recorded forward.
+    assert layer.nonfinite is not None and torch.equal(layer.nonfinite, reference.nonfinite)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend", [*CPU_BACKENDS, "megablocks"])
-def test_checkpoint_of_default_moe_runs_and_matches(monkeypatch, backend, mode):
+def test_checkpoint_of_default_moe_runs_and_matches(monkeypatch, backend, mode, weighted):
     if backend == "megablocks":
         use_fake_kernels(monkeypatch, FakeKernels())
-    layer = prepare(MoELayer(D, 16, E, 2, estimator="default_moe", backend=backend)).train()
+    estimator_args = {"weighted": weighted}
+    layer = MoELayer(D, 16, E, 2, estimator="default_moe", backend=backend, estimator_args=estimator_args)
+    layer = prepare(layer).train()
     reference = copy.deepcopy(layer)
     x = torch.randn(12, D)
     ref_grads = run_layer(reference, x, None)
