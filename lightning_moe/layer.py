@@ -148,6 +148,8 @@ class MoELayer(Float32Buffers):
     ``routing_stats.label_expert_counts``.
     """
 
+    float32_buffers = ("selection_bias",)
+
     def __init__(
         self,
         d_model: int,
@@ -206,8 +208,6 @@ class MoELayer(Float32Buffers):
         if isinstance(estimator, str):
             return ESTIMATOR_REGISTRY.get(estimator, **estimator_args)
         raise TypeError(f"estimator must be a registered name or an Estimator instance, got {type(estimator).__name__}")
-
-    float32_buffers = ("selection_bias",)
 
     @property
     def use_selection_bias(self) -> bool:
