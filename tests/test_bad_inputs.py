@@ -1,0 +1,167 @@
+"""Every bad input listed in docs/bad_inputs.md gives one ``error: ...`` line naming the field, exit 2.
+
+The commands run in-process (:func:`lightning_moe.cli.main`, stderr captured) in a scratch
+folder holding the files the list refers to; two run as real ``lightning-moe`` processes to
+show the installed command behaves the same.
+"""
+
+import contextlib
+import io
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from lightning_moe.cli import main
+from lightning_moe.module import MoELanguageModel
+
+ROOT = Path(__file__).resolve().parents[1]
+LIST = ROOT / "docs" / "bad_inputs.md"
+
+# A tiny model and corpus, put before the bad flags of training commands (so they win).
+TINY = [
+    "--model.d_model=32",
+    "--model.n_heads=2",
+    "--model.n_layers=1",
+    "--model.max_seq_len=16",
+    "--model.moe.num_experts=4",
+    "--model.moe.ffn_hidden=32",
+    "--data.source=corpus.txt",
+    "--data.seq_len=16",
+    "--data.batch_size=2",
+    "--data.cache_dir=cache",
+    "--trainer.max_steps=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.val_check_interval=2",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.logger.init_args.save_dir=runs",
+]
+
+
+def listed_cases():
+    cases = []
+    for line in LIST.read_text().splitlines():
+        match = re.match(r"\| (\d+) \| `(.+?)` \| `(.+?)` \|", line)
+        if match:
+            number, command, field = int(match[1]), match[2], match[3]
+            cases.append(pytest.param(command, field, id=f"{number}"))
+    return cases
+
+
+def cli_args(command):
+    args = shlex.split(command)
+    assert args[0] == "lightning-moe"
+    args = args[1:]
+    if args[0] in ("fit", "validate", "test", "predict") and args[1:3] == ["--config", "recipes/quickstart.yaml"]:
+        args = args[:3] + TINY + args[3:]
+    return args
+
+
+def run_in_process(args):
+    """(exit status, stderr) of ``lightning-moe ARGS`` run by calling ``main``."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(args)
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, err.getvalue()
+
+
+def save_moe_checkpoint(path):
+    module = MoELanguageModel(d_model=32, n_heads=2, n_layers=1, max_seq_len=16, moe={"num_experts": 4, "ffn_hidden": 32})
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(path)
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad_inputs")
+    (folder / "recipes").symlink_to(ROOT / "recipes")
+    text = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(400))
+    (folder / "corpus.txt").write_text(text)
+    (folder / "notes.txt").write_text("not a checkpoint\n")
+    (folder / "empty.txt").write_text("")
+    (folder / "empty_folder").mkdir()
+    save_moe_checkpoint(folder / "moe.ckpt")
+    (folder / "truncated.ckpt").write_bytes((folder / "moe.ckpt").read_bytes()[:2000])
+    other = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    other.strategy.connect(BoringModel())
+    other.save_checkpoint(folder / "other_model.ckpt")
+    return folder
+
+
+def test_the_list_is_long_enough():
+    assert len(listed_cases()) >= 25
+
+
+@pytest.mark.parametrize(("command", "field"), listed_cases())
+def test_bad_input_gives_one_line_naming_the_field(command, field, scratch, monkeypatch):
+    monkeypatch.chdir(scratch)
+    monkeypatch.delenv("LIGHTNING_MOE_DEBUG", raising=False)
+    code, stderr = run_in_process(cli_args(command))
+    lines = stderr.splitlines()
+    assert code == 2, stderr
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: ") and field in lines[0], lines[0]
+
+
+def test_validate_with_a_missing_checkpoint_creates_no_run_folder(tmp_path, scratch, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    (tmp_path / "corpus.txt").write_text((scratch / "corpus.txt").read_text())
+    code, stderr = run_in_process(cli_args("lightning-moe validate --config recipes/quickstart.yaml --ckpt_path gone.ckpt"))
+    assert code == 2 and "gone.ckpt" in stderr
+    assert not (tmp_path / "runs").exists(), sorted(p.name for p in (tmp_path / "runs").rglob("*"))
+
+
+def test_debug_shows_the_traceback(scratch, monkeypatch):
+    monkeypatch.chdir(scratch)
+    args = cli_args("lightning-moe fit --config recipes/quickstart.yaml --model.learning_rate -1")
+    with pytest.raises(ValueError, match="learning_rate"):
+        main([*args, "--debug"])
+    monkeypatch.setenv("LIGHTNING_MOE_DEBUG", "1")
+    with pytest.raises(ValueError, match="learning_rate"):
+        main(args)
+
+
+def test_a_bug_keeps_its_traceback(scratch, monkeypatch):
+    """An error that is not the user's (here: a broken sampler) is not turned into one line."""
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(MoELanguageModel, "sample_text", broken)
+    with pytest.raises(ZeroDivisionError):
+        main(["sample", str(scratch / "moe.ckpt")])
+
+
+def test_the_installed_command_prints_one_line(scratch):
+    command, field = "lightning-moe fit --config recipes/quickstart.yaml --model.moe.top_k 9", "top_k"
+    env = {k: v for k, v in os.environ.items() if k != "LIGHTNING_MOE_DEBUG"}
+    script = Path(sys.executable).parent / "lightning-moe"
+    result = subprocess.run(
+        [str(script), *cli_args(command)], cwd=scratch, capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and field in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    # Whatever else is on stderr is Lightning's log of the seed, never part of the error.
+    assert all(line.startswith(("error: ", "Seed set to")) for line in result.stderr.splitlines()), result.stderr
+
+
+def test_moe_checkpoint_fixture_is_a_real_checkpoint(scratch):
+    """The list's "good" checkpoint loads, so the errors about it are about the flags, not the file."""
+    module = MoELanguageModel.load_from_checkpoint(scratch / "moe.ckpt", map_location="cpu")
+    assert module.hparams.d_model == 32 and torch.is_tensor(next(module.parameters()))
