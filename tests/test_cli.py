@@ -3,10 +3,14 @@
 import re
 from pathlib import Path
 
+import lightning as L
 import pytest
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_moe.cli import main
+from lightning_moe.cli import main, use_step_progress_bar
 from lightning_moe.data import TextDataModule
 from lightning_moe.module import MoELanguageModel
 
@@ -79,7 +83,11 @@ def test_quickstart_fit_writes_logs_and_checkpoint_then_samples(tmp_path, capsys
     assert list(run_dir.glob("events.out.tfevents.*")), "no TensorBoard event file"
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.is_file()
-    capsys.readouterr()
+    # fit ends by saying where its results are.
+    printed = capsys.readouterr().out.splitlines()
+    best = next(run_dir.glob("checkpoints/epoch=*.ckpt"))
+    assert printed[-3:-1] == [f"Run folder: {run_dir}", f"Last checkpoint: {last}"]
+    assert re.fullmatch(rf"Best checkpoint: {re.escape(str(best))} \(val/loss \d+\.\d{{4}}\)", printed[-1])
     main(["sample", str(last), "--prompt", "import ", "--max_new_tokens", "20"])
     out = capsys.readouterr().out
     assert out.startswith("import ")
@@ -103,3 +111,41 @@ def test_sample_names_a_missing_or_damaged_checkpoint_without_a_traceback(tmp_pa
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert re.fullmatch(r"error: Cannot read the checkpoint .*last.ckpt.*truncated or corrupt.*step=10.*\n", err)
+
+
+def test_top_level_help_lists_every_subcommand(capsys):
+    main(["--help"])
+    printed = capsys.readouterr().out
+    for subcommand in ("fit", "validate", "test", "predict", "sample", "compare"):
+        assert re.search(rf"^  {subcommand} ", printed, re.M), subcommand
+    assert "--debug" in printed and "LIGHTNING_MOE_DEBUG" in printed
+
+
+@pytest.mark.parametrize("bar_class", [TQDMProgressBar, RichProgressBar])
+def test_progress_bar_counts_steps_of_max_steps(bar_class, tmp_path):
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            bar = trainer.progress_bar_callback
+            if isinstance(bar, TQDMProgressBar):
+                seen.append((bar.train_progress_bar.desc.rstrip(": "), bar.train_progress_bar.n, bar.train_progress_bar.total))
+            else:
+                task = bar.progress.tasks[bar.train_progress_bar_id]
+                seen.append((task.description.strip(), task.completed, task.total))
+            metrics.update(bar.get_metrics(trainer, pl_module))
+
+    seen, metrics = [], {}
+    trainer = L.Trainer(
+        max_steps=6,
+        accumulate_grad_batches=2,  # 2 batches per step: the bar counts steps, not batches
+        limit_val_batches=0,
+        callbacks=[bar_class(), Record()],
+        logger=TensorBoardLogger(tmp_path),  # version 0: Lightning would show v_num
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    use_step_progress_bar(trainer)
+    trainer.fit(BoringModel())
+    assert seen[-1] == ("Steps", 6, 6) and len(seen) == 12
+    assert [completed for _, completed, _ in seen] == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
+    assert "v_num" not in metrics
