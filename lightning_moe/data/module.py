@@ -171,9 +171,10 @@ class TextDataModule(lightning.LightningDataModule):
         sharding = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
         num_replicas, rank = (sharding["num_replicas"], sharding["rank"]) if sharding else (1, 0)
         if len(ds) < num_replicas:
-            raise ValueError(
-                f"source={self.source!r}: the training split has {len(ds)} sequences of seq_len={self.seq_len},"
-                f" fewer than the {num_replicas} data-parallel ranks; use more text or a smaller seq_len."
+            raise ConfigError(
+                f"data.source={self.source!r}: the training split has {len(ds)} sequences of"
+                f" data.seq_len={self.seq_len}, fewer than the {num_replicas} data-parallel ranks;"
+                " use more text or a smaller seq_len"
             )
         per_rank = len(ds) // num_replicas
         return ResumableDataLoader(

@@ -29,7 +29,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?(:[\w.\-]+)?$")
 _FILE_EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,4}$")
 _GLOB_CHARS = frozenset("*?[")
 # A file is "not text" when more than this share of its first _SNIFF_BYTES is control
-# bytes or invalid UTF-8: random or compressed bytes come out near 60%, while text in a
+# bytes or invalid UTF-8: random or compressed bytes come out near 50%, while text in a
 # legacy 8-bit encoding (accented letters invalid as UTF-8) stays below 20% even when
 # every fifth letter is accented.
 _MAX_BINARY_SHARE = 0.3
@@ -91,12 +91,15 @@ def _read_text(path: str, skip_binary: bool, source: str) -> bytes | None:
     """The file's text as UTF-8; ``None`` for a file that is not text when ``skip_binary``, else an error."""
     with open(path, "rb") as fh:
         raw = fh.read()
+    # Same heuristic as git: a NUL byte near the start means "binary, not text".
+    if skip_binary and b"\x00" in raw[:8192]:
+        return None
     try:
         raw.decode("utf-8")
         valid = True
     except UnicodeDecodeError:
         valid = False
-    share = _binary_share(raw, valid)
+    share = _binary_share(raw[:_SNIFF_BYTES], valid)
     if share > _MAX_BINARY_SHARE:
         if skip_binary:
             return None
@@ -107,12 +110,8 @@ def _read_text(path: str, skip_binary: bool, source: str) -> bytes | None:
     return raw if valid else raw.decode("utf-8", errors="replace").encode("utf-8")
 
 
-def _binary_share(raw: bytes, valid_utf8: bool) -> float:
-    """Share of a file's first bytes that no text file has: invalid UTF-8, NUL and other control bytes."""
-    # Same as git for NUL: one near the start means "binary, not text".
-    if b"\x00" in raw[:8192]:
-        return 1.0
-    head = raw[:_SNIFF_BYTES]
+def _binary_share(head: bytes, valid_utf8: bool) -> float:
+    """Share of ``head`` that no text has: NUL and other control bytes, and invalid UTF-8."""
     if not head:
         return 0.0
     controls = len(head) - len(head.translate(None, _CONTROL_BYTES))
