@@ -31,6 +31,7 @@ import bisect
 import collections
 import concurrent.futures
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -339,23 +340,10 @@ def _process_alive(pid: int) -> bool:
 def _peek_single(documents: Iterable[tuple[str, bytes]], val_fraction: float) -> tuple[Iterator, bool]:
     """The documents again, split by bytes when there is exactly one; and whether there was one."""
     it = iter(documents)
-    first = list(_take(it, 2))
+    first = list(itertools.islice(it, 2))
     if len(first) == 1:
         return iter(split_single_document(*first[0], val_fraction)), True
-    return _chain(first, it), False
-
-
-def _take(it: Iterator, n: int) -> Iterator:
-    for _ in range(n):
-        try:
-            yield next(it)
-        except StopIteration:
-            return
-
-
-def _chain(head: list, tail: Iterator) -> Iterator:
-    yield from head
-    yield from tail
+    return itertools.chain(first, it), False
 
 
 def _batches(documents: Iterator[tuple[str, bytes]]) -> Iterator[tuple[list[str], list[bytes]]]:
