@@ -86,7 +86,7 @@ declare -A SHA256=(
     [stanford_stk-0.7.1.tar.gz]=fc46140c2572ee9c008b2ac67ee6656f63f49c1074da8aea0923fa8290702871
     [grouped_gemm-0.3.0.tar.gz]=f0555da33a975610e9160f52449082c5e699525524581a0e5f990b14b02676a3
 )
-ORDER=(stanford_stk-0.7.1.tar.gz grouped_gemm-0.3.0.tar.gz megablocks-0.10.0.tar.gz)
+ORDER=(stanford_stk-0.7.1.tar.gz megablocks-0.10.0.tar.gz grouped_gemm-0.3.0.tar.gz)  # patched one first: fail early
 
 log() { echo "[$(date -u +%H:%M:%S)] $*"; }
 start_all=$(date +%s)
@@ -148,6 +148,28 @@ for archive in "${ORDER[@]}"; do
         || { echo "error: $archive does not match PyPI's SHA-256" >&2; exit 1; }
 done
 
+# megablocks 0.10.0 passes CUB's `debug_synchronous` argument to DeviceScan::ExclusiveSum /
+# InclusiveSum (csrc/cumsum.h). CUB 2.0 (CUDA 12) deprecated it and ignored its value; CCCL
+# 3.0 (CUDA 13) removed it, so the file does not compile there. Dropping the argument is
+# what CUB 2.x did with it anyway. The patched build is labelled 0.10.0+cccl3 (a local
+# version: `megablocks==0.10.0` still matches it).
+rm -rf "$WORK/src" && mkdir -p "$WORK/src"
+tar -xzf "$SDIST/megablocks-0.10.0.tar.gz" -C "$WORK/src"
+"$PY" - "$WORK/src/megablocks-0.10.0" <<'EOF'
+import re, sys
+from pathlib import Path
+
+root = Path(sys.argv[1])
+cumsum = root / "csrc" / "cumsum.h"
+text, count = re.subn(r",\s*debug_synchronous\)\);", "));", cumsum.read_text())
+if count != 2:
+    sys.exit(f"error: expected 2 DeviceScan calls with debug_synchronous in {cumsum}, found {count}")
+cumsum.write_text(text)
+version = root / "megablocks" / "_version.py"
+version.write_text(version.read_text().replace("'0.10.0'", "'0.10.0+cccl3'"))
+print("patched megablocks 0.10.0 -> 0.10.0+cccl3: csrc/cumsum.h without debug_synchronous")
+EOF
+
 # 4. Build. --no-build-isolation compiles against the torch above, not the torch 2.7 that
 # megablocks' metadata pins; --no-cache-dir keeps pip from reusing a wheel built for other
 # architectures; setting TORCH_CUDA_ARCH_LIST keeps setup.py from asking for a GPU.
@@ -159,8 +181,10 @@ TIMEFORMAT='%R %U %S'
 for archive in "${ORDER[@]}"; do
     log "building $archive (MAX_JOBS=$JOBS)"
     build_log="$OUT/build-${archive%.tar.gz}.log"
+    source="$SDIST/$archive"
+    [[ $archive == megablocks-* ]] && source="$WORK/src/megablocks-0.10.0"  # patched above
     if ! { time "${RUN[@]}" "$PY" -m pip wheel -v --no-cache-dir --no-build-isolation --no-deps -w "$OUT" \
-        "$SDIST/$archive" > "$build_log" 2>&1; } 2> "$OUT/.time"; then
+        "$source" > "$build_log" 2>&1; } 2> "$OUT/.time"; then
         tail -n 40 "$build_log" >&2
         echo "error: building $archive failed (log: $build_log)" >&2
         exit 1
@@ -224,7 +248,7 @@ for wheel in sorted(Path(out).glob("*.whl")):
                     "needs_glibcxx": newest(set(re.findall(rb"GLIBCXX_(\d+\.\d+(?:\.\d+)?)", data))),
                 }
     wheels[wheel.name] = info
-packages = ("stanford-stk", "grouped_gemm", "megablocks")
+packages = ("stanford-stk", "megablocks", "grouped_gemm")  # the build order
 wall = {p: float(t) for p, t in zip(packages, times[0::2])}
 cpu = {p: float(t) for p, t in zip(packages, times[1::2])}
 info = {
@@ -241,6 +265,7 @@ info = {
     "build_seconds": wall,
     "build_cpu_seconds": cpu,
     "total_seconds": int(total),
+    "patches": ["megablocks: csrc/cumsum.h without CUB's removed debug_synchronous argument (0.10.0+cccl3)"],
     "compiler": subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout.splitlines()[0],
     "wheels": wheels,
     "total_bytes": sum(w["bytes"] for w in wheels.values()),
