@@ -20,9 +20,9 @@ statistics' collectives) and the ratios to the one-process run. On a machine wit
 free cores than processes the two ranks share cores and the ratios show that, not DDP's
 overhead; the script prints the core count so the numbers can be read. Not a test.
 
-Multi-GPU runs would measure the same three numbers with ``--accelerator gpu`` over NCCL,
-where the all-reduce of the expert gradients (the bulk of the parameters) overlaps with
-backward and dominates the gap between weak-scaling step time and the one-GPU step time.
+The script runs on CPU only (gloo). On GPUs the same comparison would run over NCCL, where
+the all-reduce of the expert gradients (the bulk of the parameters) overlaps with backward
+and dominates the gap between weak-scaling step time and the one-GPU step time.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def measure(args: argparse.Namespace, processes: int, batch: int, expert_paralle
     return statistics.median(times[args.warmup :])
 
 
-def main() -> None:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
@@ -124,7 +124,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--estimator", default="topk")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = make_parser().parse_args()
 
     one = measure(args, 1, args.batch)
     weak = measure(args, 2, args.batch)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
-from lightning_moe import MoELayer
+from lightning_moe import MoELayer, available_estimators
 from lightning_moe.callbacks import (
     AuxLossFreeBalancing,
     DefaultOutputEMA,
@@ -39,6 +39,8 @@ from lightning_moe.callbacks import (
 from lightning_moe.data import VOCAB_SIZE, TextDataModule
 
 BALANCING = ("loss", "aux_free")
+#: The estimators that run in this model (top-2 routing): all but SparseMixer, which is top-1 only.
+ESTIMATORS = tuple(name for name in available_estimators() if name != "sparsemixer")
 
 
 class ByteMoEModel(nn.Module):
@@ -135,11 +137,16 @@ def main(
     return trainer
 
 
-if __name__ == "__main__":
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--max-steps", type=int, default=200)
     parser.add_argument("--root-dir", default="runs/own_module")
-    parser.add_argument("--estimator", default="topk", help="topk, default_moe, sparsemixer or sparsemixer_v2")
+    parser.add_argument(
+        "--estimator",
+        choices=ESTIMATORS,
+        default="topk",
+        help="the router's estimator (sparsemixer is left out: it routes top-1 only, this model top-2)",
+    )
     parser.add_argument(
         "--balancing",
         choices=BALANCING,
@@ -148,7 +155,11 @@ if __name__ == "__main__":
     )
     parser.add_argument("--max-bytes", type=int, default=400_000, help="bytes of the stdlib corpus to use")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser
+
+
+if __name__ == "__main__":
+    args = make_parser().parse_args()
     main(
         max_steps=args.max_steps,
         root_dir=args.root_dir,

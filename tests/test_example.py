@@ -1,4 +1,5 @@
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,26 @@ def test_own_module_example_trains_and_writes_tensorboard_events(tmp_path, estim
 def test_example_refuses_an_unknown_balancing():
     with pytest.raises(ValueError, match="balancing"):
         load_example().make_callbacks("topk", "both")
+
+
+def load_script(path):
+    spec = importlib.util.spec_from_file_location(path.stem + "_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script", [EXAMPLE, EXAMPLE.parents[1] / "benchmarks" / "scaling.py"], ids=lambda p: p.name)
+def test_help_mentions_only_options_that_exist(script):
+    parser = load_script(script).make_parser()
+    mentioned = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", parser.format_help()))
+    assert mentioned <= set(parser._option_string_actions), mentioned - set(parser._option_string_actions)
+
+
+def test_example_offers_only_estimators_that_run_in_it():
+    example = load_example()
+    offered = next(a for a in example.make_parser()._actions if a.dest == "estimator").choices
+    assert "topk" in offered and "sparsemixer_v2" in offered and "default_moe" in offered
+    assert "sparsemixer" not in offered  # top-1 only; the example routes top-2
+    with pytest.raises(SystemExit):
+        example.make_parser().parse_args(["--estimator", "sparsemixer"])
