@@ -196,6 +196,24 @@ def test_an_estimator_with_other_eval_routing_warns():
         from_hf(make_model("olmoe"), estimator="sparsemixer_v2")
 
 
+def test_converting_twice_or_exporting_an_unconverted_model_is_refused():
+    model = from_hf(make_model("olmoe"))
+    with pytest.raises(ConfigError, match="already converted"):
+        from_hf(model)
+    to_hf(model)
+    with pytest.raises(ConfigError, match="nothing to export"):
+        to_hf(model)
+
+
+def test_export_warns_about_state_the_format_cannot_hold():
+    model = from_hf(make_model("olmoe"))
+    layer = next(m for m in model.modules() if isinstance(m, MoELayer))
+    layer.use_selection_bias = True
+    layer.selection_bias.fill_(0.1)
+    with pytest.warns(UserWarning, match="selection bias"):
+        to_hf(model)
+
+
 @pytest.mark.parametrize(
     "config_cls,args,missing",
     [
