@@ -18,9 +18,10 @@ within a time budget (default 11 minutes on one H100/H200):
 8. ``benchmark``: ``benchmarks/gpu_backends.py --json`` and its comparisons;
 9. ``summary.json`` in ``--out``: every step's status, time, command, log and results.
 
-``--dry-run`` runs the same steps on a CPU: pip only resolves (``pip install --dry-run``),
-the fit is tiny and on the CPU, the benchmark runs its ``--dry-run``, and the steps that need
-CUDA are skipped with the reason. A step that fails does not stop the later ones.
+Without CUDA the fit is tiny and on the CPU, the benchmark runs its ``--dry-run``, and the
+steps that need CUDA are skipped with the reason; ``--dry-run`` also makes pip only resolve
+(``pip install --dry-run``), so a CPU run changes nothing. A step that fails does not stop
+the later ones.
 
     scripts/gpu_check.sh --carry gpu-carry --out gpu-check-out
     scripts/gpu_check.sh --dry-run --skip-install --out /tmp/gpu-check
@@ -317,7 +318,7 @@ def fit(check: Check, backend: str, cuda: bool) -> None:
         f"--trainer.logger.init_args.name={name}",
         f"--data.cache_dir={check.out / 'data-cache'}",
     ]
-    if check.args.dry_run:  # a tiny model: the step's plumbing, not a result
+    if check.args.dry_run or not cuda:  # a tiny model: the step's plumbing, not a result
         command += [
             "--model.d_model=32",
             "--model.n_heads=2",
