@@ -224,20 +224,17 @@ HELP = "\n".join(
 def user_error(err: BaseException) -> str | None:
     """The one-line message for an error that is the user's (bad config or input), else ``None``.
 
-    Looks through the chain of causes, since Lightning and jsonargparse re-raise errors from
-    ``__init__`` and hooks inside their own (a :class:`ConfigError` in a dataclass field comes
-    back wrapped in jsonargparse's union error, for instance).
+    Follows the chain of direct causes (``raise ... from``), since jsonargparse re-raises an
+    error from ``__init__`` inside its own (a :class:`ConfigError` in a dataclass field comes
+    back wrapped in its union error, for instance); Lightning re-raises errors from its hooks
+    as they are. An error merely raised while handling another (``__context__``) is not the
+    user's: it keeps its traceback.
     """
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [err]
-    while todo:
-        current = todo.pop(0)
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
+    current: BaseException | None = err
+    while current is not None:
         if isinstance(current, (ConfigError, CheckpointError, ArgumentError, MisconfigurationException)):
             return " ".join(line.strip() for line in str(current).splitlines() if line.strip())
-        todo += [current.__cause__, current.__context__]
+        current = current.__cause__
     return None
 
 

@@ -218,10 +218,15 @@ def _noting_ctrl_c():
 
 
 def _failed(args: list[str], run_dir: Path, err: BaseException, placement: dict[str, Any]) -> dict[str, Any]:
+    from lightning_moe.cli import user_error
+
     error = "".join(traceback.format_exception(err))
     (run_dir / "failed.txt").write_text(error)
-    print(f"[compare] {run_dir} failed:\n{error}", file=sys.stderr, flush=True)
-    return {"args": args, "status": "failed", "error": str(err), **placement}
+    # A bad configuration says it in one line (the traceback is in failed.txt); anything else in full.
+    message = user_error(err)
+    shown = f"error: {message}" if message else f"\n{error}"
+    print(f"[compare] {run_dir} failed: {shown}", file=sys.stderr, flush=True)
+    return {"args": args, "status": "failed", "error": message or str(err), **placement}
 
 
 def _run_in_process(jobs: list[_Job]) -> list[dict[str, Any]]:

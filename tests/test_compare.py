@@ -433,3 +433,13 @@ def test_report_only_without_finished_runs_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"report_only.*no finished run"):
         compare([Configuration("topk")], base=_study(tmp_path)["base"], output_dir=str(tmp_path / "out"), report_only=True)
     assert not (tmp_path / "out" / "summary.csv").exists()
+
+
+def test_a_run_with_a_bad_configuration_is_recorded_in_one_line(tmp_path, capsys):
+    bad = Configuration("bad", {"model.moe.top_k": 9})
+    results = compare([bad], base=_study(tmp_path)["base"], seeds=[0], steps=2, output_dir=str(tmp_path / "out"))
+    (run,) = results["runs"]
+    assert run["status"] == "failed" and "`moe.top_k` must be between 1 and `moe.num_experts` (4), got 9" in run["error"]
+    err = capsys.readouterr().err
+    assert "failed: error: `moe.top_k`" in err and "Traceback" not in err
+    assert "Traceback" in (tmp_path / "out" / "runs" / "bad" / "seed_0" / "failed.txt").read_text()
