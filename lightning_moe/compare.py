@@ -1088,4 +1088,4 @@ def main(args: list[str] | None = None) -> None:
     """``lightning-moe compare ...`` (``--config study.yaml`` reads the arguments from a file)."""
     from jsonargparse import CLI
 
-    CLI(compare, args=args)
+    CLI(compare, args=args, exit_on_error=False)  # a bad flag raises, for lightning-moe to print in one line
