@@ -1,7 +1,10 @@
 """Exact resume: ``fit(ckpt_path=...)`` continues bit for bit like an uninterrupted run (CPU, fp32)."""
 
 import math
+import os
 import random
+import signal
+import sys
 import warnings
 
 import lightning as L
@@ -284,3 +287,67 @@ def test_a_resumed_run_with_a_larger_max_steps_follows_the_cosine_of_its_new_len
     assert sorted(extended) == list(range(10, 20))
     assert [extended[s] for s in range(10, 20)] == pytest.approx([factor(s, 20) for s in range(10, 20)])
     assert extended[10] > 5 * first[9]
+
+
+class SigtermAt(L.Callback):
+    """Sends this process SIGTERM after a training batch, or a validation batch, at ``step``."""
+
+    def __init__(self, step, during):
+        self.step, self.during = step, during
+
+    def on_train_batch_end(self, trainer, *args):
+        if self.during == "training" and trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_validation_batch_end(self, trainer, *args):
+        if self.during == "validation" and trainer.global_step == self.step and not trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs SIGTERM")
+@pytest.mark.parametrize("during", ["training", "validation"])
+def test_sigterm_saves_a_checkpoint_that_resumes_exactly_also_in_the_middle_of_validation(tmp_path, during):
+    def run(name, callbacks=(), ckpt_path=None):
+        L.seed_everything(0)
+        moe, router_callbacks = CONFIGS["sparsemixer_v2"]
+        model = MoELanguageModel(
+            d_model=32, n_heads=2, n_layers=2, max_seq_len=16, moe=moe, warmup_steps=2, learning_rate=5e-3
+        )
+        data = TextDataModule(
+            source=str(write_corpus(tmp_path)),
+            seq_len=16,
+            batch_size=4,
+            cache_dir=str(tmp_path / "cache"),
+            val_fraction=0.3,  # two validation batches: a signal after the first stops mid-validation
+        )
+        recorder = Recorder()
+        trainer = L.Trainer(
+            max_steps=MAX_STEPS,
+            val_check_interval=3,
+            limit_val_batches=2,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            default_root_dir=tmp_path,
+            callbacks=[
+                recorder,
+                ModelCheckpoint(dirpath=tmp_path / name, save_last=True, save_top_k=0),
+                *router_callbacks(),
+                *callbacks,
+            ],
+        )
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+        return trainer, model, recorder
+
+    _, full, reference = run("full")
+    step = 3 if during == "validation" else 5  # validation runs after steps 3 and 6
+    with pytest.raises(SystemExit):  # Lightning's SIGTERMException
+        run(during, [SigtermAt(step, during)])
+    last = tmp_path / during / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == step
+    trainer, resumed, recorder = run(during, ckpt_path=last)
+    assert sorted(recorder.losses) == list(range(step, MAX_STEPS))
+    assert all(recorder.losses[s] == reference.losses[s] for s in recorder.losses)
+    for key, value in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
