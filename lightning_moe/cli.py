@@ -181,7 +181,9 @@ def check_checkpoint(path: str | None, field: str) -> None:
     with open(path, "rb") as fh:
         is_zip = fh.read(4) == b"PK\x03\x04"
     if not is_zip:  # torch.save writes zip archives; a damaged one still starts like one
-        raise ConfigError(f"{field}={path!r} is not a checkpoint (not a torch.save archive); give a .ckpt written by lightning-moe fit")
+        raise ConfigError(
+            f"{field}={path!r} is not a checkpoint (not a torch.save archive); give a .ckpt written by lightning-moe fit"
+        )
     with damaged_checkpoint_errors(path):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     hparams = dict(checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
@@ -191,7 +193,8 @@ def check_checkpoint(path: str | None, field: str) -> None:
         raise ConfigError(f"{field}={path!r} is not a Lightning checkpoint (it has no state_dict)")
     if not hparams or not hparams.keys() <= accepted.keys():
         raise ConfigError(
-            f"{field}={path!r} is a checkpoint of another model (hyperparameters: {', '.join(sorted(hparams)) or 'none'}),"
+            f"{field}={path!r} is a checkpoint of another model"
+            f" (hyperparameters: {', '.join(sorted(hparams)) or 'none'}),"
             " not of lightning-moe's MoELanguageModel; give a .ckpt written by lightning-moe fit"
         )
 
@@ -273,7 +276,8 @@ def run(argv: list[str]) -> None:
         if cli.subcommand == "fit" and cli.trainer.is_global_zero:
             print(fit_summary(cli.trainer), flush=True)
     else:
-        raise ConfigError(f"unknown subcommand {command!r}; choose one of {', '.join(SUBCOMMANDS)} (lightning-moe --help)")
+        choices = ", ".join(SUBCOMMANDS)
+        raise ConfigError(f"unknown subcommand {command!r}; choose one of {choices} (lightning-moe --help)")
 
 
 def fit_summary(trainer: Trainer) -> str:

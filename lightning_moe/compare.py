@@ -10,9 +10,12 @@ writes its TensorBoard events to ``<output_dir>/runs/<configuration>/seed_<seed>
 ``<run_dir>``) and, once finished, ``done.json`` there; a finished run whose command line
 has not changed is not run again, however it was run, so an interrupted study continues
 where it stopped. Ctrl-C (or SIGTERM, with runs in processes of their own) stops the
-study and its running runs; those runs start afresh when the study is resumed. The report reads every number from the event files (validation loss,
-routing telemetry, step time), and writes ``results.json``, ``runs.csv``, ``summary.csv``,
-``report.md`` and PNG plots to ``<output_dir>``.
+study and its running runs; those runs start afresh when the study is resumed. Each run
+gets a line when it starts and when it ends (or that it finished earlier and is skipped). A
+study whose runs would log no ``val/loss`` (too few steps for the validation interval,
+validation off) is refused before anything trains. The report reads every number from the
+event files (validation loss, routing telemetry, step time), and writes ``results.json``,
+``runs.csv``, ``summary.csv``, ``report.md`` and PNG plots to ``<output_dir>``.
 
 Usage::
 

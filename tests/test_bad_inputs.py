@@ -78,7 +78,8 @@ def run_in_process(args):
 
 
 def save_moe_checkpoint(path):
-    module = MoELanguageModel(d_model=32, n_heads=2, n_layers=1, max_seq_len=16, moe={"num_experts": 4, "ffn_hidden": 32})
+    moe = {"num_experts": 4, "ffn_hidden": 32}
+    module = MoELanguageModel(d_model=32, n_heads=2, n_layers=1, max_seq_len=16, moe=moe)
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.strategy.connect(module)
     trainer.save_checkpoint(path)
@@ -120,7 +121,8 @@ def test_validate_with_a_missing_checkpoint_creates_no_run_folder(tmp_path, scra
     monkeypatch.chdir(tmp_path)
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")
     (tmp_path / "corpus.txt").write_text((scratch / "corpus.txt").read_text())
-    code, stderr = run_in_process(cli_args("lightning-moe validate --config recipes/quickstart.yaml --ckpt_path gone.ckpt"))
+    command = "lightning-moe validate --config recipes/quickstart.yaml --ckpt_path gone.ckpt"
+    code, stderr = run_in_process(cli_args(command))
     assert code == 2 and "gone.ckpt" in stderr
     assert not (tmp_path / "runs").exists(), sorted(p.name for p in (tmp_path / "runs").rglob("*"))
 

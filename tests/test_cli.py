@@ -127,7 +127,8 @@ def test_progress_bar_counts_steps_of_max_steps(bar_class, tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             bar = trainer.progress_bar_callback
             if isinstance(bar, TQDMProgressBar):
-                seen.append((bar.train_progress_bar.desc.rstrip(": "), bar.train_progress_bar.n, bar.train_progress_bar.total))
+                tqdm = bar.train_progress_bar
+                seen.append((tqdm.desc.rstrip(": "), tqdm.n, tqdm.total))
             else:
                 task = bar.progress.tasks[bar.train_progress_bar_id]
                 seen.append((task.description.strip(), task.completed, task.total))

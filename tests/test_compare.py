@@ -410,7 +410,8 @@ def test_devices_are_the_visible_gpus_when_runs_use_cuda(tmp_path, monkeypatch):
 
 
 def test_compare_shows_progress_per_run(tmp_path, capsys):
-    compare([Configuration("topk")], base=_study(tmp_path)["base"], seeds=[0], steps=2, output_dir=str(tmp_path / "out"))
+    base = _study(tmp_path)["base"]
+    compare([Configuration("topk")], base=base, seeds=[0], steps=2, output_dir=str(tmp_path / "out"))
     printed = capsys.readouterr().out
     assert "[compare] run 1/1: topk seed 0: training ->" in printed
     assert "[compare] run 1/1: topk seed 0: done in" in printed and "final val/loss" in printed
@@ -431,7 +432,8 @@ def test_too_few_steps_to_validate_are_refused_before_training(tmp_path):
 
 def test_report_only_without_finished_runs_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"report_only.*no finished run"):
-        compare([Configuration("topk")], base=_study(tmp_path)["base"], output_dir=str(tmp_path / "out"), report_only=True)
+        base = _study(tmp_path)["base"]
+        compare([Configuration("topk")], base=base, output_dir=str(tmp_path / "out"), report_only=True)
     assert not (tmp_path / "out" / "summary.csv").exists()
 
 
@@ -439,7 +441,8 @@ def test_a_run_with_a_bad_configuration_is_recorded_in_one_line(tmp_path, capsys
     bad = Configuration("bad", {"model.moe.top_k": 9})
     results = compare([bad], base=_study(tmp_path)["base"], seeds=[0], steps=2, output_dir=str(tmp_path / "out"))
     (run,) = results["runs"]
-    assert run["status"] == "failed" and "`moe.top_k` must be between 1 and `moe.num_experts` (4), got 9" in run["error"]
+    assert run["status"] == "failed"
+    assert "`moe.top_k` must be between 1 and `moe.num_experts` (4), got 9" in run["error"]
     err = capsys.readouterr().err
     assert "failed: error: `moe.top_k`" in err and "Traceback" not in err
     assert "Traceback" in (tmp_path / "out" / "runs" / "bad" / "seed_0" / "failed.txt").read_text()

@@ -17,7 +17,8 @@ def _construct(name: str, cls: type[Estimator], kwargs: dict[str, Any]) -> Estim
     except TypeError as err:
         accepted = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
         raise ConfigError(
-            f"estimator_args for estimator={name!r}: {err}; {cls.__name__} takes {', '.join(accepted) or 'no arguments'}"
+            f"estimator_args for estimator={name!r}: {err};"
+            f" {cls.__name__} takes {', '.join(accepted) or 'no arguments'}"
         ) from None
     return cls(**kwargs)
 
