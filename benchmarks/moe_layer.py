@@ -8,10 +8,9 @@ FFN with hidden width ``top_k * ffn_hidden`` (the same active FLOPs) on the same
   taken within each round and reported as min / median / max over the rounds;
 * saved: the bytes of the tensors autograd keeps for backward, counted with
   ``torch.autograd.graph.saved_tensors_hooks`` during one training forward as unique
-  storages (a tensor saved twice, or two views of one buffer, count once). Parameters
-  and the layer's input are excluded: a dense FFN and the MoE layer both keep those
-  anyway. Tensors a custom autograd function keeps as ``ctx`` attributes instead of
-  ``save_for_backward`` would be missed; this project's functions save theirs properly.
+  storages (a tensor saved twice, or two views of one buffer, count once;
+  :func:`lightning_moe.experts.fused.saved_activation_bytes`). Parameters and the
+  layer's input are excluded: a dense FFN and the MoE layer both keep those anyway.
 
 Rows: our ``torch`` backend (renormalised top-k, as Qwen3-MoE and Mixtral route), any
 ``--backends`` asked for, and, when ``transformers`` is installed, its Qwen3-MoE sparse
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from lightning_moe import MoELayer, available_estimators
+from lightning_moe.experts.fused import saved_activation_bytes
 
 
 class DenseSwiGLU(nn.Module):
@@ -63,24 +63,16 @@ def fwd_bwd_seconds(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> f
     return time.perf_counter() - start
 
 
-def saved_activation_bytes(module: nn.Module, x: torch.Tensor) -> int:
+def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
     """Bytes autograd keeps for backward after one forward, parameters and ``x`` excluded."""
-    excluded = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    excluded.add(x.untyped_storage().data_ptr())
-    saved: dict[int, int] = {}
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in excluded:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    def forward():
         with torch.autocast(x.device.type, dtype=x.dtype, enabled=x.dtype != torch.float32):
-            out = module(x)
-    del out
+            return module(x)
+
+    saved = saved_activation_bytes(forward, [*module.parameters(), x])
     module.zero_grad(set_to_none=True)
-    return sum(saved.values())
+    return saved
 
 
 def interleaved(modules: dict[str, nn.Module], x: torch.Tensor, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
@@ -154,12 +146,12 @@ def run_table(
 ) -> list[dict]:
     samples = interleaved(modules, x, rounds)
     rows = []
-    base_saved = saved_activation_bytes(modules[base], x)
+    base_saved = saved_bytes(modules[base], x)
     print(title)
     print(f"  {'module':<22} {'median ms':>9} {'time / ' + base + ' (min/med/max)':>30} {'saved MB':>9} {'saved / ' + base:>14}")
     for name, module in modules.items():
         ratios = [t / b for t, b in zip(samples[name], samples[base])]
-        saved = saved_activation_bytes(module, x)
+        saved = saved_bytes(module, x)
         ms = statistics.median(samples[name]) * 1e3
         print(f"  {name:<22} {ms:>9.1f} {spread(ratios):>30} {saved / 2**20:>9.1f} {saved / base_saved:>14.2f}")
         rows.append(report(name, ms, ratios, saved, base_saved))

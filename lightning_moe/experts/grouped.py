@@ -26,6 +26,11 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _grouped_mm_supported(x_ND: Tensor, w_EAB: Tensor) -> bool:
     """``torch._grouped_mm`` needs a supported dtype and 16-byte aligned row strides."""
+    return _grouped_mm_supports(x_ND, w_EAB.shape[1], w_EAB.shape[2])
+
+
+def _grouped_mm_supports(x_ND: Tensor, *widths: int) -> bool:
+    """Whether ``torch._grouped_mm`` takes rows ``x_ND`` with per-expert matrices of these widths."""
     if not hasattr(torch, "_grouped_mm") or x_ND.dtype not in _GROUPED_MM_DTYPES:
         return False
     if x_ND.shape[0] == 0:  # its backward rejects empty inputs (an expert-parallel rank may receive no rows)
@@ -37,7 +42,7 @@ def _grouped_mm_supported(x_ND: Tensor, w_EAB: Tensor) -> bool:
     elif x_ND.device.type != "cpu":
         return False
     align = 16 // x_ND.element_size()
-    return x_ND.shape[1] % align == 0 and w_EAB.shape[1] % align == 0 and w_EAB.shape[2] % align == 0
+    return all(width % align == 0 for width in (x_ND.shape[1], *widths))
 
 
 class Segments:
@@ -49,29 +54,53 @@ class Segments:
     and their backward), and not at all when there are no rows.
     """
 
-    def __init__(self, tokens_per_expert_E: Tensor, num_rows: int) -> None:
+    def __init__(self, tokens_per_expert_E: Tensor | None, num_rows: int) -> None:
         self.tokens_per_expert_E, self.num_rows = tokens_per_expert_E, num_rows
         self._offsets_E: Tensor | None = None
         self._sizes: list[int] | None = None
+
+    @classmethod
+    def known(cls, offsets_E: Tensor, num_rows: int, sizes: list[int] | None) -> Segments:
+        """Segments from their end offsets and, if already read, their host-side sizes."""
+        segments = cls(None, num_rows)
+        segments._offsets_E, segments._sizes = offsets_E, sizes
+        return segments
 
     def offsets(self) -> Tensor:
         if self._offsets_E is None:
             self._offsets_E = self.tokens_per_expert_E.cumsum(0).to(torch.int32)
         return self._offsets_E
 
+    def cached_sizes(self) -> list[int] | None:
+        """The host-side sizes if a fallback matmul has read them, else None."""
+        return self._sizes
+
     def sizes(self) -> list[int]:
         if self._sizes is None:
+            if self.tokens_per_expert_E is None:
+                self.tokens_per_expert_E = self._offsets_E.diff(prepend=self._offsets_E.new_zeros(1))
             num_experts = self.tokens_per_expert_E.shape[0]
             self._sizes = [0] * num_experts if self.num_rows == 0 else self.tokens_per_expert_E.tolist()
         return self._sizes
 
 
 def grouped_mm(x_ND: Tensor, w_EAB: Tensor, segments: Segments) -> Tensor:
-    """Rows of ``x_ND`` sorted by expert, segment e multiplied by ``w_EAB[e]`` -> [N, B]."""
+    """Rows of ``x_ND`` sorted by expert, segment e multiplied by ``w_EAB[e]`` -> [N, B].
+
+    With :func:`grouped_mm_weight_grad` the one seam to swap in another grouped GEMM.
+    """
     if _grouped_mm_supported(x_ND, w_EAB):
         return torch._grouped_mm(x_ND, w_EAB, offs=segments.offsets())
     # Every expert runs, also on no rows: its weights then get an exact zero gradient.
     return torch.cat([seg @ w_EAB[e] for e, seg in enumerate(x_ND.split(segments.sizes()))])
+
+
+def grouped_mm_weight_grad(x_NA: Tensor, grad_NB: Tensor, segments: Segments) -> Tensor:
+    """The gradient of :func:`grouped_mm`'s weights: segment e's ``x^T @ grad`` -> [E, A, B], zero for empty segments."""
+    if _grouped_mm_supports(x_NA, grad_NB.shape[1]):
+        return torch._grouped_mm(x_NA.t(), grad_NB, offs=segments.offsets())
+    sizes = segments.sizes()
+    return torch.stack([a.t() @ g for a, g in zip(x_NA.split(sizes), grad_NB.split(sizes))])
 
 
 class SortedPairs(NamedTuple):
@@ -143,7 +172,17 @@ class GroupedDispatch:
 def grouped_experts(
     experts: Experts, x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, return_output_sums: bool
 ) -> tuple[Tensor, ExpertStats]:
+    # Imported here: fused builds on this module's grouped GEMM seam.
+    from lightning_moe.experts.fused import gather_ffn_combine
+
     x_TD = x_TD.to(compute_dtype(x_TD))
-    dispatch = GroupedDispatch(experts, x_TD, indices_TK, experts.num_experts)
-    out_ND = dispatch.ffn(dispatch.gather(x_TD), dispatch.tokens_per_expert_E)
-    return dispatch.combine(out_ND, weights_TK, return_output_sums)
+    pairs = sort_pairs(indices_TK, experts.num_experts)
+    gate_N = weights_TK.reshape(-1)[pairs.order_N]
+    y_TD, out_ND = gather_ffn_combine(
+        x_TD, gate_N, pairs.token_ids_N, pairs.tokens_per_expert_E, experts.activation,
+        experts.expert_weights(x_TD.dtype), return_outputs=return_output_sums,
+    )
+    if not return_output_sums:
+        return y_TD, ExpertStats(pairs.tokens_per_expert_E)
+    sums = expert_output_sums(pairs.expert_ids_N, out_ND, gate_N, experts.num_experts)
+    return y_TD, ExpertStats(pairs.tokens_per_expert_E, *sums)
