@@ -76,11 +76,14 @@ def wheel_project(wheel: Path) -> str:
 
 
 def installed_closure(names: tuple[str, ...]) -> set[str] | None:
-    """The installed distributions that ``names`` need, transitively; None when one of ``names`` is not installed."""
-    seen, todo = set(), list(names)
+    """The installed distributions that ``names`` need, transitively, extras included.
+
+    None when one of ``names`` is not installed here.
+    """
+    seen, todo = set(), [(name, frozenset()) for name in names]
     while todo:
-        name = todo.pop()
-        if name in seen:
+        name, extras = todo.pop()
+        if (name, extras) in seen:
             continue
         try:
             requires = metadata.requires(name) or []
@@ -88,9 +91,14 @@ def installed_closure(names: tuple[str, ...]) -> set[str] | None:
             if name in names:
                 return None
             continue  # a conditional requirement that does not apply here
-        seen.add(name)
-        todo += [requirement_name(r) for r in requires if "extra ==" not in r]
-    return seen
+        seen.add((name, extras))
+        for requirement in requires:
+            marker = re.search(r"extra\s*==\s*[\"']([^\"']+)", requirement)
+            if marker is None or marker.group(1) in extras:
+                wanted = re.search(r"\[([^\]]+)\]", requirement.split(";")[0])
+                wanted_extras = frozenset(e.strip() for e in wanted.group(1).split(",")) if wanted else frozenset()
+                todo.append((requirement_name(requirement), wanted_extras))
+    return {name for name, _ in seen}
 
 
 def installed(requirement: str) -> bool:

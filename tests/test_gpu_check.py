@@ -120,3 +120,11 @@ def test_junit_summary_counts_and_names_the_failures(tmp_path):
     assert (summary["tests"], summary["passed"], summary["failures"], summary["skipped"]) == (4, 1, 1, 2)
     assert summary["problems"] == [{"test": "tests.test_a::test_bad", "failure": ["assert 1 == 2"]}]
     assert summary["skip_reasons"] == {"needs two GPUs": 2}
+
+
+def test_installed_closure_follows_requirements_and_their_extras():
+    closure = gpu_check.installed_closure(("lightning",))
+    assert {"lightning", "torch", "fsspec", "pyyaml"} <= closure
+    assert "aiohttp" in closure  # only through lightning's fsspec[http]
+    assert "datasets" not in closure
+    assert gpu_check.installed_closure(("lightning", "no-such-distribution")) is None
