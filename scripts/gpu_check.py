@@ -364,6 +364,9 @@ def fit_result(run_root: Path) -> dict:
         if tag in events.Tags()["scalars"]:
             values = events.Scalars(tag)
             result[tag] = {"first": values[0].value, "last": values[-1].value, "last_step": values[-1].step}
+            if tag == "train/loss" and values[-1].step > values[0].step:  # training speed, start-up excluded
+                seconds = values[-1].wall_time - values[0].wall_time
+                result["seconds_per_step"] = seconds / (values[-1].step - values[0].step)
     return result
 
 

@@ -57,6 +57,7 @@ def test_dry_run_runs_every_step_it_can_on_a_cpu(tmp_path):
     assert fit["last_ckpt_bytes"] > 0 and fit["train/loss"]["last_step"] == 2  # three steps, counted from 0
     assert not list((out / "runs").rglob("*.ckpt"))  # removed once read: they are large on the real run
     assert 0 < fit["val/loss"]["last"] < 10  # a byte-level LM starts near ln(256) = 5.5
+    assert fit["seconds_per_step"] > 0
     comparisons = steps["benchmark"]["result"]["comparisons"]
     assert [entry["shape"] for entry in comparisons["layer"]] == [
         str(gpu_backends.Shape.parse(s)) for s in gpu_backends.DRY_RUN_DEFAULTS["shapes"]
