@@ -59,6 +59,10 @@ class CacheDamaged(Exception):
     """The cache folder is incomplete or does not match its metadata."""
 
 
+class EmptyCorpus(ValueError):
+    """The documents held no text at all."""
+
+
 # --------------------------------------------------------------------------- reading
 
 
@@ -156,8 +160,11 @@ class Corpus:
             return [json.loads(line) for line, keep in zip(fh, chosen) if keep]
 
 
-def open_cache(path: str, expected_meta: dict[str, Any]) -> Corpus:
-    """The corpus cached in folder ``path``; :class:`CacheDamaged` if any file is missing, short or altered."""
+def open_cache(path: str, expected_meta: dict[str, Any], verify: bool = True) -> Corpus:
+    """The corpus cached in folder ``path``; :class:`CacheDamaged` if any file is missing, short or altered.
+
+    ``verify`` reads every file once to check its CRC-32 (sizes are always checked).
+    """
     try:
         with open(os.path.join(path, "meta.json"), encoding="utf-8") as fh:
             meta = json.load(fh)
@@ -167,7 +174,7 @@ def open_cache(path: str, expected_meta: dict[str, Any]) -> Corpus:
         if meta.get(key) != value:
             raise CacheDamaged(f"meta.json has {key}={meta.get(key)!r}, expected {value!r}")
     for name, record in meta["files"].items():
-        _check_file(os.path.join(path, name), record)
+        _check_file(os.path.join(path, name), record, verify)
     with np.load(os.path.join(path, "index.npz")) as index:
         shard, offset, length, split = (index[k] for k in ("shard", "offset", "length", "split"))
         counts = index["train_counts"]
@@ -181,13 +188,15 @@ def _streams(path: str, shard_names: list[str], dtype: Any, *index: np.ndarray) 
     return [TokenStream(paths, dtype, _segments(shard, offset, length, split == s)) for s in (0, 1)]
 
 
-def _check_file(path: str, record: dict[str, int]) -> None:
+def _check_file(path: str, record: dict[str, int], verify: bool) -> None:
     try:
         size = os.path.getsize(path)
     except OSError:
         raise CacheDamaged(f"{os.path.basename(path)} is missing") from None
     if size != record["bytes"]:
         raise CacheDamaged(f"{os.path.basename(path)} has {size} bytes, its metadata says {record['bytes']}")
+    if not verify:
+        return
     crc = 0
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHECK_CHUNK):
@@ -262,7 +271,7 @@ def build_cache(
 
     ``num_proc`` processes tokenise batches of documents in parallel; the result does not
     depend on it. ``max_tokens`` stops after that many tokens (the last document is cut).
-    Returns the opened corpus; an empty corpus (no bytes) raises :class:`ValueError` and
+    Returns the opened corpus; an empty corpus (no bytes) raises :class:`EmptyCorpus` and
     writes nothing.
     """
     parent = os.path.dirname(os.path.abspath(path))
@@ -279,7 +288,7 @@ def build_cache(
                     break
         written = writer.close()
         if written["total_bytes"] == 0:
-            raise ValueError("no text")
+            raise EmptyCorpus("no text")
         sizes = np.asarray(writer.sizes, dtype=np.int64)
         if single:
             split = np.arange(len(sizes)) > 0  # the cut document: head trains, tail validates
@@ -314,7 +323,7 @@ def build_cache(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return open_cache(path, {"key": meta["key"]})
+    return open_cache(path, {"key": meta["key"]}, verify=False)  # just written: no need to read it back
 
 
 def _remove_stale_builds(path: str) -> None:

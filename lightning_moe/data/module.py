@@ -19,7 +19,15 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from lightning_moe.data.cache import FORMAT_VERSION, CacheDamaged, Corpus, TokenStream, build_cache, open_cache
+from lightning_moe.data.cache import (
+    FORMAT_VERSION,
+    CacheDamaged,
+    Corpus,
+    EmptyCorpus,
+    TokenStream,
+    build_cache,
+    open_cache,
+)
 from lightning_moe.data.loading import ResumableDataLoader, ResumableSampler, TokenChunkDataset, _collate
 from lightning_moe.data.sources import FileSource, capped, resolve_source
 from lightning_moe.data.tokenizers import Tokenizer, load_tokenizer
@@ -331,9 +339,7 @@ class TextDataModule(lightning.LightningDataModule):
                 num_proc=self.num_proc,
                 max_tokens=self.max_tokens,
             )
-        except ValueError as err:
-            if str(err) != "no text":
-                raise
+        except EmptyCorpus:
             what = "no files" if isinstance(src, FileSource) and not src.files else "0 bytes of text"
             raise ConfigError(
                 f"data.source={self.source!r}: found {what} in {src.describe()} (0 bytes); need at least"
