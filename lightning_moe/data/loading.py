@@ -22,7 +22,8 @@ class TokenChunkDataset(Dataset):
     ``(input_ids, targets, input_labels)``.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, labels: np.ndarray | None = None) -> None:
+    def __init__(self, tokens: Any, seq_len: int, labels: np.ndarray | None = None) -> None:
+        # Any sliceable token stream: an ndarray, or the memory-mapped TokenStream of a cache.
         self.tokens = tokens
         self.seq_len = int(seq_len)
         self.labels = labels
