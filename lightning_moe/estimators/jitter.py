@@ -56,30 +56,34 @@ def midpoint_scale(index_T: Tensor, argmax_T: Tensor, coin_T: Tensor, low: float
 
 
 class _MidpointGate(torch.autograd.Function):
-    """Forward ``c * p_D``; backward ``grad_factor * G * p_D * (e_D - p)`` into the logits.
+    """Forward ``c * p_D`` with ``p = masked_softmax(z, mask)``; backward ``grad_factor * G * p_D * (e_D - p)`` into z.
 
-    ``p`` arrives detached: the router gradient is this formula only, with no autograd
-    through ``p`` and no dependence on ``c``. Masked entries of ``p`` are exactly 0, so they
-    get exactly 0; when ``p`` is one-hot the whole row is exactly 0.
+    There is no autograd through ``p`` and no dependence on ``c``. Masked entries of ``p``
+    are exactly 0, so they get exactly 0; when ``p`` is one-hot the whole row is exactly 0.
+    Backward recomputes ``p`` from the logits and the mask instead of keeping it: the
+    logits are shared by every call of one routing and the mask takes a byte per entry,
+    where ``p`` would take a float32 [T, E] per call (SparseMixer-v2 calls once per pick).
     """
 
     @staticmethod
-    def forward(ctx, logits_TE: Tensor, probs_TE: Tensor, index_T: Tensor, scale_T: Tensor, grad_factor: float):
+    def forward(ctx, logits_TE: Tensor, mask_TE: Tensor, index_T: Tensor, scale_T: Tensor, grad_factor: float):
         index_T1 = index_T.unsqueeze(-1)
-        gate_T1 = probs_TE.gather(-1, index_T1)
-        ctx.save_for_backward(probs_TE, index_T1, gate_T1)
+        gate_T1 = masked_softmax(logits_TE, mask_TE).gather(-1, index_T1)
+        ctx.save_for_backward(logits_TE, mask_TE, index_T1)
         ctx.grad_factor = grad_factor
         return scale_T * gate_T1.squeeze(-1)
 
     @staticmethod
     def backward(ctx, grad_T: Tensor):
-        probs_TE, index_T1, gate_T1 = ctx.saved_tensors
-        coef_T1 = ctx.grad_factor * grad_T.float().unsqueeze(-1) * gate_T1
+        logits_TE, mask_TE, index_T1 = ctx.saved_tensors
+        probs_TE = masked_softmax(logits_TE, mask_TE)
+        coef_T1 = ctx.grad_factor * grad_T.float().unsqueeze(-1) * probs_TE.gather(-1, index_T1)
         grad_TE = (-coef_T1) * probs_TE
         grad_TE.scatter_add_(-1, index_T1, coef_T1)
         return grad_TE, None, None, None, None
 
 
-def midpoint_gate(logits_TE: Tensor, probs_TE: Tensor, index_T: Tensor, scale_T: Tensor, grad_factor: float) -> Tensor:
-    """Gate ``scale_T * probs_TE[D]`` [T] whose router gradient is ``grad_factor * G * p_D * (e_D - p)``."""
-    return _MidpointGate.apply(logits_TE, probs_TE.detach(), index_T, scale_T, grad_factor)
+def midpoint_gate(logits_TE: Tensor, mask_TE: Tensor, index_T: Tensor, scale_T: Tensor, grad_factor: float) -> Tensor:
+    """Gate ``scale_T * p[D]`` [T], ``p = masked_softmax(logits_TE, mask_TE)``, whose router gradient is
+    ``grad_factor * G * p_D * (e_D - p)``."""
+    return _MidpointGate.apply(logits_TE, mask_TE, index_T, scale_T, grad_factor)

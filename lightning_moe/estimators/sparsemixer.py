@@ -82,7 +82,7 @@ class SparseMixer(Estimator):
                 index_T = gumbel_max(z_TE, mask_TE)
                 coin_T = draw_coins(z_TE.shape[0], _KEEP_ONE_PROB, z_TE.device)
                 scale_T = midpoint_scale(index_T, argmax_T, coin_T, _LOW_SCALE)
-                gate_T = midpoint_gate(z_TE, masked_probs_TE, index_T, scale_T, _GRAD_FACTOR)
+                gate_T = midpoint_gate(z_TE, mask_TE, index_T, scale_T, _GRAD_FACTOR)
             else:
                 index_T = argmax_T
                 scale_T = torch.ones_like(z_TE[:, 0])

@@ -81,20 +81,20 @@ class SparseMixerV2(Estimator):
             single_survivor_T = torch.ones_like(z_TE[:, 0], dtype=torch.bool)
             indices, gates, scales = [], [], []
             for _ in range(top_k):
-                remaining_TE = z_TE.masked_fill(picked_TE, float("-inf"))
-                reference_T1 = remaining_TE.max(dim=-1, keepdim=True).values
+                with torch.no_grad():  # piecewise constant in z: nothing here is kept for backward
+                    remaining_TE = z_TE.masked_fill(picked_TE, float("-inf"))
+                    reference_T1 = remaining_TE.max(dim=-1, keepdim=True).values
+                    argmax_T = remaining_TE.argmax(dim=-1)
                 mask_TE = jitter_mask(z_TE, reference_T1, self.jitter_eps) | picked_TE
-                g_TE = masked_softmax(z_TE, mask_TE)
-                argmax_T = remaining_TE.argmax(dim=-1)
                 if self.training:
                     index_T = gumbel_max(z_TE, mask_TE)
                     coin_T = draw_coins(z_TE.shape[0], _KEEP_ONE_PROB, z_TE.device)
                     scale_T = midpoint_scale(index_T, argmax_T, coin_T, _LOW_SCALE)
-                    gate_T = midpoint_gate(z_TE, g_TE, index_T, scale_T, grad_factor=1.0)
+                    gate_T = midpoint_gate(z_TE, mask_TE, index_T, scale_T, grad_factor=1.0)
                 else:
                     index_T = argmax_T
                     scale_T = torch.ones_like(z_TE[:, 0])
-                    gate_T = g_TE.gather(-1, index_T.unsqueeze(-1)).squeeze(-1)
+                    gate_T = masked_softmax(z_TE, mask_TE).gather(-1, index_T.unsqueeze(-1)).squeeze(-1)
                 single_survivor_T &= (~mask_TE).sum(dim=-1) == 1
                 picked_TE = picked_TE.scatter(-1, index_T.unsqueeze(-1), True)
                 indices.append(index_T)
