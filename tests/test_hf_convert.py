@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,27 @@ def test_estimator_that_cannot_represent_the_family_fails_before_changing_anythi
 def test_an_estimator_with_other_eval_routing_warns():
     with pytest.warns(UserWarning, match="routes differently at evaluation than olmoe"):
         from_hf(make_model("olmoe"), estimator="sparsemixer_v2")
+
+
+def test_experts_reading_their_weights_differently_are_refused():
+    """A sibling block with the same parameter shapes whose experts take the up rows first."""
+    model = make_model("mixtral")
+    experts = model.model.layers[1].mlp.experts
+
+    def up_rows_first(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for slot in range(top_k_index.shape[1]):
+            for e in top_k_index[:, slot].unique().tolist():
+                rows = (top_k_index[:, slot] == e).nonzero().squeeze(1)
+                up, gate = torch.nn.functional.linear(hidden_states[rows], self.gate_up_proj[e]).chunk(2, dim=-1)
+                h = torch.nn.functional.linear(self.act_fn(gate) * up, self.down_proj[e])
+                out = out.index_add(0, rows, h * top_k_weights[rows, slot, None])
+        return out
+
+    experts.forward = types.MethodType(up_rows_first, experts)
+    with pytest.raises(ConfigError, match="MixtralSparseMoeBlock has experts that do not compute silu"):
+        from_hf(model)
+    assert not any(isinstance(m, HFMoEBlock) for m in model.modules())
 
 
 def test_converting_twice_or_exporting_an_unconverted_model_is_refused():

@@ -103,7 +103,31 @@ def _check_experts(experts: nn.Module, num_experts: int, d_model: int) -> int:
     probe = torch.linspace(-6, 6, 97)
     if not callable(act_fn) or not torch.allclose(act_fn(probe), F.silu(probe), rtol=1e-6, atol=1e-7):
         raise UnsupportedBlock(f"expert activation {type(act_fn).__name__} (only SiLU-gated experts)")
+    check_expert_function(experts, two_f // 2)
     return two_f // 2
+
+
+def check_expert_function(experts: nn.Module, ffn_hidden: int) -> None:
+    """Run the block's own experts on a probe routed entirely to expert 0 with weight 1 and
+    compare with silu(x Wg^T) * (x Wu^T) Wd^T from gate_up_proj's first F rows (gate), its
+    last F rows (up) and down_proj: the reading of the weights conversion relies on."""
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    x_TD = probe_inputs(gate_up.shape[2], 16).to(gate_up.device, gate_up.dtype)
+    index_T1 = torch.zeros(x_TD.shape[0], 1, dtype=torch.long, device=x_TD.device)
+    with torch.no_grad():
+        try:
+            theirs = experts(x_TD, index_T1, torch.ones_like(index_T1, dtype=x_TD.dtype)).float()
+        except TypeError as err:
+            raise UnsupportedBlock(f"experts whose forward is not (hidden, top_k_index, top_k_weights) ({err})")
+        gate, up, out = (w.float() for w in (gate_up[0, :ffn_hidden], gate_up[0, ffn_hidden:], down[0]))
+        x_TD = x_TD.float()
+        ours = (F.silu(x_TD @ gate.T) * (x_TD @ up.T)) @ out.T
+    tolerance = 1e-4 if gate_up.dtype == torch.float32 else 3e-2
+    if not torch.allclose(theirs, ours, rtol=tolerance, atol=tolerance * float(ours.abs().max())):
+        raise UnsupportedBlock(
+            "experts that do not compute silu(x W_gate) * (x W_up) W_down from gate_up_proj (gate rows first)"
+            " and down_proj"
+        )
 
 
 def _routing_of(router: nn.Module) -> tuple[str, bool, float]:
