@@ -6,7 +6,8 @@
 # runtime and headers as NVIDIA's `cuda-toolkit` packages. No system CUDA, no driver.
 # The wheels then install on an offline GPU machine with
 #     pip install --no-index --no-deps <out>/*.whl
-# (docs/megablocks.md, "Build the wheels once, carry them").
+# (docs/megablocks.md, "Build the wheels once on any machine with pip, carry them").
+# megablocks 0.10.0 needs a one-line patch to compile with CUDA 13 (see step 3 below).
 #
 #   scripts/build_gpu_wheels.sh                       # torch 2.11.0 (CUDA 13.0), Python 3.12, sm_90
 #   scripts/build_gpu_wheels.sh --arch "8.0;9.0" --jobs 8 --work /tmp/gw
@@ -17,7 +18,7 @@
 # CUTLASS 2.x GemmGrouped instantiated for cutlass::arch::Sm80 (Ampere mma.sync tiles), so on
 # Hopper it cannot use wgmma/TMA, while cuBLAS picks its sm_90 kernels for each expert's
 # GEMM. It also compiles three large template instantiations (slow on few cores). --cutlass
-# builds the other variant; both wheels are named alike, so keep them in separate folders.
+# builds the other variant, into its own folder (the wheels' names do not differ).
 set -euo pipefail
 
 TORCH_VERSION=2.11.0
