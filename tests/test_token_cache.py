@@ -163,6 +163,25 @@ def test_resume_sampler_order_is_unchanged_on_the_memmap_loader(tmp_path, corpus
     assert all(np.array_equal(a, b) for a, b in zip([x for x, _ in loader], batches[3:], strict=True))
 
 
+def test_sampler_order_is_distributed_samplers(tmp_path):
+    """The documented order: DistributedSampler's (shuffle, drop_last), kept without a list of Python ints."""
+    from torch.utils.data import DistributedSampler
+
+    from lightning_moe.data import ResumableSampler
+
+    dataset = list(range(10_007))
+    for ranks in (1, 3):
+        for rank in range(ranks):
+            ours = ResumableSampler(dataset, num_replicas=ranks, rank=rank, seed=5)
+            torchs = DistributedSampler(dataset, num_replicas=ranks, rank=rank, seed=5, shuffle=True, drop_last=True)
+            for epoch in (0, 3):
+                ours.set_epoch(epoch)
+                torchs.set_epoch(epoch)
+                assert list(ours) == list(torchs)
+            ours.resume(3, 30 * ranks)
+            assert list(ours) == list(torchs)[30:]
+
+
 # --------------------------------------------------------------------------- bad inputs
 
 
