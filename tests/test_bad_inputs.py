@@ -45,10 +45,6 @@ TINY = [
     "--trainer.logger.init_args.save_dir=runs",
 ]
 
-# Errors the data package still raises as RuntimeError (with a traceback): a Hub dataset
-# that cannot be reached and has no local cache.
-DATA_PACKAGE = {48}
-
 
 def listed_cases():
     cases = []
@@ -56,8 +52,7 @@ def listed_cases():
         match = re.match(r"\| (\d+) \| `(.+?)` \| `(.+?)` \|", line)
         if match:
             number, command, field = int(match[1]), match[2], match[3]
-            marks = [pytest.mark.xfail(strict=True, reason="data package")] if number in DATA_PACKAGE else []
-            cases.append(pytest.param(command, field, id=f"{number}", marks=marks))
+            cases.append(pytest.param(command, field, id=f"{number}"))
     return cases
 
 

@@ -283,13 +283,14 @@ def _load_hub_dataset(src: HubSource) -> Any:
     except (ConnectionError, OSError) as err:
         # Offline, unreachable or unknown: datasets cannot tell these apart without the
         # network, and the fix is the same for all of them.
-        raise RuntimeError(
-            f"source={src.source!r}: could not load {where}, split {src.split!r}: the Hugging "
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ConfigError(
+            f"data.source={src.source!r}: could not load {where}, split {src.split!r}: the Hugging "
             f"Face Hub could not be reached (or has no such dataset) and no local cache of it "
-            f"exists [{type(err).__name__}: {err}]. No local file or folder of that name exists "
+            f"exists [{type(err).__name__}: {first}]. No local file or folder of that name exists "
             "either. To fix: download it once with network access and then set "
             "HF_HUB_OFFLINE=1 to use the cached copy, or pass a local file, folder or glob "
-            "as `source` (source='stdlib' trains on the built-in offline corpus)."
+            "as data.source (data.source=stdlib trains on the built-in offline corpus)."
         ) from err
     except ValueError as err:
         first = (str(err).strip().splitlines() or [""])[0]
