@@ -77,7 +77,7 @@ def test_aligned_shapes_use_grouped_mm_and_odd_shapes_fall_back(monkeypatch):
     monkeypatch.setattr(grouped_module.torch, "_grouped_mm", counting)
     indices = torch.randint(0, 4, (9, 2))
     Experts(16, 32, 4, backend="torch")(torch.randn(9, 16), indices, torch.rand(9, 2))
-    assert len(calls) == 3  # gate, up, down projections
+    assert len(calls) == 2  # gate and up side by side in one, then down
     calls.clear()
     Experts(6, 10, 4, backend="torch")(torch.randn(9, 6), indices, torch.rand(9, 2))
     assert calls == []

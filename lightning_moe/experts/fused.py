@@ -32,6 +32,17 @@ from torch.autograd.function import once_differentiable
 from lightning_moe.experts.grouped import Segments, grouped_mm, grouped_mm_weight_grad
 
 
+def _first_projection(w1_EDF: Tensor, v1_EDF: Tensor | None) -> Tensor:
+    """[E, D, F] or, for SwiGLU, gate and up side by side [E, D, 2F]: one grouped GEMM twice as wide."""
+    return w1_EDF if v1_EDF is None else torch.cat([w1_EDF, v1_EDF], dim=2)
+
+
+def _split(h_NH: Tensor, w1_EDF: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The gate and up halves of a :func:`_first_projection` result (or its weight gradient)."""
+    width = w1_EDF.shape[2]
+    return (h_NH, None) if h_NH.shape[-1] == width else (h_NH[..., :width], h_NH[..., width:])
+
+
 def _activation(name: str, h1_NF: Tensor, h3_NF: Tensor | None) -> Tensor:
     return F.silu(h1_NF) * h3_NF if name == "swiglu" else F.gelu(h1_NF)
 
@@ -57,14 +68,11 @@ class GatherFFNCombine(torch.autograd.Function):
         return_outputs: bool,
     ) -> tuple[Tensor, Tensor | None]:
         segments = Segments(tokens_per_expert_E, token_ids_N.shape[0])
-        x_ND = x_TD[token_ids_N]
-        h1_NF = grouped_mm(x_ND, w1_EDF, segments)
-        h3_NF = None if v1_EDF is None else grouped_mm(x_ND, v1_EDF, segments)
-        del x_ND
-        out_ND = grouped_mm(_activation(activation, h1_NF, h3_NF), w2_EFD, segments)
+        h_NH = grouped_mm(x_TD[token_ids_N], _first_projection(w1_EDF, v1_EDF), segments)
+        out_ND = grouped_mm(_activation(activation, *_split(h_NH, w1_EDF)), w2_EFD, segments)
         weighted_ND = out_ND * gate_N[:, None] if return_outputs else out_ND.mul_(gate_N[:, None])
         y_TD = torch.zeros_like(x_TD).index_add_(0, token_ids_N, weighted_ND)
-        ctx.save_for_backward(x_TD, gate_N, token_ids_N, segments.offsets(), w1_EDF, v1_EDF, w2_EFD, h1_NF, h3_NF)
+        ctx.save_for_backward(x_TD, gate_N, token_ids_N, segments.offsets(), w1_EDF, v1_EDF, w2_EFD, h_NH)
         # Host-side segment sizes of the per-segment fallback (None on the grouped kernel): read once, reused.
         ctx.activation, ctx.sizes, ctx.num_experts = activation, segments.cached_sizes(), tokens_per_expert_E.shape[0]
         if not return_outputs:
@@ -75,7 +83,8 @@ class GatherFFNCombine(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y_TD: Tensor, _grad_out: Tensor | None):
-        x_TD, gate_N, token_ids_N, offsets_E, w1, v1, w2, h1_NF, h3_NF = ctx.saved_tensors
+        x_TD, gate_N, token_ids_N, offsets_E, w1, v1, w2, h_NH = ctx.saved_tensors
+        h1_NF, h3_NF = _split(h_NH, w1)
         segments = Segments.known(offsets_E, token_ids_N.shape[0], ctx.sizes)
         need_x, need_gate = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_w1, need_v1, need_w2 = ctx.needs_input_grad[5:8]
@@ -88,23 +97,20 @@ class GatherFFNCombine(torch.autograd.Function):
         grad_w2 = grouped_mm_weight_grad(a_NF.mul_(gate_N[:, None]), dy_ND, segments) if need_w2 else None
         del a_NF, dy_ND
         da_NF = dout_NF.mul_(gate_N[:, None])
-        if silu_NF is not None:
-            dh3_NF = da_NF * silu_NF
-            dh1_NF = torch.ops.aten.silu_backward(da_NF.mul_(h3_NF), h1_NF)
+        if silu_NF is not None:  # the two halves written side by side, as the fused first projection wants them
+            dh_NH = h_NH.new_empty(h_NH.shape)
+            dh1_NF, dh3_NF = _split(dh_NH, w1)
+            torch.mul(da_NF, silu_NF, out=dh3_NF)
+            torch.ops.aten.silu_backward.grad_input(da_NF.mul_(h3_NF), h1_NF, grad_input=dh1_NF)
         else:
-            dh3_NF, dh1_NF = None, torch.ops.aten.gelu_backward(da_NF, h1_NF)
+            dh_NH = torch.ops.aten.gelu_backward(da_NF, h1_NF)
         del da_NF, silu_NF
-
         grad_x = grad_w1 = grad_v1 = None
         if need_w1 or need_v1:
-            x_ND = x_TD[token_ids_N]  # re-gathered instead of kept
-            grad_w1 = grouped_mm_weight_grad(x_ND, dh1_NF, segments) if need_w1 else None
-            grad_v1 = grouped_mm_weight_grad(x_ND, dh3_NF, segments) if need_v1 and dh3_NF is not None else None
-            del x_ND
+            # x_ND re-gathered instead of kept
+            grad_w1, grad_v1 = _split(grouped_mm_weight_grad(x_TD[token_ids_N], dh_NH, segments), w1)
         if need_x:
-            dx_ND = grouped_mm(dh1_NF, w1.transpose(1, 2), segments)
-            if dh3_NF is not None:
-                dx_ND = dx_ND.add_(grouped_mm(dh3_NF, v1.transpose(1, 2), segments))
+            dx_ND = grouped_mm(dh_NH, _first_projection(w1, v1).transpose(1, 2), segments)
             grad_x = torch.zeros_like(x_TD).index_add_(0, token_ids_N, dx_ND)
         return grad_x, grad_gate_N, None, None, None, grad_w1, grad_v1, grad_w2, None
 
