@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+import torch._dynamo
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
@@ -86,7 +87,13 @@ class RoutingStats:
 
 
 def _in_backward() -> bool:
-    """True while autograd runs a backward pass, e.g. an activation-checkpoint recompute."""
+    """True while autograd runs a backward pass, e.g. an activation-checkpoint recompute.
+
+    Never while compiling: a compiled checkpoint's recompute is part of the compiled
+    backward graph and does not run this Python code again.
+    """
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -307,8 +314,25 @@ class MoELayer(Float32Buffers):
                 self.estimator.observe_expert_outputs(expert_stats)
         return y_TD.reshape(*x.shape[:-1], self.d_model)
 
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """``nn.Module.compile``, with the routing statistics' counters left dynamic (:func:`dynamic_step_counters`)."""
+        dynamic_step_counters()
+        super().compile(*args, **kwargs)
+
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, input_jitter={self.input_jitter}"
+
+
+def dynamic_step_counters() -> None:
+    """Let compiled MoE layers count forwards and tokens in :class:`RoutingStats` without recompiling.
+
+    Dynamo treats int attributes reached from an ``nn.Module`` as constants and guards on
+    their values, so ``num_forwards`` and ``num_tokens`` (which grow until a callback
+    calls :meth:`MoELayer.finish_step`) would compile the layer again on every step. This
+    sets ``torch._dynamo.config.allow_unspec_int_on_nn_module`` (process-wide) so they are
+    traced as dynamic ints instead.
+    """
+    torch._dynamo.config.allow_unspec_int_on_nn_module = True
 
 
 def moe_layers(module: nn.Module) -> list[tuple[str, MoELayer]]:

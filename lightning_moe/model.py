@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_moe.errors import ConfigError
 from lightning_moe.experts import ACTIVATIONS, init_std_for_depth
-from lightning_moe.layer import MoELayer
+from lightning_moe.layer import MoELayer, dynamic_step_counters
 
 
 def _require_positive(name: str, value: int | float) -> None:
@@ -136,6 +136,10 @@ class TransformerConfig:
             those without checkpointing, and every MoE layer records its routing
             statistics once per forward in either mode. Not part of the architecture:
             checkpoints load whatever it is set to.
+        compile: compile each transformer block with ``torch.compile`` (dynamic shapes, so
+            varying batch and sequence sizes do not recompile every step): ``False``,
+            ``True`` (the ``inductor`` backend) or a backend name. Not part of the
+            architecture either.
     """
 
     vocab_size: int = 258
@@ -150,6 +154,7 @@ class TransformerConfig:
     norm_eps: float = 1e-5
     moe: MoEConfig | None = field(default_factory=MoEConfig)
     activation_checkpointing: bool | str = False
+    compile: bool | str = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "rope_base", "norm_eps"):
@@ -167,6 +172,8 @@ class TransformerConfig:
         _require_activation("activation", self.activation)
         if self.activation_checkpointing is True:
             self.activation_checkpointing = "non_reentrant"
+        if not isinstance(self.compile, (bool, str)) or self.compile == "":
+            raise ConfigError(f"compile={self.compile!r} is not valid; use false, true or a torch.compile backend name")
         if self.activation_checkpointing is not False and self.activation_checkpointing not in CHECKPOINTING_MODES:
             raise ConfigError(
                 f"activation_checkpointing={self.activation_checkpointing!r} is not valid; use false,"
@@ -300,6 +307,11 @@ class MoETransformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+        if config.compile:
+            dynamic_step_counters()
+            backend = "inductor" if config.compile is True else config.compile
+            for block in self.blocks:
+                block.compile(backend=backend, dynamic=None)
 
     def reset_parameters(self) -> None:
         std = 0.02

@@ -72,6 +72,8 @@ class MoELanguageModel(L.LightningModule):
         activation_checkpointing: ``False``, ``"non_reentrant"`` (or ``True``) or
             ``"reentrant"``: recompute each transformer block in backward instead of
             keeping its activations (see :class:`~lightning_moe.model.TransformerConfig`).
+        compile: ``False``, ``True`` (inductor) or a ``torch.compile`` backend name:
+            compile each transformer block (see :class:`~lightning_moe.model.TransformerConfig`).
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class MoELanguageModel(L.LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         activation_checkpointing: bool | str = False,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         if learning_rate <= 0:
@@ -122,6 +125,7 @@ class MoELanguageModel(L.LightningModule):
                 rope_base=rope_base,
                 moe=moe_config,
                 activation_checkpointing=activation_checkpointing,
+                compile=compile,
             )
         )
         self.val_loss = MeanMetric()

@@ -97,7 +97,10 @@ class GatherFFNCombine(torch.autograd.Function):
         grad_w2 = grouped_mm_weight_grad(a_NF.mul_(gate_N[:, None]), dy_ND, segments) if need_w2 else None
         del a_NF, dy_ND
         da_NF = dout_NF.mul_(gate_N[:, None])
-        if silu_NF is not None:  # the two halves written side by side, as the fused first projection wants them
+        if silu_NF is not None and torch.compiler.is_compiling():  # no out= into views there; the cat is fused
+            dh3_NF = da_NF * silu_NF
+            dh_NH = torch.cat([torch.ops.aten.silu_backward(da_NF.mul_(h3_NF), h1_NF), dh3_NF], dim=1)
+        elif silu_NF is not None:  # the two halves written side by side, as the fused first projection wants them
             dh_NH = h_NH.new_empty(h_NH.shape)
             dh1_NF, dh3_NF = _split(dh_NH, w1)
             torch.mul(da_NF, silu_NF, out=dh3_NF)

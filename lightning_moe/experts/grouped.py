@@ -90,6 +90,8 @@ def grouped_mm(x_ND: Tensor, w_EAB: Tensor, segments: Segments) -> Tensor:
     With :func:`grouped_mm_weight_grad` the one seam to swap in another grouped GEMM.
     """
     if _grouped_mm_supported(x_ND, w_EAB):
+        if torch.compiler.is_compiling():
+            return torch.ops.lightning_moe.grouped_mm(x_ND, w_EAB, segments.offsets())
         return torch._grouped_mm(x_ND, w_EAB, offs=segments.offsets())
     # Every expert runs, also on no rows: its weights then get an exact zero gradient.
     return torch.cat([seg @ w_EAB[e] for e, seg in enumerate(x_ND.split(segments.sizes()))])
@@ -98,9 +100,48 @@ def grouped_mm(x_ND: Tensor, w_EAB: Tensor, segments: Segments) -> Tensor:
 def grouped_mm_weight_grad(x_NA: Tensor, grad_NB: Tensor, segments: Segments) -> Tensor:
     """The gradient of :func:`grouped_mm`'s weights: segment e's ``x^T @ grad`` -> [E, A, B], zero for empty segments."""
     if _grouped_mm_supports(x_NA, grad_NB.shape[1]):
+        if torch.compiler.is_compiling():
+            return torch.ops.lightning_moe.grouped_mm_weight_grad(x_NA, grad_NB, segments.offsets())
         return torch._grouped_mm(x_NA.t(), grad_NB, offs=segments.offsets())
     sizes = segments.sizes()
     return torch.stack([a.t() @ g for a, g in zip(x_NA.split(sizes), grad_NB.split(sizes))])
+
+
+# torch.compile traces ``torch._grouped_mm`` with a meta function that accepts bf16 only
+# (torch 2.13), so compiled code calls it through these two operators, whose shapes are
+# declared here; eager code calls it directly.
+@torch.library.custom_op("lightning_moe::grouped_mm", mutates_args=())
+def _grouped_mm_op(x_ND: Tensor, w_EAB: Tensor, offsets_E: Tensor) -> Tensor:
+    return torch._grouped_mm(x_ND, w_EAB, offs=offsets_E)
+
+
+@_grouped_mm_op.register_fake
+def _(x_ND: Tensor, w_EAB: Tensor, offsets_E: Tensor) -> Tensor:
+    return x_ND.new_empty(x_ND.shape[0], w_EAB.shape[2])
+
+
+@torch.library.custom_op("lightning_moe::grouped_mm_weight_grad", mutates_args=())
+def _grouped_mm_weight_grad_op(x_NA: Tensor, grad_NB: Tensor, offsets_E: Tensor) -> Tensor:
+    return torch._grouped_mm(x_NA.t(), grad_NB, offs=offsets_E)
+
+
+@_grouped_mm_weight_grad_op.register_fake
+def _(x_NA: Tensor, grad_NB: Tensor, offsets_E: Tensor) -> Tensor:
+    return x_NA.new_empty(offsets_E.shape[0], x_NA.shape[1], grad_NB.shape[1])
+
+
+def _grouped_mm_op_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_op_backward(ctx, grad_NB: Tensor):
+    x_ND, w_EAB, offsets_E = ctx.saved_tensors
+    grad_x = _grouped_mm_op(grad_NB, w_EAB.transpose(1, 2), offsets_E)
+    return grad_x, _grouped_mm_weight_grad_op(x_ND, grad_NB, offsets_E), None
+
+
+# Autograd for the unfused path (expert parallelism); the fused path has its own backward.
+_grouped_mm_op.register_autograd(_grouped_mm_op_backward, setup_context=_grouped_mm_op_setup)
 
 
 class SortedPairs(NamedTuple):
