@@ -280,7 +280,8 @@ def test_no_tensors_accumulate_over_a_long_fit(tmp_path):
         max_steps=200,
     )
     assert set(counts) == {50, 200}
-    assert abs(counts[200] - counts[50]) <= 2, counts
+    # One-sided: tensors left by earlier tests (e.g. compiled graphs' caches) may be freed meanwhile.
+    assert counts[200] - counts[50] <= 2, counts
 
 
 def test_bad_arguments_name_the_field():
