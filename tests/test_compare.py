@@ -20,8 +20,8 @@ from lightning.pytorch.cli import LightningCLI
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import lightning_moe.cli
-import lightning_moe.compare
-from lightning_moe.compare import Configuration, compare, run_arguments, steps_to_reach, summarise
+import lightning_moe.study
+from lightning_moe.study.runner import Configuration, compare, run_arguments, steps_to_reach, summarise
 from lightning_moe.data import TextDataModule
 from lightning_moe.errors import ConfigError
 from lightning_moe.module import MoELanguageModel
@@ -153,7 +153,7 @@ def test_compare_end_to_end(in_process_study, monkeypatch, capsys):
     done = sorted(out.rglob("done.json"))
     stamps = [p.stat().st_mtime_ns for p in done]
     monkeypatch.setattr(lightning_moe.cli, "run", no_training)
-    from lightning_moe.compare import main
+    from lightning_moe.study import main
 
     main(["--config", str(config)])
     assert [p.stat().st_mtime_ns for p in done] == stamps
@@ -271,7 +271,7 @@ def test_runs_spread_over_devices_train_what_in_process_runs_train(in_process_st
     config = _write_study(tmp_path, [topk, {"name": "killed"}, smv2])
     started = []
     monkeypatch.setattr(subprocess, "Popen", _popen_recording(started, killed=("killed",)))
-    lightning_moe.compare.main(["--config", str(config), "--devices", "[0, 1]"])
+    lightning_moe.study.main(["--config", str(config), "--devices", "[0, 1]"])
     out = tmp_path / "study"
     for artifact in ARTIFACTS:
         assert (out / artifact).is_file(), artifact
@@ -300,7 +300,7 @@ def test_runs_spread_over_devices_train_what_in_process_runs_train(in_process_st
     # Again: finished runs are skipped (no process started for them); the failed one runs again.
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("done.json")}
     started.clear()
-    lightning_moe.compare.main(["--config", str(config), "--devices", "[0, 1]"])
+    lightning_moe.study.main(["--config", str(config), "--devices", "[0, 1]"])
     assert started == ["killed"]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("done.json")} == stamps
 
@@ -322,7 +322,7 @@ def test_an_interrupted_study_stops_its_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "Popen", InterruptedWhileRunning)
     config = _write_study(tmp_path, [{"name": "a"}, {"name": "b"}, {"name": "c"}])
     with pytest.raises(KeyboardInterrupt):
-        lightning_moe.compare.main(["--config", str(config), "--devices", "2"])
+        lightning_moe.study.main(["--config", str(config), "--devices", "2"])
     assert [child.returncode for child in children] == [-signal.SIGTERM] * 2
 
 
@@ -370,7 +370,7 @@ def test_ctrl_c_during_an_in_process_run_stops_the_study(tmp_path):
     config = _write_study(tmp_path, [interrupted, {"name": "b"}])
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt, match="interrupted during"):
-        lightning_moe.compare.main(["--config", str(config), "--devices", "null"])
+        lightning_moe.study.main(["--config", str(config), "--devices", "null"])
     assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C works again
     runs = tmp_path / "study" / "runs"
     assert not (runs / "a" / "seed_0" / "done.json").exists() and not (runs / "a" / "seed_0" / "failed.txt").exists()
@@ -384,7 +384,7 @@ def test_bad_devices_are_refused(devices, tmp_path):
 
 
 def test_devices_are_the_visible_gpus_when_runs_use_cuda(tmp_path, monkeypatch):
-    from lightning_moe.compare import _cuda_visible_devices, _device_ids, _runs_use_cuda
+    from lightning_moe.study.runner import _cuda_visible_devices, _device_ids, _runs_use_cuda
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

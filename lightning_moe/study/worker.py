@@ -1,9 +1,9 @@
 """One run of ``lightning-moe compare`` in a process of its own, on the one device it sees.
 
-Started by :func:`lightning_moe.compare._run_on_devices` as
-``python -m lightning_moe._compare_worker SPEC`` (``SPEC``: JSON with the run's ``args``,
+Started by :func:`lightning_moe.study.runner._run_on_devices` as
+``python -m lightning_moe.study.worker SPEC`` (``SPEC``: JSON with the run's ``args``,
 ``run_dir``, ``device`` and ``num_threads``), with ``CUDA_VISIBLE_DEVICES`` naming that
-device. The run is the same :func:`lightning_moe.compare._fit` as a run in the compare
+device. The run is the same :func:`lightning_moe.study.runner._fit` as a run in the compare
 process, so it leaves the same ``done.json`` or ``failed.txt``.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_moe.compare import _fit
+from lightning_moe.study.runner import _fit
 
 
 def main(spec: str) -> int:

@@ -334,7 +334,7 @@ def _start(job: _Job, device: int, uses_cuda: bool, num_threads: int | None) -> 
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible, "PYTHONUNBUFFERED": "1"}
     with open(job.run_dir / "log.txt", "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "lightning_moe._compare_worker", json.dumps(spec)],
+            [sys.executable, "-m", "lightning_moe.study.worker", json.dumps(spec)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -388,7 +388,7 @@ def _run_on_devices(
 ) -> list[dict[str, Any]]:
     """Every job's record; unfinished jobs run in child processes, in order, one per device at a time.
 
-    A child is :mod:`lightning_moe._compare_worker`: :func:`_fit` with
+    A child is :mod:`lightning_moe.study.worker`: :func:`_fit` with
     ``CUDA_VISIBLE_DEVICES`` set to its device and ``--trainer.devices=1``, its output in
     ``<run_dir>/log.txt``.
     """
