@@ -16,119 +16,17 @@ line on stderr and exits with status 2; other errors keep their traceback, and `
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
-import warnings
-from argparse import ArgumentError
-from typing import Any
 
 import torch
 from jsonargparse import CLI
-from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_moe.checkpointing import CheckpointError, damaged_checkpoint_errors, use_atomic_checkpoint_io
-from lightning_moe.data import TextDataModule
+from lightning_moe import trainer_cli
+from lightning_moe.checkpointing import damaged_checkpoint_errors
 from lightning_moe.errors import ConfigError
 from lightning_moe.module import MoELanguageModel
-from lightning_moe.resume import check_writable_folders, resolve_last_checkpoint
-
-
-class MoECLI(LightningCLI):
-    """LightningCLI whose trainer writes checkpoints atomically (:class:`AtomicCheckpointIO`).
-
-    Added to the trainer after it is built rather than as a ``trainer.plugins`` default, so
-    recipes and ``--print_config`` stay unchanged; a checkpoint IO of another class that a recipe
-    sets (``trainer.plugins``) is kept.
-    """
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # The embedding size follows the data's tokenizer, so a recipe never states it twice.
-        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
-
-    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        super().parse_arguments(parser, args)
-        # Before Lightning reads the checkpoint's hyperparameters or creates a run folder.
-        subcommand = self.config.get("subcommand")
-        if subcommand:
-            check_checkpoint(self.config[subcommand].get("ckpt_path"), "ckpt_path")
-
-    def before_instantiate_classes(self) -> None:
-        # ``fit --ckpt_path last`` continues the newest checkpoint of the run, in its own version
-        # folder, or stops with an error; fixed before the logger picks a new version folder.
-        if self.subcommand == "fit":
-            resolve_last_checkpoint(self.config["fit"])
-
-    def before_fit(self) -> None:
-        # An unwritable log, checkpoint or cache folder fails now, not at the first log or checkpoint.
-        check_writable_folders(self.trainer, self.datamodule)
-
-    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        try:
-            trainer = super().instantiate_trainer(**kwargs)
-        except (ValueError, MisconfigurationException) as err:  # Trainer(...) only checks its arguments
-            raise ConfigError(f"trainer: {err}") from err
-        use_atomic_checkpoint_io(trainer)
-        use_step_progress_bar(trainer)
-        return trainer
-
-
-class _StepCount:
-    """A training progress bar that counts optimizer steps of ``max_steps`` when the run has a step budget.
-
-    Lightning's bars count batches of the current epoch, which for a run stopped by
-    ``max_steps`` (``max_epochs`` unset, shown as -1) reads ``Epoch 0/-2``; the logger's
-    version (``v_num``) is left out too, since the run folder is printed when ``fit`` ends.
-    """
-
-    def _counts_steps(self) -> bool:
-        trainer = self.trainer
-        return trainer.max_steps is not None and trainer.max_steps > 0 and trainer.max_epochs in (None, -1)
-
-    @property
-    def total_train_batches(self) -> int | float:
-        return self.trainer.max_steps if self._counts_steps() else super().total_train_batches
-
-    def on_train_epoch_start(self, trainer: Trainer, *args: Any) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        if self._counts_steps() and isinstance(self, TQDMProgressBar) and self.train_progress_bar is not None:
-            self.train_progress_bar.set_description("Steps")
-
-    def _get_train_description(self, current_epoch: int) -> str:  # RichProgressBar's
-        return "Steps" if self._counts_steps() else super()._get_train_description(current_epoch)
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # The bars show ``batch_idx + 1`` as done; here that is the optimizer steps taken so far.
-        done = trainer.global_step if self._counts_steps() else batch_idx + 1
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, done - 1)
-
-    def get_metrics(self, trainer: Trainer, pl_module: Any) -> dict[str, Any]:
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)
-        return metrics
-
-
-class StepTQDMProgressBar(_StepCount, TQDMProgressBar):
-    """Lightning's ``TQDMProgressBar``, counting steps of ``max_steps`` in step-budgeted runs."""
-
-
-class StepRichProgressBar(_StepCount, RichProgressBar):
-    """Lightning's ``RichProgressBar``, counting steps of ``max_steps`` in step-budgeted runs."""
-
-
-def use_step_progress_bar(trainer: Trainer) -> None:
-    """Make Lightning's default progress bar count steps of ``max_steps`` (a bar of another class is kept).
-
-    The bar's class is switched in place, so its settings (refresh rate, theme, ...) stay.
-    """
-    for callback in trainer.callbacks:
-        if type(callback) is TQDMProgressBar:
-            callback.__class__ = StepTQDMProgressBar
-        elif type(callback) is RichProgressBar:
-            callback.__class__ = StepRichProgressBar
+from lightning_moe.trainer_cli import TRAINER_SUBCOMMANDS, check_checkpoint, user_error
 
 
 def sample(
@@ -156,53 +54,9 @@ def sample(
     print(model.sample_text(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k))
 
 
-# --------------------------------------------------------------------------- checkpoints given by the user
-
-#: ``ckpt_path`` values Lightning resolves itself rather than reading a file.
-_SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
-
-
-def check_checkpoint(path: str | None, field: str) -> None:
-    """Refuse ``path`` unless it is a readable checkpoint of :class:`MoELanguageModel`.
-
-    Missing files, folders, files that are not ``torch.save`` archives and checkpoints of
-    another LightningModule raise :class:`ConfigError`; a damaged archive raises
-    :class:`CheckpointError` (naming the checkpoints beside it). ``None``, Lightning's
-    special values (``last``, ``best``, ...) and remote URLs pass unchecked. The archive is
-    memory-mapped, so checking a large checkpoint reads little of it.
-    """
-    if path is None or str(path).split(":")[0] in _SPECIAL_CKPT_PATHS or "://" in str(path):
-        return
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ConfigError(f"{field}={path!r}: no such file; give a .ckpt written by lightning-moe fit")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{field}={path!r} is a folder; give a .ckpt file in it (e.g. checkpoints/last.ckpt)")
-    with open(path, "rb") as fh:
-        is_zip = fh.read(4) == b"PK\x03\x04"
-    if not is_zip:  # torch.save writes zip archives; a damaged one still starts like one
-        raise ConfigError(
-            f"{field}={path!r} is not a checkpoint (not a torch.save archive); give a .ckpt written by lightning-moe fit"
-        )
-    with damaged_checkpoint_errors(path):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    hparams = dict(checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
-    hparams.pop("_instantiator", None)
-    accepted = inspect.signature(MoELanguageModel.__init__).parameters
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ConfigError(f"{field}={path!r} is not a Lightning checkpoint (it has no state_dict)")
-    if not hparams or not hparams.keys() <= accepted.keys():
-        raise ConfigError(
-            f"{field}={path!r} is a checkpoint of another model"
-            f" (hyperparameters: {', '.join(sorted(hparams)) or 'none'}),"
-            " not of lightning-moe's MoELanguageModel; give a .ckpt written by lightning-moe fit"
-        )
-
-
 # --------------------------------------------------------------------------- the command
 
 DEBUG_ENV = "LIGHTNING_MOE_DEBUG"
-TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 SUBCOMMANDS = {
     "fit": "train a model (a recipe: --config recipes/<name>.yaml)",
     "validate": "evaluate a checkpoint on the validation data (--ckpt_path)",
@@ -229,23 +83,6 @@ HELP = "\n".join(
 )
 
 
-def user_error(err: BaseException) -> str | None:
-    """The one-line message for an error that is the user's (bad config or input), else ``None``.
-
-    Follows the chain of direct causes (``raise ... from``), since jsonargparse re-raises an
-    error from ``__init__`` inside its own (a :class:`ConfigError` in a dataclass field comes
-    back wrapped in its union error, for instance); Lightning re-raises errors from its hooks
-    as they are. An error merely raised while handling another (``__context__``) is not the
-    user's: it keeps its traceback.
-    """
-    current: BaseException | None = err
-    while current is not None:
-        if isinstance(current, (ConfigError, CheckpointError, ArgumentError, MisconfigurationException)):
-            return " ".join(line.strip() for line in str(current).splitlines() if line.strip())
-        current = current.__cause__
-    return None
-
-
 def run(argv: list[str]) -> None:
     """Run ``lightning-moe ARGV``; errors propagate as raised (:func:`main` turns the user's into one line)."""
     if not argv or argv[0] in ("-h", "--help"):
@@ -261,36 +98,10 @@ def run(argv: list[str]) -> None:
 
         compare(argv[1:])
     elif command in TRAINER_SUBCOMMANDS or command.startswith("-"):
-        with warnings.catch_warnings():
-            # The args given here are sys.argv's own (less --debug); Lightning warns when given both.
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            cli = MoECLI(
-                MoELanguageModel,
-                TextDataModule,
-                seed_everything_default=0,
-                save_config_kwargs={"overwrite": True},
-                # Raise parse errors (for main to print in one line) instead of printing the full usage.
-                parser_kwargs={"exit_on_error": False, **{c: {"exit_on_error": False} for c in TRAINER_SUBCOMMANDS}},
-                args=argv,
-            )
-        if cli.subcommand == "fit" and cli.trainer.is_global_zero:
-            print(fit_summary(cli.trainer), flush=True)
+        trainer_cli.run(argv)
     else:
         choices = ", ".join(SUBCOMMANDS)
         raise ConfigError(f"unknown subcommand {command!r}; choose one of {choices} (lightning-moe --help)")
-
-
-def fit_summary(trainer: Trainer) -> str:
-    """Where a finished ``fit`` left its results: the run folder and the last/best checkpoints."""
-    lines = [f"Run folder: {trainer.log_dir}"]
-    for callback in trainer.checkpoint_callbacks:
-        if getattr(callback, "last_model_path", ""):
-            lines.append(f"Last checkpoint: {callback.last_model_path}")
-        if getattr(callback, "best_model_path", ""):
-            score = callback.best_model_score
-            monitored = f" ({callback.monitor} {float(score):.4f})" if callback.monitor and score is not None else ""
-            lines.append(f"Best checkpoint: {callback.best_model_path}{monitored}")
-    return "\n".join(lines)
 
 
 def main(args: list[str] | None = None) -> None:

@@ -21,7 +21,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import lightning_moe.cli
 import lightning_moe.study
-from lightning_moe.study.runner import Configuration, compare, run_arguments, steps_to_reach, summarise
+import lightning_moe.trainer_cli
+from lightning_moe.study import Configuration, compare
+from lightning_moe.study.records import steps_to_reach, summarise
+from lightning_moe.study.runner import run_arguments
 from lightning_moe.data import TextDataModule
 from lightning_moe.errors import ConfigError
 from lightning_moe.module import MoELanguageModel
@@ -152,7 +155,7 @@ def test_compare_end_to_end(in_process_study, monkeypatch, capsys):
 
     done = sorted(out.rglob("done.json"))
     stamps = [p.stat().st_mtime_ns for p in done]
-    monkeypatch.setattr(lightning_moe.cli, "run", no_training)
+    monkeypatch.setattr(lightning_moe.trainer_cli, "run", no_training)
     from lightning_moe.study import main
 
     main(["--config", str(config)])

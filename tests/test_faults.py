@@ -23,7 +23,8 @@ from lightning_moe import MoELayer
 from lightning_moe.callbacks import AuxLossFreeBalancing, DefaultOutputEMA, NonFiniteGuard
 from lightning_moe.callbacks.guards import NonFiniteError, check_training_setup
 from lightning_moe.checkpointing import AtomicCheckpointIO, CheckpointError, atomic_write
-from lightning_moe.cli import MoECLI, main
+from lightning_moe.cli import main
+from lightning_moe.trainer_cli import MoECLI
 from lightning_moe.data import TextDataModule
 from lightning_moe.errors import ConfigError
 from lightning_moe.module import MoELanguageModel

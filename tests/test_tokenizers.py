@@ -16,7 +16,8 @@ import yaml
 from helpers import train_bpe_tokenizer
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from lightning_moe.cli import MoECLI, main
+from lightning_moe.cli import main
+from lightning_moe.trainer_cli import MoECLI
 from lightning_moe.data import TextDataModule, decode
 from lightning_moe.data.tokenizers import load_tokenizer
 from lightning_moe.data.train_tokenizer import main as train_tokenizer
