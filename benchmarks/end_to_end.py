@@ -34,7 +34,9 @@ from lightning_moe.model import MoETransformer, TransformerConfig
 
 def make_model(args, name: str) -> MoETransformer:
     base = dict(vocab_size=258, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
-                max_seq_len=args.seq_len, ffn_hidden=args.dense_hidden, compile=name.endswith("compiled"))
+                max_seq_len=args.seq_len, ffn_hidden=args.dense_hidden)
+    if name.endswith("compiled"):
+        base["compile"] = True
     kind = name.split()[0]
     moe = {
         "dense": None,
