@@ -148,7 +148,8 @@ def run_table(
     rows = []
     base_saved = saved_bytes(modules[base], x)
     print(title)
-    print(f"  {'module':<22} {'median ms':>9} {'time / ' + base + ' (min/med/max)':>30} {'saved MB':>9} {'saved / ' + base:>14}")
+    header = f"{'time / ' + base + ' (min/med/max)':>30} {'saved MB':>9} {'saved / ' + base:>14}"
+    print(f"  {'module':<22} {'median ms':>9} {header}")
     for name, module in modules.items():
         ratios = [t / b for t, b in zip(samples[name], samples[base])]
         saved = saved_bytes(module, x)

@@ -1,4 +1,4 @@
-"""Activation memory of the MoE layer on the torch backend: what a dense FFN of the same active FLOPs keeps (DESIGN §11).
+"""Activation memory of the MoE layer on the torch backend: what a dense FFN of equal active FLOPs keeps (DESIGN §11).
 
 A dense SwiGLU FFN with hidden width H = K * F keeps, besides its input and parameters,
 four [T, H] tensors for backward: x W1, silu(x W1), x V1 and their product. The bound

@@ -84,7 +84,8 @@ def test_varying_token_counts_do_not_recompile_every_step():
 
 def test_model_flag_compiles_each_block_and_matches_eager():
     torch._dynamo.reset()
-    config = dict(vocab_size=32, d_model=16, n_layers=2, n_heads=2, moe={"num_experts": 4, "top_k": 2, "ffn_hidden": 32})
+    moe = {"num_experts": 4, "top_k": 2, "ffn_hidden": 32}
+    config = dict(vocab_size=32, d_model=16, n_layers=2, n_heads=2, moe=moe)
     torch.manual_seed(0)
     eager = MoETransformer(TransformerConfig(**config))
     torch.manual_seed(0)

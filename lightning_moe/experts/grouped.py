@@ -98,7 +98,7 @@ def grouped_mm(x_ND: Tensor, w_EAB: Tensor, segments: Segments) -> Tensor:
 
 
 def grouped_mm_weight_grad(x_NA: Tensor, grad_NB: Tensor, segments: Segments) -> Tensor:
-    """The gradient of :func:`grouped_mm`'s weights: segment e's ``x^T @ grad`` -> [E, A, B], zero for empty segments."""
+    """The gradient of :func:`grouped_mm`'s weights: segment e's ``x^T @ grad`` -> [E, A, B] (0 for empty segments)."""
     if _grouped_mm_supports(x_NA, grad_NB.shape[1]):
         if torch.compiler.is_compiling():
             return torch.ops.lightning_moe.grouped_mm_weight_grad(x_NA, grad_NB, segments.offsets())
