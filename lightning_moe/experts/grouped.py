@@ -5,11 +5,13 @@ package that name would shadow the ``torch`` module inside ``lightning_moe.exper
 
 The (token, slot) pairs are sorted by expert so each expert's rows are contiguous
 (:func:`sort_pairs`); each projection is then a single grouped matmul over those segments
-(:func:`grouped_ffn` through :func:`grouped_mm`, the one seam to swap in another kernel),
-and the weighted outputs are scattered back (:func:`combine_pairs`). :class:`GroupedDispatch`
-bundles the three steps for one routing; the ``"megablocks"`` backend has a dispatch with
-the same methods, and expert parallelism (:mod:`lightning_moe.experts.expert_parallel`)
-runs either around its token exchange.
+(:func:`grouped_mm` and its weight gradient :func:`grouped_mm_weight_grad`, the one seam
+to swap in another kernel), and the weighted outputs are scattered back. The backend
+(:func:`grouped_experts`) runs the three steps as one autograd function that keeps only
+what a dense FFN keeps (:mod:`lightning_moe.experts.fused`). :class:`GroupedDispatch`
+runs them as separate steps (:func:`grouped_ffn`, :func:`combine_pairs`) for expert
+parallelism (:mod:`lightning_moe.experts.expert_parallel`), which exchanges the rows in
+between; the ``"megablocks"`` backend has a dispatch with the same methods.
 """
 
 from __future__ import annotations
