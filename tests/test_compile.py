@@ -43,6 +43,7 @@ def test_the_layer_compiles_to_one_graph_without_breaks(estimator):
     assert explanation.graph_count == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_compiled_forward_and_backward_equal_eager(estimator):
     torch._dynamo.reset()
@@ -50,7 +51,7 @@ def test_compiled_forward_and_backward_equal_eager(estimator):
     counter = CompileCounterWithBackend("aot_eager")
     compiled.compile(backend=counter, dynamic=True)
     frames_after_first_steps = None
-    for i, tokens in enumerate((24, 40, 56, 72)):
+    for i, tokens in enumerate((24, 40, 56)):
         if i == 2:  # the first two steps compile (the routing statistics start as None, then hold tensors)
             frames_after_first_steps = counter.frame_count
         x = torch.randn(tokens, 16)
@@ -66,8 +67,8 @@ def test_compiled_forward_and_backward_equal_eager(estimator):
         for name in grads:
             torch.testing.assert_close(grads[name], grads_ref[name], **TOL, msg=name)
     assert counter.frame_count == frames_after_first_steps  # new token counts: no new graphs
-    assert compiled.routing_stats.num_forwards == eager.routing_stats.num_forwards == 4
-    assert compiled.routing_stats.tokens_per_expert.sum() == eager.routing_stats.tokens_per_expert.sum() == 2 * 192
+    assert compiled.routing_stats.num_forwards == eager.routing_stats.num_forwards == 3
+    assert compiled.routing_stats.tokens_per_expert.sum() == eager.routing_stats.tokens_per_expert.sum() == 2 * 120
 
 
 def test_varying_token_counts_do_not_recompile_every_step():
