@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_moe.experts import megablocks as megablocks_backend
-from lightning_moe.experts.grouped import _grouped_mm_supported
+from lightning_moe.experts.grouped_gemm import _grouped_mm_supported
 from lightning_moe.layer import MoELayer
 from lightning_moe.model import FeedForward, MoEConfig, MoETransformer, TransformerConfig, default_ffn_hidden
 

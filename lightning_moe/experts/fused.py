@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_moe.experts.grouped import Segments, grouped_mm, grouped_mm_weight_grad
+from lightning_moe.experts.grouped_gemm import Segments, grouped_mm, grouped_mm_weight_grad
 
 
 def _first_projection(w1_EDF: Tensor, v1_EDF: Tensor | None) -> Tensor:
