@@ -144,3 +144,23 @@ def train_bpe_tokenizer(path, texts, vocab_size=300):
 
     train_bpe(texts, vocab_size, str(path))
     return path
+
+
+def write_corpus(root, texts: dict):
+    """A folder ``root`` holding one UTF-8 text file per ``{name: text}`` entry."""
+    root.mkdir()
+    for name, text in texts.items():
+        (root / name).write_text(text, encoding="utf-8")
+    return root
+
+
+def ready_datamodule(source, cache_dir, **kwargs):
+    """A :class:`TextDataModule` over ``source`` (16-token windows, batches of 4 unless given), set up for fit."""
+    from lightning_moe.data import TextDataModule
+
+    kwargs.setdefault("seq_len", 16)
+    kwargs.setdefault("batch_size", 4)
+    dm = TextDataModule(source=str(source), cache_dir=str(cache_dir), **kwargs)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm

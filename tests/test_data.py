@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ready_datamodule
 import torch
 
 from lightning_moe.data import (
@@ -27,13 +28,7 @@ TEXT = "Héllo wörld — byte-level tokens ✓ 中文\n" * 40 + "the end\n"
 
 
 def make_dm(source, tmp_path, **kwargs) -> TextDataModule:
-    kwargs.setdefault("seq_len", 16)
-    kwargs.setdefault("batch_size", 4)
-    kwargs.setdefault("cache_dir", str(tmp_path / "cache"))
-    dm = TextDataModule(source=str(source), **kwargs)
-    dm.prepare_data()
-    dm.setup("fit")
-    return dm
+    return ready_datamodule(source, kwargs.pop("cache_dir", tmp_path / "cache"), **kwargs)
 
 
 def split_docs(stream: np.ndarray) -> list[bytes]:

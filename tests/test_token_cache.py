@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import train_bpe_tokenizer
+from helpers import ready_datamodule as make_dm
+from helpers import train_bpe_tokenizer, write_corpus
 
 import lightning_moe.data.sources as sources
 from lightning_moe.data import BOS_ID, TextDataModule
@@ -25,25 +26,12 @@ TEXTS = {
 
 @pytest.fixture
 def corpus(tmp_path):
-    root = tmp_path / "corpus"
-    root.mkdir()
-    for name, text in TEXTS.items():
-        (root / name).write_text(text, encoding="utf-8")
-    return root
+    return write_corpus(tmp_path / "corpus", TEXTS)
 
 
 @pytest.fixture
 def bpe(tmp_path):
     return train_bpe_tokenizer(tmp_path / "tokenizer.json", list(TEXTS.values()), vocab_size=280)
-
-
-def make_dm(source, cache_dir, **kwargs) -> TextDataModule:
-    kwargs.setdefault("seq_len", 16)
-    kwargs.setdefault("batch_size", 4)
-    dm = TextDataModule(source=str(source), cache_dir=str(cache_dir), **kwargs)
-    dm.prepare_data()
-    dm.setup("fit")
-    return dm
 
 
 def cache_files(path) -> dict[str, bytes]:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import train_bpe_tokenizer
+from helpers import ready_datamodule, train_bpe_tokenizer, write_corpus
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from lightning_moe.cli import main
@@ -35,11 +35,7 @@ DOCS = {
 
 @pytest.fixture
 def corpus(tmp_path):
-    root = tmp_path / "corpus"
-    root.mkdir()
-    for name, text in DOCS.items():
-        (root / name).write_text(text, encoding="utf-8")
-    return root
+    return write_corpus(tmp_path / "corpus", DOCS)
 
 
 @pytest.fixture
@@ -48,13 +44,7 @@ def bpe(tmp_path):
 
 
 def make_dm(source, tmp_path, **kwargs) -> TextDataModule:
-    kwargs.setdefault("seq_len", 16)
-    kwargs.setdefault("batch_size", 4)
-    kwargs.setdefault("cache_dir", str(tmp_path / "cache"))
-    dm = TextDataModule(source=str(source), **kwargs)
-    dm.prepare_data()
-    dm.setup("fit")
-    return dm
+    return ready_datamodule(source, kwargs.pop("cache_dir", tmp_path / "cache"), **kwargs)
 
 
 def test_tokenizer_json_file_and_folder_load_with_their_special_tokens(tmp_path, bpe):
