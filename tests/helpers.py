@@ -164,3 +164,34 @@ def ready_datamodule(source, cache_dir, **kwargs):
     dm.prepare_data()
     dm.setup("fit")
     return dm
+
+
+def assert_same(a, b):
+    """``a`` and ``b`` equal exactly, through nested dicts, lists and tensors."""
+    assert type(a) is type(b)
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def assert_same_checkpoint(got, expected):
+    """Two checkpoint dicts of MoELanguageModel runs hold the same training state, bit for bit: step,
+    weights, optimizer, schedule, RNG streams and routing monitor."""
+    assert got["global_step"] == expected["global_step"]
+    assert got["state_dict"].keys() == expected["state_dict"].keys()
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(got["state_dict"][key], value), key
+    for a, b in zip(expected["optimizer_states"][0]["state"].values(), got["optimizer_states"][0]["state"].values()):
+        assert all(torch.equal(a[name], b[name]) for name in a)
+    assert got["lr_schedulers"] == expected["lr_schedulers"]
+    for name in ("ResumableRNG", "RoutingMonitor"):
+        assert_same(got["callbacks"][name], expected["callbacks"][name])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_checkpoint
 from jsonargparse import Namespace
 
 from lightning_moe.cli import main
@@ -81,34 +82,6 @@ def losses(*version_folders):
     return by_step
 
 
-def assert_same_state(got, expected):
-    assert got["global_step"] == expected["global_step"]
-    assert got["state_dict"].keys() == expected["state_dict"].keys()
-    for key, value in expected["state_dict"].items():
-        assert torch.equal(got["state_dict"][key], value), key
-    for a, b in zip(expected["optimizer_states"][0]["state"].values(), got["optimizer_states"][0]["state"].values()):
-        assert all(torch.equal(a[name], b[name]) for name in a)
-    assert got["lr_schedulers"] == expected["lr_schedulers"]
-    for name in ("ResumableRNG", "RoutingMonitor"):
-        assert_same(got["callbacks"][name], expected["callbacks"][name])
-
-
-def assert_same(a, b):
-    assert type(a) is type(b)
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert_same(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same(x, y)
-    else:
-        assert a == b
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "recipe, stops",
@@ -136,7 +109,7 @@ def test_extending_max_steps_continues_like_one_uninterrupted_run(tmp_path, reci
         assert sorted(resumed) == list(range(stop, total)), f"stopped at {stop}"
         for step in range(stop, total):
             assert resumed[step] == reference[step], f"stopped at {stop}: the loss of step {step} differs"
-        assert_same_state(torch.load(last_checkpoint(second), weights_only=False), expected)
+        assert_same_checkpoint(torch.load(last_checkpoint(second), weights_only=False), expected)
 
 
 @pytest.mark.slow
