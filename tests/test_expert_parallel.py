@@ -328,26 +328,31 @@ class ManualAccumulation(ShardedRegression):
         torch.save(self.expert_grads, f"{self.trainer.default_root_dir}/grads{self.global_rank}.pt")
 
 
+def quiet_trainer(root, devices, **trainer_args) -> L.Trainer:
+    """A CPU trainer on ``devices`` processes (expert parallel when more than one) with no logger,
+    checkpoints or progress output, each rank reading its own batches, Default MoE's updater on."""
+    trainer_args.setdefault("callbacks", [DefaultOutputEMA()])
+    return L.Trainer(
+        default_root_dir=root,
+        accelerator="cpu",
+        devices=devices,
+        strategy=ExpertParallelStrategy(start_method="fork") if devices > 1 else "auto",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        **trainer_args,
+    )
+
+
 def test_manual_optimisation_with_accumulation_equals_one_process(tmp_path):
     model = ManualAccumulation(torch.randn(16, D))
     runs = {}
     for devices in (1, 2):
         root = tmp_path / str(devices)
         root.mkdir()
-        strategy = ExpertParallelStrategy(start_method="fork") if devices > 1 else "auto"
-        trainer = L.Trainer(
-            default_root_dir=root,
-            accelerator="cpu",
-            devices=devices,
-            strategy=strategy,
-            max_epochs=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            use_distributed_sampler=False,
-            callbacks=[DefaultOutputEMA()],
-        )
+        trainer = quiet_trainer(root, devices, max_epochs=1)
         runs[devices] = copy.deepcopy(model)
         trainer.fit(runs[devices])
         runs[devices].grads = [torch.load(root / f"grads{r}.pt") for r in range(devices)]
@@ -383,19 +388,9 @@ def test_fp16_loss_scaling_skips_an_overflowing_step_on_every_rank(tmp_path):
     model = OverflowOnOneRank(torch.randn(24, D), global_batch=8)
     initial = model.proj.weight.detach().clone()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1000)
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=2,
-        strategy=ExpertParallelStrategy(start_method="fork"),
+    trainer = quiet_trainer(
+        tmp_path, 2, max_steps=3,
         plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],  # Lightning adds no scaler on CPU
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        callbacks=[DefaultOutputEMA()],
     )
     trainer.fit(model)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -417,19 +412,8 @@ def test_norm_clipping_after_a_skipped_step_reduces_on_the_strategy_device(tmp_p
     # CPU tensor, which NCCL cannot all-reduce. Here it is a meta tensor (not the CPU ranks'
     # device) and all-reduce refuses tensors off the device as NCCL does (gloo would not).
     def fit_skipping(module, devices):
-        strategy = ExpertParallelStrategy(start_method="fork") if devices > 1 else "auto"
-        trainer = L.Trainer(
-            default_root_dir=tmp_path,
-            accelerator="cpu",
-            devices=devices,
-            strategy=strategy,
-            max_steps=3,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            use_distributed_sampler=False,
-            gradient_clip_val=0.5,
+        trainer = quiet_trainer(
+            tmp_path, devices, max_steps=3, gradient_clip_val=0.5,
             callbacks=[NonFiniteGuard(action="skip"), DefaultOutputEMA()],
         )
         trainer.fit(module)
