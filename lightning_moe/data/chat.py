@@ -1,0 +1,184 @@
+"""Chat examples for supervised fine-tuning: messages, the model's chat template, and which tokens carry loss.
+
+A conversation is rendered with the tokenizer's chat template and tokenised once; the loss
+falls only on what the model itself must produce: each assistant turn's content and the
+end-of-turn token(s) that close it (``<|im_end|>`` in ChatML), never the role header the
+template puts before it (``<|im_start|>assistant\\n``, the generation prompt), nor the
+whitespace a template writes after the end-of-turn token (a model stops generating at that
+token, so it never produces the newline).
+
+Assistant spans are found without ``{% generation %}`` markers, which most templates lack:
+for the ``i``-th message, an assistant turn, the template renders ``messages[:i]`` with the
+generation prompt and ``messages[:i+1]``; when the first is a prefix of the second and the
+second a prefix of the whole conversation, the characters between them are the turn. The
+tokens whose first character falls in a span are labelled, found through the fast
+tokenizer's offset mapping. A template that renders earlier turns differently once later
+ones follow (e.g. one that drops a past turn's reasoning) fails that check; it is then
+read through ``return_assistant_tokens_mask`` if it has generation markers, else refused.
+
+:func:`synthetic_chat` makes a small offline conversation set from a seed (arithmetic,
+copying, reversing and upper-casing words) that a tiny model learns within ~100 steps.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from typing import Any
+
+import numpy as np
+
+from lightning_moe.errors import ConfigError
+
+ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT's "from" values (a "conversations" column of {from, value}) and the roles they mean.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "tool": "tool", "function_call": "assistant", "observation": "tool"}
+_GENERATION_MARKER = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+class NoAssistantTurn(ValueError):
+    """An example without an assistant turn: nothing to learn from, skipped and counted."""
+
+
+def load_chat_tokenizer(spec: str, chat_template: str | None = None) -> Any:
+    """A ``transformers`` fast tokenizer from a folder, a ``tokenizer.json`` or a Hub name.
+
+    ``chat_template``, when given, replaces the tokenizer's own template; it is a Jinja
+    string or the path of a file holding one.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"data.tokenizer must be a tokenizer folder, tokenizer.json or Hub name, got {spec!r}")
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from lightning_moe.data.sources import honour_offline_env
+
+    path = os.path.expanduser(spec)
+    try:
+        if os.path.isfile(path):
+            tokenizer = PreTrainedTokenizerFast(tokenizer_file=path)
+        else:
+            with honour_offline_env():
+                tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # no such folder or name, offline, or not a tokenizer
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ConfigError(
+            f"data.tokenizer={spec!r} cannot be loaded with transformers.AutoTokenizer ({type(err).__name__}: {first});"
+            " pass a local tokenizer folder or tokenizer.json, or a Hub name (with network access or a cached copy)"
+        ) from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(f"data.tokenizer={spec!r} has no fast (Rust) tokenizer; use one with a tokenizer.json")
+    if chat_template is not None:
+        if not isinstance(chat_template, str) or not chat_template.strip():
+            raise ConfigError(f"data.chat_template must be a Jinja template string or file, got {chat_template!r}")
+        template_file = os.path.expanduser(chat_template)
+        if "{" not in chat_template and os.path.isfile(template_file):
+            with open(template_file, encoding="utf-8") as fh:
+                chat_template = fh.read()
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def messages_of(example: dict[str, Any], field: str) -> list[dict[str, str]]:
+    """The example's conversation as ``[{"role", "content"}, ...]`` (ShareGPT's ``{from, value}`` accepted)."""
+    turns = example.get(field)
+    if not isinstance(turns, (list, tuple)) or not turns:
+        raise ConfigError(f"data.messages_field={field!r}: expected a non-empty list of messages, got {turns!r:.80}")
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            raise ConfigError(f"data.messages_field={field!r}: a message must be a mapping, got {turn!r:.80}")
+        if "role" in turn:
+            role, content = turn.get("role"), turn.get("content")
+        else:
+            role, content = SHAREGPT_ROLES.get(turn.get("from"), turn.get("from")), turn.get("value")
+        if role not in ROLES:
+            raise ConfigError(
+                f"data.messages_field={field!r}: unknown role {role!r}; valid roles are {list(ROLES)}"
+                f" (or ShareGPT 'from' values {sorted(SHAREGPT_ROLES)})"
+            )
+        messages.append({"role": role, "content": "" if content is None else str(content)})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise NoAssistantTurn("no assistant turn")
+    return messages
+
+
+def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of the rendered conversation and, per token, whether it is an assistant token."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = _assistant_spans(tokenizer, messages, text)
+    if spans is None:
+        return _marked_assistant_tokens(tokenizer, messages)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    starts = np.array([start for start, _ in encoding["offset_mapping"]], dtype=np.int64)
+    mask = np.zeros(len(starts), dtype=bool)
+    for begin, end in spans:
+        mask |= (starts >= begin) & (starts < end)
+    return np.asarray(encoding["input_ids"], dtype=np.int64), mask
+
+
+def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]] | None:
+    """Character ranges of the assistant turns in ``text``; ``None`` when prefix renders disagree."""
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (upto.startswith(prompt) and text.startswith(upto)):
+            return None
+        spans.append((len(prompt), len(upto.rstrip())))
+    return spans
+
+
+def _marked_assistant_tokens(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+    if not _GENERATION_MARKER.search(tokenizer.chat_template or ""):
+        raise ConfigError(
+            "data.chat_template: the template renders earlier turns differently once later turns follow, so the"
+            " assistant tokens cannot be found from prefix renders, and it has no {% generation %} markers;"
+            " set data.chat_template to a template whose renders of a conversation's prefixes are its prefixes"
+        )
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    return np.asarray(out["input_ids"], dtype=np.int64), np.asarray(out["assistant_masks"], dtype=bool)
+
+
+# ----------------------------------------------------------------- synthetic conversations
+
+_WORDS = (
+    "apple river stone cloud tiger paper green house light music water table night bread horse chair"
+    " dream field glass honey ocean piano quiet robot smile train under violet winter yellow zebra"
+).split()
+
+
+def synthetic_chat(num_examples: int, seed: int) -> list[list[dict[str, str]]]:
+    """``num_examples`` conversations drawn from ``seed``: small tasks with one right answer.
+
+    Tasks: adding two numbers below 50, copying, reversing and upper-casing a word from a
+    fixed list of 32. A quarter of the conversations carry a system message and a quarter
+    have two exchanges, so multi-turn masking is exercised too.
+    """
+    rng = random.Random(seed)
+
+    def exchange() -> list[dict[str, str]]:
+        task = rng.randrange(4)
+        if task == 0:
+            a, b = rng.randrange(50), rng.randrange(50)
+            question, answer = f"What is {a} + {b}?", str(a + b)
+        else:
+            word = rng.choice(_WORDS)
+            question, answer = [
+                (f"Repeat the word: {word}", word),
+                (f"Reverse the word: {word}", word[::-1]),
+                (f"Write in capitals: {word}", word.upper()),
+            ][task - 1]
+        return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+    conversations = []
+    for _ in range(num_examples):
+        messages = [{"role": "system", "content": "Answer with the result only."}] if rng.random() < 0.25 else []
+        messages += exchange()
+        if rng.random() < 0.25:
+            messages += exchange()
+        conversations.append(messages)
+    return conversations

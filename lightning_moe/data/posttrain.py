@@ -1,0 +1,402 @@
+"""Post-training batches for a Hugging Face model, tokenised with its own tokenizer (docs/posttrain_data.md)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import warnings
+from typing import Any
+
+import lightning
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_moe.data.chat import NoAssistantTurn, load_chat_tokenizer, messages_of, synthetic_chat, tokenize_chat
+from lightning_moe.data.loading import ResumableDataLoader, ResumableSampler, _collate
+from lightning_moe.errors import ConfigError
+
+IGNORE_INDEX = -100  # lightning_moe.module.IGNORE_INDEX: targets without loss
+SYNTHETIC_CHAT = "synthetic:chat"
+FORMATS = ("auto", "chat", "text")
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_SYNTHETIC_EXAMPLES = 4000
+
+
+class RowDataset(Dataset):
+    """Rows of a ``[N, T]`` inputs array and its targets, served as int64 tensors."""
+
+    def __init__(self, inputs_NT: np.ndarray, targets_NT: np.ndarray) -> None:
+        self.inputs_NT, self.targets_NT = inputs_NT, targets_NT
+
+    def __len__(self) -> int:
+        return len(self.inputs_NT)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.from_numpy(self.inputs_NT[index].astype(np.int64)),
+                torch.from_numpy(self.targets_NT[index].astype(np.int64)))
+
+
+class PostTrainDataModule(lightning.LightningDataModule):
+    """Chat (supervised fine-tuning) or plain-text batches tokenised with the model's own tokenizer.
+
+    Args:
+        source: ``"synthetic:chat"`` (offline conversations drawn from ``seed``), a local
+            ``.jsonl`` / ``.json`` / ``.parquet`` file, folder or glob, or a Hugging Face
+            dataset ``"name"`` / ``"name:config"``, read with :func:`datasets.load_dataset`.
+        format: ``"chat"`` (a column of messages; loss on assistant tokens only), ``"text"``
+            (a text column; loss on every token) or ``"auto"`` (chat when the messages
+            column exists, else text when the text column does).
+        tokenizer: a tokenizer folder, ``tokenizer.json`` or Hub name; ``None`` takes the
+            model's: ``trainer.lightning_module.tokenizer_source``, read in :meth:`setup`.
+        chat_template: a Jinja chat template (string or file) that replaces the tokenizer's.
+        messages_field: the column of messages (``[{role, content}]``, or ShareGPT ``[{from, value}]``).
+        text_field: the column of text for ``format="text"``.
+        split: the dataset split to read.
+        val_split: a split of the same Hub dataset to validate on; ``None`` holds out
+            ``val_fraction`` of the examples (at least one), chosen from ``seed``.
+        seq_len: tokens per row.
+        batch_size: rows per batch.
+        packing: concatenate examples into ``seq_len`` windows (no padding); ``False``:
+            one example per row, truncated to ``seq_len`` and right-padded to it.
+        max_examples: read at most this many examples (of each split).
+        seed: seeds the synthetic source, the validation hold-out and the training shuffle.
+        num_workers: DataLoader worker processes.
+
+    Batches are ``(input_ids, targets)``, both ``[batch_size, seq_len]`` int64, ``targets``
+    the next tokens with ``-100`` where there is no loss. Examples are tokenised in memory
+    in :meth:`setup` (post-training sets are small); rows without any target are dropped.
+    """
+
+    def __init__(
+        self,
+        source: str = SYNTHETIC_CHAT,
+        format: str = "auto",
+        tokenizer: str | None = None,
+        chat_template: str | None = None,
+        messages_field: str = "messages",
+        text_field: str = "text",
+        split: str = "train",
+        val_split: str | None = None,
+        seq_len: int = 512,
+        batch_size: int = 8,
+        packing: bool = True,
+        val_fraction: float = 0.05,
+        max_examples: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(source, (str, os.PathLike)) or not str(source):
+            raise ConfigError(f"data.source must be a non-empty string, got {source!r}")
+        if format not in FORMATS:
+            raise ConfigError(f"data.format={format!r} is unknown; use one of {list(FORMATS)}")
+        for field, value, minimum in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1),
+                                      ("num_workers", num_workers, 0)):
+            _check_int(field, value, minimum)
+        if max_examples is not None:
+            _check_int("max_examples", max_examples, 1)
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+            raise ConfigError(f"data.val_fraction must be a number with 0 < val_fraction < 1, got {val_fraction!r}")
+        self.save_hyperparameters()
+        self.source = os.fspath(source)
+        self.format = format
+        self.chat_template = chat_template
+        self.messages_field, self.text_field = messages_field, text_field
+        self.split, self.val_split = split, val_split
+        self.seq_len, self.batch_size, self.packing = int(seq_len), int(batch_size), bool(packing)
+        self.val_fraction, self.max_examples = float(val_fraction), max_examples
+        self.seed, self.num_workers = int(seed), int(num_workers)
+        self.tokenizer: Any = None
+        """The ``transformers`` fast tokenizer (loaded in ``__init__`` when named, else in ``setup``)."""
+        self.vocab_size: int | None = None
+        """``len(tokenizer)``: the embedding size a model needs (``None`` until the tokenizer is known)."""
+        self.skipped_examples = 0
+        """Examples without an assistant turn (or empty text), skipped with a warning."""
+        if tokenizer is not None:
+            self._use_tokenizer(tokenizer)
+        self.train_dataset: RowDataset | None = None
+        self.val_dataset: RowDataset | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the tokenizer (the model's when none was named), read and tokenise both splits."""
+        if self.train_dataset is not None:
+            return
+        if self.tokenizer is None:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            source = getattr(module, "tokenizer_source", None)
+            if not isinstance(source, str) or not source:
+                raise ConfigError(
+                    "data.tokenizer is not set and the model names no tokenizer (no tokenizer_source);"
+                    " set data.tokenizer to a tokenizer folder, tokenizer.json or Hub name"
+                )
+            self._use_tokenizer(source)
+        train_rows, val_rows = self._read_examples()
+        fmt = self._resolve_format(train_rows[0])
+        self.skipped_examples = 0
+        self.train_dataset = self._rows(train_rows, fmt, "train")
+        self.val_dataset = self._rows(val_rows, fmt, "validation")
+        if self.skipped_examples:
+            warnings.warn(
+                f"data.source={self.source!r}: skipped {self.skipped_examples} examples with no"
+                f" {'assistant turn' if fmt == 'chat' else 'text'}", stacklevel=2
+            )
+        rank_zero_info(
+            f"PostTrainDataModule: {len(self.train_dataset)} training and {len(self.val_dataset)} validation rows"
+            f" of {self.seq_len} tokens ({fmt}, {'packed' if self.packing else 'padded'}) from {self.source!r}"
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled batches of this rank's share, resumable mid-epoch (as ``TextDataModule``'s)."""
+        ds = self._require(self.train_dataset)
+        sharding = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
+        num_replicas, rank = (sharding["num_replicas"], sharding["rank"]) if sharding else (1, 0)
+        if len(ds) < num_replicas:
+            raise ConfigError(
+                f"data.source={self.source!r}: {len(ds)} training rows of data.seq_len={self.seq_len}, fewer than"
+                f" the {num_replicas} data-parallel ranks; use more examples or a smaller seq_len"
+            )
+        return ResumableDataLoader(
+            ds,
+            batch_size=self.batch_size,
+            sampler=ResumableSampler(ds, num_replicas=num_replicas, rank=rank, seed=self.seed),
+            drop_last=len(ds) // num_replicas >= self.batch_size,  # never drop a tiny set's only batch
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=_collate,
+            generator=torch.Generator().manual_seed(self.seed),
+            batches_consumed=self._train_batches_consumed,
+        )
+
+    def _train_batches_consumed(self) -> int:
+        """Training batches of the current epoch the trainer has used; ``sys.maxsize`` once it is over."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        used = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return used if used < trainer.num_training_batches else sys.maxsize
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self._require(self.val_dataset),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=_collate,
+        )
+
+    # ----------------------------------------------------------------- reading
+
+    def _use_tokenizer(self, spec: str) -> None:
+        self.tokenizer = load_chat_tokenizer(spec, self.chat_template)
+        self.vocab_size = len(self.tokenizer)
+
+    def _read_examples(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Training and validation examples (rows as dicts), in a deterministic order."""
+        if self.source == SYNTHETIC_CHAT:
+            rows = [{self.messages_field: m} for m in synthetic_chat(self.max_examples or _SYNTHETIC_EXAMPLES, self.seed)]
+        else:
+            builder, files = _local_files(self.source)
+            rows = self._load("data.split", self.split, builder, files)
+            if self.val_split is not None:
+                return rows, self._load("data.val_split", self.val_split, builder, files)
+        if self.val_split is not None:
+            raise ConfigError(f"data.val_split applies to Hub datasets; {self.source!r} uses data.val_fraction")
+        if len(rows) < 2:
+            raise ConfigError(
+                f"data.source={self.source!r} has {len(rows)} example(s); need at least 2 (one to train on,"
+                " one to validate on), or name a validation split with data.val_split"
+            )
+        order = np.random.default_rng(self.seed).permutation(len(rows))
+        held_out = set(order[: min(len(rows) - 1, max(1, round(self.val_fraction * len(rows))))].tolist())
+        return [r for i, r in enumerate(rows) if i not in held_out], [r for i, r in enumerate(rows) if i in held_out]
+
+    def _load(self, field: str, split: str, builder: str | None, files: list[str] | None) -> list[dict[str, Any]]:
+        """One split of a local (``builder`` and ``files``) or Hub dataset, as a list of rows."""
+        import datasets
+
+        from lightning_moe.data.sources import honour_offline_env
+
+        if builder is not None and (field != "data.split" or split != "train"):
+            raise ConfigError(
+                f"{field}={split!r}: a local data.source has the one split 'train';"
+                " data.split and data.val_split name splits of Hub datasets (use data.val_fraction)"
+            )
+        try:
+            with honour_offline_env():
+                if builder is not None:
+                    ds = datasets.load_dataset(builder, data_files=files, split="train")
+                else:
+                    name, _, config = self.source.partition(":")
+                    ds = datasets.load_dataset(name, config or None, split=split)
+        except (ConnectionError, OSError) as err:
+            raise ConfigError(
+                f"data.source={self.source!r}: no such local file or folder, and the Hugging Face dataset could not"
+                f" be loaded ({type(err).__name__}: {_first_line(err)}); pass a .jsonl/.json/.parquet file, folder or"
+                f" glob, {SYNTHETIC_CHAT!r}, or a Hub name (with network access or HF_HUB_OFFLINE=1 and a cached copy)"
+            ) from None
+        except Exception as err:  # an unknown split, or a file the builder cannot parse
+            raise ConfigError(
+                f"data.source={self.source!r}, {field}={split!r} cannot be read: {type(err).__name__}: {_first_line(err)}"
+            ) from None
+        if self.max_examples is not None:
+            ds = ds.select(range(min(len(ds), self.max_examples)))
+        if len(ds) == 0:
+            raise ConfigError(f"data.source={self.source!r} ({field}={split!r}) holds no examples")
+        return ds.to_list()
+
+    def _resolve_format(self, row: dict[str, Any]) -> str:
+        columns = sorted(row)
+        wanted = {"chat": self.messages_field, "text": self.text_field}
+        fmt = self.format
+        if fmt == "auto":
+            fmt = "chat" if self.messages_field in row else "text" if self.text_field in row else "auto"
+            if fmt == "chat" or fmt == "text":
+                return fmt
+            if "conversations" in row:
+                raise ConfigError(
+                    f"data.messages_field={self.messages_field!r} is not a column (columns: {columns});"
+                    " set data.messages_field='conversations' for ShareGPT data"
+                )
+            raise ConfigError(
+                f"data.format='auto' found neither data.messages_field={self.messages_field!r} nor"
+                f" data.text_field={self.text_field!r} among the columns {columns}; set one of them"
+            )
+        if wanted[fmt] not in row:
+            raise ConfigError(
+                f"data.{'messages_field' if fmt == 'chat' else 'text_field'}={wanted[fmt]!r} is not a column of"
+                f" data.source={self.source!r} (format {fmt!r}); columns found: {columns}"
+            )
+        if fmt == "chat" and not self.tokenizer.chat_template:
+            raise ConfigError(
+                "data.chat_template is not set and the tokenizer has no chat template; format 'chat' needs one"
+            )
+        return fmt
+
+    # ----------------------------------------------------------------- tokenising
+
+    def _rows(self, examples: list[dict[str, Any]], fmt: str, split: str) -> RowDataset:
+        tokens, masks = [], []
+        for index, example in enumerate(_progress(examples, f"Tokenising {split} examples")):
+            if fmt == "chat":
+                try:
+                    ids, mask = tokenize_chat(self.tokenizer, messages_of(example, self.messages_field))
+                except NoAssistantTurn:
+                    self.skipped_examples += 1
+                    continue
+                except ConfigError as err:
+                    raise ConfigError(f"{err} ({split} example {index})") from None
+            else:
+                ids, mask = self._tokenize_text(example.get(self.text_field))
+                if not len(ids):
+                    self.skipped_examples += 1
+                    continue
+            tokens.append(ids)
+            masks.append(mask)
+        if not tokens:
+            raise ConfigError(f"data.source={self.source!r}: no usable {split} examples ({fmt} format)")
+        if self.packing:
+            inputs_NT, targets_NT = pack(tokens, masks, self.seq_len)
+        else:
+            inputs_NT, targets_NT = pad(tokens, masks, self.seq_len, self._pad_id())
+        keep = (targets_NT != IGNORE_INDEX).any(axis=1)
+        if not keep.any():
+            raise ConfigError(
+                f"data.source={self.source!r}: no {split} row of data.seq_len={self.seq_len} has a target token"
+                f" ({len(tokens)} examples, {sum(map(len, tokens))} tokens); use more data or a smaller seq_len"
+            )
+        return RowDataset(inputs_NT[keep], targets_NT[keep])
+
+    def _tokenize_text(self, text: Any) -> tuple[np.ndarray, np.ndarray]:
+        # The tokenizer's own encoding (with its BOS when it adds one) and an EOS that ends the document.
+        if not text:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
+        ids = list(self.tokenizer(str(text))["input_ids"])
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        return np.asarray(ids, dtype=np.int64), np.ones(len(ids), dtype=bool)
+
+    def _pad_id(self) -> int:
+        pad_id = self.tokenizer.pad_token_id
+        pad_id = self.tokenizer.eos_token_id if pad_id is None else pad_id
+        if pad_id is None:
+            raise ConfigError("data.packing=false pads rows, but data.tokenizer has neither a pad nor an EOS token")
+        return int(pad_id)
+
+    def _require(self, value: Any) -> Any:
+        if value is None:
+            raise RuntimeError("PostTrainDataModule: call setup() first")
+        return value
+
+
+def pack(tokens: list[np.ndarray], masks: list[np.ndarray], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Examples concatenated, cut into windows of ``seq_len + 1`` tokens advancing by ``seq_len``.
+
+    Row ``i`` predicts ``stream[i*L + 1 : i*L + L + 1]`` from ``stream[i*L : i*L + L]``; a
+    target has loss when its token is labelled. Attention crosses example boundaries (no
+    per-document masking), as in pretraining; the stream's ragged tail is dropped.
+    """
+    stream, labelled = np.concatenate(tokens), np.concatenate(masks)
+    rows = max(0, (len(stream) - 1) // seq_len)
+    starts = np.arange(rows)[:, None] * seq_len + np.arange(seq_len)[None, :]
+    inputs_NT = stream[starts]
+    targets_NT = np.where(labelled[starts + 1], stream[starts + 1], IGNORE_INDEX)
+    return inputs_NT.astype(np.int32), targets_NT.astype(np.int32)
+
+
+def pad(
+    tokens: list[np.ndarray], masks: list[np.ndarray], seq_len: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One example per row: its first ``seq_len + 1`` tokens, right-padded to ``seq_len`` (padding has no loss)."""
+    inputs_NT = np.full((len(tokens), seq_len), pad_id, dtype=np.int32)
+    targets_NT = np.full((len(tokens), seq_len), IGNORE_INDEX, dtype=np.int32)
+    for row, (ids, mask) in enumerate(zip(tokens, masks)):
+        ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
+        inputs_NT[row, : len(ids) - 1] = ids[:-1]
+        targets_NT[row, : len(ids) - 1] = np.where(mask[1:], ids[1:], IGNORE_INDEX)
+    return inputs_NT, targets_NT
+
+
+def _local_files(source: str) -> tuple[str | None, list[str] | None]:
+    """The ``datasets`` builder and files of a local source; ``(None, None)`` for a Hub name."""
+    path = os.path.expanduser(source)
+    if os.path.isdir(path):
+        files = sorted(
+            os.path.join(d, f) for d, _, names in os.walk(path) for f in names if os.path.splitext(f)[1] in _BUILDERS
+        )
+    elif os.path.isfile(path) or any(ch in source for ch in "*?["):
+        files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+    elif path.endswith(tuple(_BUILDERS)) or path.startswith((".", "~", os.sep)):
+        raise ConfigError(f"data.source={source!r}: no such file or folder: {os.path.abspath(path)!r}")
+    else:
+        return None, None
+    builders = {_BUILDERS.get(os.path.splitext(f)[1]) for f in files}
+    if not files or None in builders or len(builders) > 1:
+        raise ConfigError(
+            f"data.source={source!r}: found {len(files)} file(s) of types {sorted({os.path.splitext(f)[1] for f in files})};"
+            " need .jsonl / .json files or .parquet files (one kind)"
+        )
+    return builders.pop(), files
+
+
+def _progress(items: list[Any], desc: str) -> Any:
+    if len(items) < 5000 or rank_zero_only.rank != 0:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, leave=False)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
+
+
+def _check_int(field: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"data.{field} must be an integer >= {minimum}, got {value!r}")
