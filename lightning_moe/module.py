@@ -4,54 +4,27 @@ Batches are ``(input_ids [B, T] int64, targets [B, T] int64)``; targets equal to
 ``IGNORE_INDEX`` do not count towards the loss. A third entry, ``domains [B, T]`` (the
 testbed corpus's), makes the MoE layers count routing per domain when the datamodule
 reports ``num_domains``. MoE auxiliary losses are attached inside the MoE layers, so the
-steps here compute only the language-modelling loss.
+steps here compute only the language-modelling loss (:mod:`lightning_moe.lm_training`, shared
+with the Hugging Face models' module).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import math
-from functools import partial
 
-import lightning as L
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
-from torchmetrics.aggregation import MeanMetric
+from torch import Tensor
 
 from lightning_moe.errors import ConfigError
 from lightning_moe.layer import add_missing_layer_state, labelled_tokens
+from lightning_moe.lm_training import IGNORE_INDEX, CausalLMTraining, check_optimizer_args, warmup_cosine_factor
 from lightning_moe.model import MoEConfig, MoETransformer, TransformerConfig
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "MoELanguageModel", "warmup_cosine_factor"]
 
 
-def warmup_cosine_factor(
-    step: int, *, warmup_steps: int, total_steps: float, min_lr_ratio: float
-) -> float:
-    """Learning-rate multiplier for optimizer step ``step`` (0-based).
-
-    With ``s = step + 1`` steps taken: linear warmup ``s / warmup_steps`` while
-    ``s <= warmup_steps``, then cosine decay
-    ``min_lr_ratio + (1 - min_lr_ratio) * (1 + cos(pi * p)) / 2`` with
-    ``p = (s - warmup_steps) / (total_steps - warmup_steps)`` clipped to [0, 1], so the
-    first step already trains, the last warmup step is at the peak and the last step
-    (``step = total_steps - 1``) is at ``min_lr_ratio``. An infinite ``total_steps``
-    keeps the peak after warmup.
-    """
-    taken = step + 1
-    if taken <= warmup_steps:
-        return taken / warmup_steps
-    if not math.isfinite(total_steps):
-        return 1.0
-    progress = min(1.0, max(0.0, (taken - warmup_steps) / max(1.0, total_steps - warmup_steps)))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class MoELanguageModel(L.LightningModule):
+class MoELanguageModel(CausalLMTraining):
     """A decoder-only MoE language model with AdamW and warmup + cosine schedule.
 
     The architecture arguments are those of :class:`~lightning_moe.model.TransformerConfig`,
@@ -97,16 +70,7 @@ class MoELanguageModel(L.LightningModule):
         compile: bool | str = False,
     ) -> None:
         super().__init__()
-        if learning_rate <= 0:
-            raise ConfigError(f"`learning_rate` must be > 0, got {learning_rate}.")
-        if weight_decay < 0:
-            raise ConfigError(f"`weight_decay` must be >= 0, got {weight_decay}.")
-        if not all(0.0 <= beta < 1.0 for beta in betas):
-            raise ConfigError(f"`betas` must both lie in [0, 1), got {betas}.")
-        if warmup_steps < 0:
-            raise ConfigError(f"`warmup_steps` must be >= 0, got {warmup_steps}.")
-        if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ConfigError(f"`min_lr_ratio` must be in [0, 1], got {min_lr_ratio}.")
+        check_optimizer_args(learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio)
         moe_config = MoEConfig(**moe) if isinstance(moe, dict) else copy.deepcopy(moe)
         # Saved as a plain dict so checkpoints load with `weights_only=True` and
         # hparams.yaml stays readable; `__init__` accepts the dict back.
@@ -128,8 +92,6 @@ class MoELanguageModel(L.LightningModule):
                 compile=compile,
             )
         )
-        self.val_loss = MeanMetric()
-        self.test_loss = MeanMetric()
         self.num_domains: int | None = None  # the datamodule's, set in `setup`
         # The datamodule's tokenizer (Tokenizer.state()), set in `setup` and kept in checkpoints.
         self.tokenizer_state: dict | None = None
@@ -149,25 +111,6 @@ class MoELanguageModel(L.LightningModule):
                 f" vocabulary size (`data.vocab_size` = {data_vocab_size}); set"
                 f" `model.vocab_size: {data_vocab_size}`."
             )
-
-    def configure_callbacks(self) -> list[L.Callback]:
-        """Callbacks this model trains with, each added unless the trainer has one of its kind.
-
-        ``DefaultOutputEMA`` when a layer uses Default MoE (its EMA needs an updater),
-        ``ResumableRNG`` (sampled routing resumes exactly), ``ResumableEpochEnd`` (a run stopped
-        by ``max_steps`` resumes at the right batch), ``PreemptionCheckpoint`` (SIGTERM
-        saves ``last.ckpt`` at the current step) and ``NonFiniteGuard`` (NaN/inf stops training
-        with the layer named; impossible setups fail before any compute).
-        """
-        from lightning_moe.callbacks import DefaultOutputEMA, NonFiniteGuard, ResumableRNG
-        from lightning_moe.checkpointing import PreemptionCheckpoint, ResumableEpochEnd
-        from lightning_moe.estimators.default_moe import DefaultMoE
-
-        wanted: list[L.Callback] = [ResumableRNG(), ResumableEpochEnd(), PreemptionCheckpoint(), NonFiniteGuard()]
-        if any(isinstance(layer.estimator, DefaultMoE) for layer in self.model.moe_layers()):
-            wanted.insert(0, DefaultOutputEMA())
-        present = self.trainer.callbacks if self._trainer is not None else []
-        return [c for c in wanted if not any(isinstance(p, type(c)) for p in present)]
 
     def configure_model(self) -> None:
         """Under Lightning's ``ModelParallelStrategy``, shard with FSDP2 over the data-parallel mesh.
@@ -209,89 +152,12 @@ class MoELanguageModel(L.LightningModule):
         if self.tokenizer_state is not None:
             checkpoint["tokenizer"] = self.tokenizer_state
 
-    def _token_loss(self, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
-        """Mean next-token cross-entropy (float32) and the number of tokens it averages."""
-        input_ids, targets, *domains = batch
-        labelled = contextlib.nullcontext()
+    def logits(self, batch: tuple[Tensor, ...]) -> Tensor:
+        input_ids, _, *domains = batch
         if domains and self.num_domains:
-            labelled = labelled_tokens(self.model, domains[0], self.num_domains)
-        with labelled:
-            logits = self(input_ids)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        return loss, (targets != IGNORE_INDEX).sum()
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss, _ = self._token_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch[0].shape[0])
-        return loss
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        loss, num_tokens = self._token_loss(batch)
-        self.val_loss.update(loss, weight=num_tokens)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        loss, num_tokens = self._token_loss(batch)
-        self.test_loss.update(loss, weight=num_tokens)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch_loss("val", self.val_loss)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch_loss("test", self.test_loss)
-
-    def _log_epoch_loss(self, split: str, metric: MeanMetric) -> None:
-        # Token-weighted mean over the epoch (and over ranks: MeanMetric syncs in compute),
-        # so perplexity is exp of the per-token loss, not of a mean of batch means.
-        loss = metric.compute()
-        metric.reset()
-        self.log(f"{split}/loss", loss, prog_bar=split == "val")
-        self.log(f"{split}/ppl", loss.exp())
-
-    def configure_optimizers(self):
-        embedding_weights = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
-        decay, no_decay = [], []
-        for param in self.parameters():
-            if not param.requires_grad:
-                continue
-            if param.ndim < 2 or id(param) in embedding_weights:
-                no_decay.append(param)
-            else:
-                decay.append(param)
-        groups = [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW(
-            [group for group in groups if group["params"]],
-            lr=self.hparams.learning_rate,
-            betas=tuple(self.hparams.betas),
-        )
-        total_steps = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total_steps):
-            rank_zero_warn(
-                "The trainer has no finite number of steps (set `max_steps` or `max_epochs`);"
-                " the learning rate stays at its peak after warmup."
-            )
-        schedule = partial(
-            warmup_cosine_factor,
-            warmup_steps=self.hparams.warmup_steps,
-            total_steps=total_steps,
-            min_lr_ratio=self.hparams.min_lr_ratio,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def on_train_start(self) -> None:
-        # A resumed run builds its schedule for its own length (estimated_stepping_batches), but the
-        # optimizer state brings the rate the checkpoint's schedule set for this step; with a new
-        # max_steps they differ, so set this run's rate from its first step on (a no-op otherwise).
-        for config in self.trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-                # LambdaLR's own formula (get_lr), which warns when called outside step().
-                groups = scheduler.optimizer.param_groups
-                for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
-                    group["lr"] = base * factor(scheduler.last_epoch)
+            with labelled_tokens(self.model, domains[0], self.num_domains):
+                return self(input_ids)
+        return self(input_ids)
 
     @torch.no_grad()
     def generate(

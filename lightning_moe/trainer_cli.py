@@ -16,6 +16,7 @@ from argparse import ArgumentError
 from typing import Any
 
 import torch
+import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -40,7 +41,8 @@ class MoECLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The embedding size follows the data's tokenizer, so a recipe never states it twice.
-        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+        if not self.subclass_mode_model:
+            parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
@@ -131,7 +133,7 @@ _SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 
 
 def check_checkpoint(path: str | None, field: str) -> None:
-    """Refuse ``path`` unless it is a readable checkpoint of :class:`MoELanguageModel`.
+    """Refuse ``path`` unless it is a readable checkpoint of :class:`MoELanguageModel` or ``HFMoELanguageModel``.
 
     Missing files, folders, files that are not ``torch.save`` archives and checkpoints of
     another LightningModule raise :class:`ConfigError`; a damaged archive raises
@@ -156,15 +158,22 @@ def check_checkpoint(path: str | None, field: str) -> None:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     hparams = dict(checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
     hparams.pop("_instantiator", None)
-    accepted = inspect.signature(MoELanguageModel.__init__).parameters
+    hparams.pop("_class_path", None)  # recorded by LightningCLI for a model named by class_path
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ConfigError(f"{field}={path!r} is not a Lightning checkpoint (it has no state_dict)")
-    if not hparams or not hparams.keys() <= accepted.keys():
+    if not hparams or not any(hparams.keys() <= accepted for accepted in _model_arguments()):
         raise ConfigError(
             f"{field}={path!r} is a checkpoint of another model"
             f" (hyperparameters: {', '.join(sorted(hparams)) or 'none'}),"
-            " not of lightning-moe's MoELanguageModel; give a .ckpt written by lightning-moe fit"
+            " not of lightning-moe's MoELanguageModel or HFMoELanguageModel; give a .ckpt written by lightning-moe fit"
         )
+
+
+def _model_arguments() -> list[set[str]]:
+    """The constructor arguments of each model class whose checkpoints lightning-moe reads."""
+    from lightning_moe.hf.module import HFMoELanguageModel
+
+    return [set(inspect.signature(cls.__init__).parameters) for cls in (MoELanguageModel, HFMoELanguageModel)]
 
 
 # --------------------------------------------------------------------------- running a subcommand
@@ -172,12 +181,12 @@ def check_checkpoint(path: str | None, field: str) -> None:
 
 def run(argv: list[str]) -> None:
     """Run ``lightning-moe ARGV`` for a trainer subcommand (``ARGV[0]``, or options only); errors propagate as raised."""
+    classes = (None, None) if names_classes(argv) else (MoELanguageModel, TextDataModule)
     with warnings.catch_warnings():
         # The args given here are sys.argv's own (less --debug); Lightning warns when given both.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         cli = MoECLI(
-            MoELanguageModel,
-            TextDataModule,
+            *classes,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
             # Raise parse errors (for lightning-moe to print in one line) instead of printing the full usage.
@@ -186,6 +195,34 @@ def run(argv: list[str]) -> None:
         )
     if cli.subcommand == "fit" and cli.trainer.is_global_zero:
         print(fit_summary(cli.trainer), flush=True)
+
+
+def names_classes(argv: list[str]) -> bool:
+    """Whether the recipe names its model's class (``model: {class_path: ...}``) or the command line does.
+
+    Such a recipe (a Hugging Face model's, :class:`~lightning_moe.hf.HFMoELanguageModel`) runs
+    with any LightningModule and data module by ``class_path``, both named; otherwise ``model``
+    and ``data`` are :class:`MoELanguageModel` and :class:`TextDataModule`, unnamed.
+    """
+    for index, arg in enumerate(argv):
+        if arg.startswith(("--model=", "--model.class_path")) or (arg == "--model" and index + 1 < len(argv)):
+            return True
+        path = None
+        if arg in ("--config", "-c") and index + 1 < len(argv):
+            path = argv[index + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        if path is None or not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as fh:
+                recipe = yaml.safe_load(fh)
+        except (OSError, yaml.YAMLError):
+            continue  # the parser reports it
+        model = recipe.get("model") if isinstance(recipe, dict) else None
+        if isinstance(model, dict) and "class_path" in model:
+            return True
+    return False
 
 
 def fit_summary(trainer: Trainer) -> str:

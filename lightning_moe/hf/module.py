@@ -1,0 +1,245 @@
+"""HFMoELanguageModel: post-train a Hugging Face MoE causal LM, converted to MoELayer, in Lightning.
+
+The model is loaded with ``transformers`` (a Hub name or a local folder; or built from a
+config, randomly initialised), its sparse-MoE blocks are converted by :func:`~lightning_moe.hf.from_hf`
+with the chosen estimator and backend, and it trains as :class:`~lightning_moe.MoELanguageModel`
+does (:class:`~lightning_moe.lm_training.CausalLMTraining`): same batches, loss, optimizer,
+schedule and self-added callbacks, so every router callback of this library applies.
+:func:`export_pretrained` writes the result back as an ordinary Hugging Face folder.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_moe.errors import ConfigError
+from lightning_moe.hf.convert import HFMoEBlock, from_hf, to_hf
+from lightning_moe.layer import add_missing_layer_state, moe_layers
+from lightning_moe.lm_training import CausalLMTraining, check_optimizer_args
+
+#: Which parameters train (``trainable``); the rest are frozen (``requires_grad=False``).
+TRAINABLE = ("all", "router", "experts", "all_but_router")
+_CHECKPOINTING = {False: None, True: False, "non_reentrant": False, "reentrant": True}
+
+
+def _torch_dtype(dtype: str) -> torch.dtype | str:
+    if dtype == "auto":
+        return "auto"
+    value = getattr(torch, dtype, None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ConfigError(f"`dtype` must be 'auto' or a torch floating dtype name (bfloat16, float32, ...), got {dtype!r}")
+    return value
+
+
+def load_causal_lm(
+    pretrained: str | None, config: dict[str, Any] | None, dtype: str, attn_implementation: str | None
+) -> nn.Module:
+    """A ``transformers`` causal LM: ``from_pretrained(pretrained)``, or ``from_config(config)`` (random weights)."""
+    try:
+        import transformers
+    except ImportError as err:
+        raise ImportError("HFMoELanguageModel needs `transformers`: pip install 'lightning-moe[hf]'") from err
+    if (pretrained is None) == (config is None):
+        raise ConfigError(
+            "give exactly one of `pretrained` (a Hub name or local folder) and `config` (a dict of config"
+            " fields with `model_type`, for a randomly initialised model)"
+        )
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    torch_dtype = _torch_dtype(dtype)
+    if pretrained is not None:
+        try:
+            return transformers.AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch_dtype, **kwargs)
+        except OSError as err:  # missing folder, unknown Hub name, no network
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"`pretrained`={pretrained!r} could not be loaded: {first}") from err
+    fields = dict(config)
+    model_type = fields.pop("model_type", None)
+    if model_type is None:
+        raise ConfigError("`config` needs `model_type` (e.g. qwen3_moe, olmoe, mixtral, phimoe, qwen2_moe)")
+    try:
+        hf_config = transformers.AutoConfig.for_model(model_type, **fields)
+    except ValueError as err:
+        raise ConfigError(f"`config.model_type`={model_type!r}: {err}") from err
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, **kwargs)
+    return model if torch_dtype == "auto" else model.to(torch_dtype)
+
+
+def _router_parameters(model: nn.Module) -> set[int]:
+    return {id(p) for _, layer in moe_layers(model) for p in layer.router.parameters()}
+
+
+def _expert_parameters(model: nn.Module) -> set[int]:
+    ids = {id(p) for _, layer in moe_layers(model) for p in layer.experts.parameters()}
+    for block in model.modules():
+        if isinstance(block, HFMoEBlock) and block.shared_expert is not None:
+            ids |= {id(p) for p in block.shared_expert.parameters()}
+            ids |= {id(p) for p in block.shared_expert_gate.parameters()}
+    return ids
+
+
+def set_trainable(model: nn.Module, trainable: str) -> None:
+    """Freeze what ``trainable`` leaves out (see :class:`HFMoELanguageModel`)."""
+    if trainable not in TRAINABLE:
+        raise ConfigError(f"`trainable` must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
+    router, experts = _router_parameters(model), _expert_parameters(model)
+    keep = {
+        "all": lambda p: True,
+        "router": lambda p: id(p) in router,
+        "experts": lambda p: id(p) in experts,
+        "all_but_router": lambda p: id(p) not in router,
+    }[trainable]
+    for param in model.parameters():
+        param.requires_grad_(keep(param))
+
+
+class HFMoELanguageModel(CausalLMTraining):
+    """A Hugging Face MoE causal LM post-trained with any estimator of this library.
+
+    Supported families (by structure, :func:`~lightning_moe.hf.from_hf`): Mixtral, PhiMoE
+    (GRIN MoE), OLMoE, Qwen2-MoE, Qwen3-MoE and siblings built from the same blocks.
+
+    Args:
+        pretrained: a Hub name or a local folder, loaded with
+            ``AutoModelForCausalLM.from_pretrained``; its tokenizer is the data's default (:attr:`tokenizer_source`).
+        config: instead of ``pretrained``, the fields of a ``transformers`` config with
+            ``model_type`` (a randomly initialised model, for experiments and tests).
+        estimator: router-gradient estimator of every MoE block (``topk``, ``densemixer``,
+            ``sparsemixer_v2``, ``default_moe``, ...); ``None`` keeps the family's own routing
+            (``topk`` with its renormalisation, ``sparsemixer_v2`` for PhiMoE).
+        estimator_args: the estimator's arguments.
+        backend: expert backend (``auto``, ``torch``, ``loop``, ``megablocks``).
+        trainable: ``all``; ``router`` (only the routers train); ``experts`` (only the
+            routed experts and, in Qwen2-MoE, the shared expert and its gate);
+            ``all_but_router`` (routers frozen, the usual post-training choice for stability).
+        dtype: the weights' dtype when loaded (``auto``: the checkpoint's own).
+        attn_implementation: passed to ``transformers`` (``None``: its default).
+        activation_checkpointing: ``False``, ``"non_reentrant"`` (or ``True``) or
+            ``"reentrant"``: ``transformers``' gradient checkpointing of each decoder layer.
+        learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW and the
+            warmup + cosine schedule, as :class:`~lightning_moe.MoELanguageModel`.
+
+    Batches are ``(input_ids [B, T], targets [B, T])`` with targets already shifted and -100
+    where no loss is taken (:class:`~lightning_moe.data.TextDataModule`, or the post-training
+    data module for chat SFT). ``pretrained`` is loaded again when a checkpoint is resumed
+    or loaded, then overwritten by the checkpoint's weights.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        config: dict[str, Any] | None = None,
+        estimator: str | None = None,
+        estimator_args: dict[str, Any] | None = None,
+        backend: str = "auto",
+        trainable: str = "all",
+        dtype: str = "auto",
+        attn_implementation: str | None = None,
+        activation_checkpointing: bool | str = False,
+        learning_rate: float = 1e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        check_optimizer_args(learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio)
+        if activation_checkpointing not in _CHECKPOINTING:
+            raise ConfigError(
+                "`activation_checkpointing` must be false, true, 'non_reentrant' or 'reentrant',"
+                f" got {activation_checkpointing!r}"
+            )
+        if trainable not in TRAINABLE:
+            raise ConfigError(f"`trainable` must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
+        self.save_hyperparameters()
+        model = load_causal_lm(pretrained, config, dtype, attn_implementation)
+        self.model = from_hf(model, estimator=estimator, backend=backend, **(estimator_args or {}))
+        self.model.config.use_cache = False  # training: no key/value cache
+        use_reentrant = _CHECKPOINTING[activation_checkpointing]
+        if use_reentrant is not None:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        set_trainable(self.model, trainable)
+
+    @property
+    def tokenizer_source(self) -> str | None:
+        """Where the model's own tokenizer is (``pretrained``; ``None`` for a model built from a config)."""
+        return self.hparams.pretrained
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding (token ids must be below it)."""
+        return self.model.get_input_embeddings().weight.shape[0]
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def logits(self, batch: tuple[Tensor, ...]) -> Tensor:
+        return self(batch[0])
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None)
+        data_vocab_size = getattr(datamodule, "vocab_size", None)
+        if data_vocab_size is not None and data_vocab_size > self.vocab_size:
+            raise ConfigError(
+                f"the data's tokenizer has {data_vocab_size} ids but the model's embedding only {self.vocab_size};"
+                " use the model's own tokenizer (leave `data.tokenizer` unset, or point it at the model's folder)"
+            )
+
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy``, shard with FSDP2: each decoder layer, then the model.
+
+        The decoder layers are the modules of the classes the model lists in
+        ``_no_split_modules`` (``transformers``' own unit of sharding). Idempotent.
+        """
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        mesh = self.device_mesh
+        if mesh["tensor_parallel"].size() > 1:
+            raise ConfigError(
+                "HFMoELanguageModel under ModelParallelStrategy shards with FSDP2 only; use"
+                " ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1)"
+            )
+        if isinstance(self.model, FSDPModule):
+            return
+        unit_names = set(getattr(self.model, "_no_split_modules", None) or ())
+        for module in self.model.modules():
+            if type(module).__name__ in unit_names:
+                fully_shard(module, mesh=mesh["data_parallel"])
+        fully_shard(self.model, mesh=mesh["data_parallel"])
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        from lightning_moe.checkpointing import check_checkpoint_matches
+
+        if isinstance(checkpoint.get("state_dict"), dict):
+            add_missing_layer_state(self, checkpoint["state_dict"])
+        check_checkpoint_matches(self, checkpoint, hparams=self.hparams, strict=self.strict_loading)
+
+
+def export_pretrained(module: HFMoELanguageModel, output: str, tokenizer: Any = None) -> str:
+    """Write ``module``'s model to ``output`` as an ordinary Hugging Face folder, and its tokenizer.
+
+    The folder loads with ``AutoModelForCausalLM.from_pretrained`` without this library
+    (:func:`~lightning_moe.hf.to_hf`). The conversion happens in place, so ``module`` is
+    used up: export last, or from a checkpoint (``lightning-moe export``). ``tokenizer``: a
+    ``transformers`` tokenizer, or a folder / Hub name to load one from; default: the
+    model's ``tokenizer_source``; none is written when there is none.
+    """
+    model = to_hf(module.model)
+    model.config.use_cache = True
+    os.makedirs(output, exist_ok=True)
+    model.save_pretrained(output)
+    source = module.tokenizer_source if tokenizer is None else tokenizer
+    if isinstance(source, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        source = AutoTokenizer.from_pretrained(source)
+    if source is not None:
+        source.save_pretrained(output)
+    return output

@@ -1,0 +1,182 @@
+"""What every causal language model of this library trains with, whatever builds its logits.
+
+:class:`CausalLMTraining` is the LightningModule part shared by :class:`~lightning_moe.MoELanguageModel`
+(this library's own transformer) and :class:`~lightning_moe.hf.HFMoELanguageModel` (a converted
+Hugging Face model): the next-token loss over ``(input_ids, targets)`` batches, token-weighted
+validation/test loss, AdamW with a warmup + cosine schedule, and the callbacks the model adds
+itself. A subclass saves its hyperparameters (``learning_rate``, ``weight_decay``, ``betas``,
+``warmup_steps``, ``min_lr_ratio`` among them) and implements :meth:`CausalLMTraining.logits`.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics.aggregation import MeanMetric
+
+from lightning_moe.errors import ConfigError
+from lightning_moe.layer import moe_layers
+
+IGNORE_INDEX = -100
+
+
+def warmup_cosine_factor(
+    step: int, *, warmup_steps: int, total_steps: float, min_lr_ratio: float
+) -> float:
+    """Learning-rate multiplier for optimizer step ``step`` (0-based).
+
+    With ``s = step + 1`` steps taken: linear warmup ``s / warmup_steps`` while
+    ``s <= warmup_steps``, then cosine decay
+    ``min_lr_ratio + (1 - min_lr_ratio) * (1 + cos(pi * p)) / 2`` with
+    ``p = (s - warmup_steps) / (total_steps - warmup_steps)`` clipped to [0, 1], so the
+    first step already trains, the last warmup step is at the peak and the last step
+    (``step = total_steps - 1``) is at ``min_lr_ratio``. An infinite ``total_steps``
+    keeps the peak after warmup.
+    """
+    taken = step + 1
+    if taken <= warmup_steps:
+        return taken / warmup_steps
+    if not math.isfinite(total_steps):
+        return 1.0
+    progress = min(1.0, max(0.0, (taken - warmup_steps) / max(1.0, total_steps - warmup_steps)))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def check_optimizer_args(
+    learning_rate: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int, min_lr_ratio: float
+) -> None:
+    """Refuse optimizer/schedule settings that cannot train, naming the field."""
+    if learning_rate <= 0:
+        raise ConfigError(f"`learning_rate` must be > 0, got {learning_rate}.")
+    if weight_decay < 0:
+        raise ConfigError(f"`weight_decay` must be >= 0, got {weight_decay}.")
+    if not all(0.0 <= beta < 1.0 for beta in betas):
+        raise ConfigError(f"`betas` must both lie in [0, 1), got {betas}.")
+    if warmup_steps < 0:
+        raise ConfigError(f"`warmup_steps` must be >= 0, got {warmup_steps}.")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise ConfigError(f"`min_lr_ratio` must be in [0, 1], got {min_lr_ratio}.")
+
+
+class CausalLMTraining(L.LightningModule):
+    """Next-token training, evaluation, optimizer and schedule of a causal LM with MoE layers.
+
+    Batches are ``(input_ids [B, T] int64, targets [B, T] int64, *extra)``; targets equal to
+    :data:`IGNORE_INDEX` do not count towards the loss. MoE auxiliary losses are attached
+    inside the MoE layers, so the steps here compute only the language-modelling loss.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+
+    def logits(self, batch: tuple[Tensor, ...]) -> Tensor:
+        """Logits ``[B, T, V]`` for the batch's ``input_ids``."""
+        raise NotImplementedError
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Callbacks this model trains with, each added unless the trainer has one of its kind.
+
+        ``DefaultOutputEMA`` when a layer uses Default MoE (its EMA needs an updater),
+        ``ResumableRNG`` (sampled routing resumes exactly), ``ResumableEpochEnd`` (a run stopped
+        by ``max_steps`` resumes at the right batch), ``PreemptionCheckpoint`` (SIGTERM
+        saves ``last.ckpt`` at the current step) and ``NonFiniteGuard`` (NaN/inf stops training
+        with the layer named; impossible setups fail before any compute).
+        """
+        from lightning_moe.callbacks import DefaultOutputEMA, NonFiniteGuard, ResumableRNG
+        from lightning_moe.checkpointing import PreemptionCheckpoint, ResumableEpochEnd
+        from lightning_moe.estimators.default_moe import DefaultMoE
+
+        wanted: list[L.Callback] = [ResumableRNG(), ResumableEpochEnd(), PreemptionCheckpoint(), NonFiniteGuard()]
+        if any(isinstance(layer.estimator, DefaultMoE) for _, layer in moe_layers(self)):
+            wanted.insert(0, DefaultOutputEMA())
+        present = self.trainer.callbacks if self._trainer is not None else []
+        return [c for c in wanted if not any(isinstance(p, type(c)) for p in present)]
+
+    def _token_loss(self, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        """Mean next-token cross-entropy (float32) and the number of tokens it averages."""
+        targets = batch[1]
+        logits = self.logits(batch)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return loss, (targets != IGNORE_INDEX).sum()
+
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        loss, _ = self._token_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch[0].shape[0])
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        loss, num_tokens = self._token_loss(batch)
+        self.val_loss.update(loss, weight=num_tokens)
+
+    def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        loss, num_tokens = self._token_loss(batch)
+        self.test_loss.update(loss, weight=num_tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_loss("val", self.val_loss)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_loss("test", self.test_loss)
+
+    def _log_epoch_loss(self, split: str, metric: MeanMetric) -> None:
+        # Token-weighted mean over the epoch (and over ranks: MeanMetric syncs in compute),
+        # so perplexity is exp of the per-token loss, not of a mean of batch means.
+        loss = metric.compute()
+        metric.reset()
+        self.log(f"{split}/loss", loss, prog_bar=split == "val")
+        self.log(f"{split}/ppl", loss.exp())
+
+    def configure_optimizers(self):
+        """AdamW over the trainable parameters; matrices decay, norms, biases and embeddings do not."""
+        embedding_weights = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        decay, no_decay = [], []
+        for param in self.parameters():
+            if not param.requires_grad:
+                continue
+            if param.ndim < 2 or id(param) in embedding_weights:
+                no_decay.append(param)
+            else:
+                decay.append(param)
+        groups = [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(
+            [group for group in groups if group["params"]],
+            lr=self.hparams.learning_rate,
+            betas=tuple(self.hparams.betas),
+        )
+        total_steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total_steps):
+            rank_zero_warn(
+                "The trainer has no finite number of steps (set `max_steps` or `max_epochs`);"
+                " the learning rate stays at its peak after warmup."
+            )
+        schedule = partial(
+            warmup_cosine_factor,
+            warmup_steps=self.hparams.warmup_steps,
+            total_steps=total_steps,
+            min_lr_ratio=self.hparams.min_lr_ratio,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # A resumed run builds its schedule for its own length (estimated_stepping_batches), but the
+        # optimizer state brings the rate the checkpoint's schedule set for this step; with a new
+        # max_steps they differ, so set this run's rate from its first step on (a no-op otherwise).
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                # LambdaLR's own formula (get_lr), which warns when called outside step().
+                groups = scheduler.optimizer.param_groups
+                for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                    group["lr"] = base * factor(scheduler.last_epoch)
