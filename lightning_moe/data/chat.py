@@ -11,8 +11,9 @@ Assistant spans are found without ``{% generation %}`` markers, which most templ
 for the ``i``-th message, an assistant turn, the template renders ``messages[:i]`` with the
 generation prompt and ``messages[:i+1]``; when the first is a prefix of the second and the
 second a prefix of the whole conversation, the characters between them are the turn. The
-tokens whose first character falls in a span are labelled, found through the fast
-tokenizer's offset mapping. A template that renders earlier turns differently once later
+tokens with at least one character in a span are labelled, found through the fast
+tokenizer's offset mapping (a token that straddles the header and the content, like
+``" 19"`` after a header ending in a space, carries content, so it is labelled). A template that renders earlier turns differently once later
 ones follow (e.g. one that drops a past turn's reasoning) fails that check; it is then
 read through ``return_assistant_tokens_mask`` if it has generation markers, else refused.
 
@@ -111,10 +112,10 @@ def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[np.nd
     if spans is None:
         return _marked_assistant_tokens(tokenizer, messages)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    starts = np.array([start for start, _ in encoding["offset_mapping"]], dtype=np.int64)
-    mask = np.zeros(len(starts), dtype=bool)
+    offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    mask = np.zeros(len(offsets), dtype=bool)
     for begin, end in spans:
-        mask |= (starts >= begin) & (starts < end)
+        mask |= (offsets[:, 0] < end) & (offsets[:, 1] > begin)
     return np.asarray(encoding["input_ids"], dtype=np.int64), mask
 
 

@@ -252,25 +252,20 @@ class PostTrainDataModule(lightning.LightningDataModule):
 
     def _resolve_format(self, row: dict[str, Any]) -> str:
         columns = sorted(row)
-        wanted = {"chat": self.messages_field, "text": self.text_field}
         fmt = self.format
         if fmt == "auto":
-            fmt = "chat" if self.messages_field in row else "text" if self.text_field in row else "auto"
-            if fmt == "chat" or fmt == "text":
-                return fmt
-            if "conversations" in row:
+            fmt = "chat" if self.messages_field in row else "text" if self.text_field in row else None
+            if fmt is None:
+                hint = " (ShareGPT data: set data.messages_field='conversations')" if "conversations" in row else ""
                 raise ConfigError(
-                    f"data.messages_field={self.messages_field!r} is not a column (columns: {columns});"
-                    " set data.messages_field='conversations' for ShareGPT data"
+                    f"data.format='auto' found neither data.messages_field={self.messages_field!r} nor"
+                    f" data.text_field={self.text_field!r} among the columns {columns}{hint}"
                 )
+        field, column = ("messages_field", self.messages_field) if fmt == "chat" else ("text_field", self.text_field)
+        if column not in row:
             raise ConfigError(
-                f"data.format='auto' found neither data.messages_field={self.messages_field!r} nor"
-                f" data.text_field={self.text_field!r} among the columns {columns}; set one of them"
-            )
-        if wanted[fmt] not in row:
-            raise ConfigError(
-                f"data.{'messages_field' if fmt == 'chat' else 'text_field'}={wanted[fmt]!r} is not a column of"
-                f" data.source={self.source!r} (format {fmt!r}); columns found: {columns}"
+                f"data.{field}={column!r} is not a column of data.source={self.source!r} (format {fmt!r});"
+                f" columns found: {columns}"
             )
         if fmt == "chat" and not self.tokenizer.chat_template:
             raise ConfigError(
@@ -307,8 +302,9 @@ class PostTrainDataModule(lightning.LightningDataModule):
         keep = (targets_NT != IGNORE_INDEX).any(axis=1)
         if not keep.any():
             raise ConfigError(
-                f"data.source={self.source!r}: no {split} row of data.seq_len={self.seq_len} has a target token"
-                f" ({len(tokens)} examples, {sum(map(len, tokens))} tokens); use more data or a smaller seq_len"
+                f"data.source={self.source!r}: the {split} examples ({len(tokens)}, {sum(map(len, tokens))} tokens)"
+                f" give no row of data.seq_len={self.seq_len} tokens with a loss target; use more data, a smaller"
+                " seq_len or a larger val_fraction"
             )
         return RowDataset(inputs_NT[keep], targets_NT[keep])
 
