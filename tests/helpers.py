@@ -2,6 +2,8 @@
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
 import lightning_moe.experts.megablocks as mb
 from lightning_moe.experts import get_backend
@@ -195,3 +197,23 @@ def assert_same_checkpoint(got, expected):
     assert got["lr_schedulers"] == expected["lr_schedulers"]
     for name in ("ResumableRNG", "RoutingMonitor"):
         assert_same(got["callbacks"][name], expected["callbacks"][name])
+
+
+# ---- FSDP2 in forked CPU processes ------------------------------------------------------
+
+
+class ForkedModelParallel(ModelParallelStrategy):
+    """ModelParallelStrategy started by forking, as ``ddp_fork`` does.
+
+    Its own launcher starts subprocesses that would re-run the pytest command.
+    """
+
+    def _configure_launcher(self):
+        self._launcher = _ForkLauncher(self, start_method="fork")
+
+
+class _ForkLauncher(_MultiProcessingLauncher):
+    def _recover_results_in_main_process(self, worker_output, trainer):
+        # The ranks' FSDP2 (DTensor) weights do not load back into this process's plain
+        # module; the tests read what the ranks wrote instead.
+        trainer.state = worker_output.trainer_state

@@ -12,8 +12,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -32,7 +31,7 @@ from lightning_moe.callbacks.routing_monitor import LayerRoutingMetric
 from lightning_moe.data import TextDataModule
 from lightning_moe.module import MoELanguageModel
 
-from helpers import FakeKernels, use_fake_kernels
+from helpers import FakeKernels, ForkedModelParallel, use_fake_kernels
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="forked ranks need fork")
 
@@ -226,20 +225,6 @@ def test_a_rank_whose_layer_gets_no_tokens_trains_in_step_with_the_others(tmp_pa
     assert_ranks_identical(ranks)
     initial = MaskedMoE(estimator, backend, top_k)
     assert not torch.equal(ranks[0]["state"]["moe.experts.w1"], initial.moe.experts.w1)
-
-
-class ForkedModelParallel(ModelParallelStrategy):
-    """ModelParallelStrategy started by forking, as ``ddp_fork`` does."""
-
-    def _configure_launcher(self):
-        self._launcher = _ForkLauncher(self, start_method="fork")
-
-
-class _ForkLauncher(_MultiProcessingLauncher):
-    def _recover_results_in_main_process(self, worker_output, trainer):
-        # The ranks' FSDP2 (DTensor) weights do not load back into this process's plain
-        # module; the test reads what the ranks wrote instead.
-        trainer.state = worker_output.trainer_state
 
 
 def test_fsdp2_through_model_parallel_strategy_equals_one_process(tmp_path):

@@ -160,7 +160,11 @@ class HFMoELanguageModel(CausalLMTraining):
         self.model.config.use_cache = False  # training: no key/value cache
         use_reentrant = _CHECKPOINTING[activation_checkpointing]
         if use_reentrant is not None:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            kwargs = {"use_reentrant": use_reentrant}
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         set_trainable(self.model, trainable)
 
     @property
