@@ -51,14 +51,14 @@ _TOKENIZER_TEXT_EXAMPLES = 4000
 
 def build_tokenizer(vocab_size: int = 512) -> Any:
     """A ChatML ``PreTrainedTokenizerFast`` of ``vocab_size`` tokens, trained on the synthetic chat set."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 300:
+        raise ConfigError(f"vocab_size must be an integer >= 300 (256 bytes, specials, merges), got {vocab_size!r}")
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     from lightning_moe.data.chat import synthetic_chat
     from lightning_moe.data.train_tokenizer import END_OF_TEXT, train_bpe
 
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 300:
-        raise ConfigError(f"vocab_size must be an integer >= 300 (256 bytes, specials, merges), got {vocab_size!r}")
     texts = [
         "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in conversation)
         for conversation in synthetic_chat(_TOKENIZER_TEXT_EXAMPLES, seed=0)
@@ -93,12 +93,8 @@ def build_tiny_model(family: str, output: str, vocab_size: int = 512, seed: int 
         **_WIDTH, **moe_args,
     )
     torch.manual_seed(seed)
+    # Every parameter, the routers included, keeps the family's own initialisation.
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        # Some families start their routers at zero: every token would tie over the experts.
-        for name, p in model.named_parameters():
-            if name.endswith(("gate.weight", "router.weight")) and not p.any():
-                p.normal_(std=config.initializer_range)
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(IM_END), special]
     model.generation_config.pad_token_id = special
     model.save_pretrained(output)
