@@ -268,3 +268,28 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, estimator,
         # Float32 summation order differs between one batch of 8 and two of 4; Adam's normalisation
         # turns that into ~1e-6 on weights whose gradient is tiny.
         torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+# ---------------------------------------------------------------------------- from a saved folder
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from lightning_moe.hf.tiny import build_tiny_model
+
+    return build_tiny_model("phimoe", str(tmp_path_factory.mktemp("tiny") / "phimoe"), vocab_size=320)
+
+
+def test_a_model_loaded_from_a_folder_trains_in_training_mode(tmp_path, tiny_folder):
+    # from_pretrained hands back an eval-mode model; Lightning keeps submodule modes, so a
+    # model left that way would train with evaluation routing (PhiMoE: no SparseMixer sampling).
+    module = HFMoELanguageModel(pretrained=tiny_folder, learning_rate=1e-3)
+    modes = []
+
+    class Modes(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            modes.append({name: m.training for name, m in pl_module.named_modules()})
+
+    fit_quietly(module, data(tmp_path), [Modes()], max_steps=1, limit_val_batches=0)
+    assert modes and all(modes[0].values()), [name for name, training in modes[0].items() if not training]
+    assert module.tokenizer_source == tiny_folder

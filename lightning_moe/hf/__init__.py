@@ -9,11 +9,15 @@
     ...  # train: every MoELayer estimator, backend and callback applies
     to_hf(model).save_pretrained("out")  # an ordinary Hugging Face folder
 
+or in Lightning, :class:`HFMoELanguageModel` (``lightning-moe fit --config
+recipes/posttrain_<name>.yaml``, then ``lightning-moe export CHECKPOINT --output DIR``).
+
 The conversion only reads module structure and never imports ``transformers`` itself, so
 importing this package costs nothing; :func:`from_hf` checks that ``transformers`` is
 installed and says which extra to install when it is not.
 """
 
 from lightning_moe.hf.convert import HFMoEBlock, from_hf, to_hf
+from lightning_moe.hf.module import HFMoELanguageModel, export_pretrained
 
-__all__ = ["HFMoEBlock", "from_hf", "to_hf"]
+__all__ = ["HFMoEBlock", "HFMoELanguageModel", "export_pretrained", "from_hf", "to_hf"]

@@ -158,6 +158,9 @@ class HFMoELanguageModel(CausalLMTraining):
         model = load_causal_lm(pretrained, config, dtype, attn_implementation)
         self.model = from_hf(model, estimator=estimator, backend=backend, **(estimator_args or {}))
         self.model.config.use_cache = False  # training: no key/value cache
+        # from_pretrained returns the model in eval mode, and Lightning keeps each submodule's
+        # mode: without this, training would run with evaluation routing (no sampling, no jitter).
+        self.model.train()
         use_reentrant = _CHECKPOINTING[activation_checkpointing]
         if use_reentrant is not None:
             kwargs = {"use_reentrant": use_reentrant}
