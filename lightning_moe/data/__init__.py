@@ -24,11 +24,16 @@ Modules: :mod:`~lightning_moe.data.sources` (where text comes from),
 (the split and the on-disk token cache), :mod:`~lightning_moe.data.loading` (windows,
 resumable sampler and loader), :mod:`~lightning_moe.data.module` (the data module) and
 :mod:`~lightning_moe.data.train_tokenizer` (a BPE tokenizer trained locally).
+
+:class:`PostTrainDataModule` (:mod:`~lightning_moe.data.posttrain`, :mod:`~lightning_moe.data.chat`)
+makes post-training batches of the same format with a Hugging Face model's own tokenizer:
+chat conversations with loss on the assistant's tokens only, or plain text (docs/posttrain_data.md).
 """
 
 from lightning_moe.data.cache import TokenStream
 from lightning_moe.data.loading import ResumableDataLoader, ResumableSampler, TokenChunkDataset
 from lightning_moe.data.module import TextDataModule
+from lightning_moe.data.posttrain import PostTrainDataModule
 from lightning_moe.data.tokenizers import (
     BOS_ID,
     BYTE_VOCAB_SIZE,
@@ -51,6 +56,7 @@ __all__ = [
     "PAD_ID",
     "VOCAB_SIZE",
     "HFTokenizer",
+    "PostTrainDataModule",
     "ResumableDataLoader",
     "ResumableSampler",
     "TextDataModule",

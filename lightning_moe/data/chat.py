@@ -13,9 +13,10 @@ generation prompt and ``messages[:i+1]``; when the first is a prefix of the seco
 second a prefix of the whole conversation, the characters between them are the turn. The
 tokens with at least one character in a span are labelled, found through the fast
 tokenizer's offset mapping (a token that straddles the header and the content, like
-``" 19"`` after a header ending in a space, carries content, so it is labelled). A template that renders earlier turns differently once later
-ones follow (e.g. one that drops a past turn's reasoning) fails that check; it is then
-read through ``return_assistant_tokens_mask`` if it has generation markers, else refused.
+``" 19"`` after a header ending in a space, carries content, so it is labelled). A
+template that renders earlier turns differently once later ones follow (e.g. one that
+drops a past turn's reasoning) fails that check; it is then read through
+``return_assistant_tokens_mask`` if it has generation markers, else refused.
 
 :func:`synthetic_chat` makes a small offline conversation set from a seed (arithmetic,
 copying, reversing and upper-casing words) that a tiny model learns within ~100 steps.

@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_moe.data.chat import NoAssistantTurn, load_chat_tokenizer, messages_of, synthetic_chat, tokenize_chat
 from lightning_moe.data.loading import ResumableDataLoader, ResumableSampler, _collate
 from lightning_moe.errors import ConfigError
+from lightning_moe.module import IGNORE_INDEX
 
-IGNORE_INDEX = -100  # lightning_moe.module.IGNORE_INDEX: targets without loss
 SYNTHETIC_CHAT = "synthetic:chat"
 FORMATS = ("auto", "chat", "text")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -199,7 +199,8 @@ class PostTrainDataModule(lightning.LightningDataModule):
     def _read_examples(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Training and validation examples (rows as dicts), in a deterministic order."""
         if self.source == SYNTHETIC_CHAT:
-            rows = [{self.messages_field: m} for m in synthetic_chat(self.max_examples or _SYNTHETIC_EXAMPLES, self.seed)]
+            conversations = synthetic_chat(self.max_examples or _SYNTHETIC_EXAMPLES, self.seed)
+            rows = [{self.messages_field: messages} for messages in conversations]
         else:
             builder, files = _local_files(self.source)
             rows = self._load("data.split", self.split, builder, files)
@@ -242,7 +243,8 @@ class PostTrainDataModule(lightning.LightningDataModule):
             ) from None
         except Exception as err:  # an unknown split, or a file the builder cannot parse
             raise ConfigError(
-                f"data.source={self.source!r}, {field}={split!r} cannot be read: {type(err).__name__}: {_first_line(err)}"
+                f"data.source={self.source!r}, {field}={split!r} cannot be read:"
+                f" {type(err).__name__}: {_first_line(err)}"
             ) from None
         if self.max_examples is not None:
             ds = ds.select(range(min(len(ds), self.max_examples)))
@@ -372,10 +374,11 @@ def _local_files(source: str) -> tuple[str | None, list[str] | None]:
         raise ConfigError(f"data.source={source!r}: no such file or folder: {os.path.abspath(path)!r}")
     else:
         return None, None
-    builders = {_BUILDERS.get(os.path.splitext(f)[1]) for f in files}
+    extensions = {os.path.splitext(f)[1] for f in files}
+    builders = {_BUILDERS.get(extension) for extension in extensions}
     if not files or None in builders or len(builders) > 1:
         raise ConfigError(
-            f"data.source={source!r}: found {len(files)} file(s) of types {sorted({os.path.splitext(f)[1] for f in files})};"
+            f"data.source={source!r}: found {len(files)} file(s) of types {sorted(extensions)};"
             " need .jsonl / .json files or .parquet files (one kind)"
         )
     return builders.pop(), files
