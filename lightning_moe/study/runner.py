@@ -407,5 +407,7 @@ def _recipe_value(base_config: Path, common: dict[str, Any], key: str) -> Any:
         return common[key]
     value: Any = yaml.safe_load(base_config.read_text()) or {}
     for part in key.split("."):
+        if isinstance(value, dict) and part not in value and isinstance(value.get("init_args"), dict):
+            value = value["init_args"]  # a class named by class_path: `model.x` is its init_args' x
         value = value.get(part) if isinstance(value, dict) else None
     return value
