@@ -119,6 +119,20 @@ def test_chatml_header_and_trailing_newline_carry_no_loss(tmp_path, tokenizer_di
     assert kept == "Paris, of course." + END + "Rome" + END
 
 
+def test_template_that_rewrites_past_turns_is_read_through_its_generation_markers(tmp_path, tokenizer_dir, tok):
+    # Past assistant turns render as "..." (as templates that drop past reasoning do), so
+    # prefix renders disagree; the {% generation %} blocks say what the assistant wrote.
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}U: {{ m['content'] }}{{ '\\n' }}{% else %}A: "
+        "{% generation %}{% if loop.last %}{{ m['content'] }}{% else %}...{% endif %}<|im_end|>{% endgeneration %}"
+        "{{ '\\n' }}{% endif %}{% endfor %}"
+    )
+    source = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}] * 2)
+    dm = setup_data(source=source, tokenizer=tokenizer_dir, chat_template=template, seq_len=128, packing=False)
+    targets = dm.train_dataset[0][1].tolist()
+    assert [t for t in targets if t != IGNORE] == tok("..." + END + "Rome" + END, add_special_tokens=False)["input_ids"]
+
+
 def test_packing_chains_rows_of_the_concatenated_examples():
     tokens = [np.array([1, 2, 3, 4, 5]), np.array([6, 7, 8]), np.array([9, 10, 11, 12])]
     masks = [np.array([0, 0, 1, 1, 1], bool), np.array([0, 1, 1], bool), np.array([0, 0, 0, 1], bool)]
@@ -249,9 +263,11 @@ def bad(tmp_path, tokenizer_dir, rows, **kwargs):
         ("inconsistent_template", r"data.chat_template: the template renders earlier turns differently"),
         ("local_val_split", r"data.val_split='test': a local data.source has the one split"),
         ("bad_tokenizer", r"data.tokenizer='/nonexistent/tok' cannot be loaded"),
+        ("unreachable_hub_dataset", r"data.source='nobody-here/no-such-dataset': no such local file or folder"),
     ],
 )
-def test_bad_input_is_a_config_error_naming_the_field(tmp_path, tokenizer_dir, case, match):
+def test_bad_input_is_a_config_error_naming_the_field(tmp_path, tokenizer_dir, case, match, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     chat = [{"messages": CONVERSATION}] * 3
     make = {
         "missing_file": lambda: bad(tmp_path, tokenizer_dir, None, source=str(tmp_path / "nowhere.jsonl")),
@@ -271,11 +287,20 @@ def test_bad_input_is_a_config_error_naming_the_field(tmp_path, tokenizer_dir, c
                           "{% endif %}{% endfor %}"),
         "local_val_split": lambda: bad(tmp_path, tokenizer_dir, chat, val_split="test"),
         "bad_tokenizer": lambda: lambda: setup_data(source="synthetic:chat", tokenizer="/nonexistent/tok"),
+        "unreachable_hub_dataset": lambda: bad(tmp_path, tokenizer_dir, None, source="nobody-here/no-such-dataset"),
     }[case]
     build = make()
     with pytest.raises(ConfigError, match=match) as info:
         build()
     assert "\n" not in str(info.value)
+
+
+def test_prepare_data_loads_a_hub_dataset_and_nothing_else(tokenizer_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    PostTrainDataModule(tokenizer=tokenizer_dir).prepare_data()  # synthetic: nothing to download
+    hub = PostTrainDataModule(source="nobody-here/no-such-dataset", tokenizer=tokenizer_dir)
+    with pytest.raises(ConfigError, match="the Hugging Face dataset could not be loaded .*ConnectionError"):
+        hub.prepare_data()
 
 
 def test_no_tokenizer_anywhere_names_data_tokenizer():

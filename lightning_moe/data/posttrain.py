@@ -122,6 +122,13 @@ class PostTrainDataModule(lightning.LightningDataModule):
 
     # ----------------------------------------------------------------- lifecycle
 
+    def prepare_data(self) -> None:
+        """Download a Hub dataset once (Lightning calls this on one process) before every rank reads it."""
+        if self.source != SYNTHETIC_CHAT and _local_files(self.source)[0] is None:
+            for field, split in (("data.split", self.split), ("data.val_split", self.val_split)):
+                if split is not None:
+                    self._dataset(field, split, None, None)
+
     def setup(self, stage: str | None = None) -> None:
         """Load the tokenizer (the model's when none was named), read and tokenise both splits."""
         if self.train_dataset is not None:
@@ -203,9 +210,9 @@ class PostTrainDataModule(lightning.LightningDataModule):
             rows = [{self.messages_field: messages} for messages in conversations]
         else:
             builder, files = _local_files(self.source)
-            rows = self._load("data.split", self.split, builder, files)
+            rows = self._dataset("data.split", self.split, builder, files).to_list()
             if self.val_split is not None:
-                return rows, self._load("data.val_split", self.val_split, builder, files)
+                return rows, self._dataset("data.val_split", self.val_split, builder, files).to_list()
         if self.val_split is not None:
             raise ConfigError(f"data.val_split applies to Hub datasets; {self.source!r} uses data.val_fraction")
         if len(rows) < 2:
@@ -217,8 +224,8 @@ class PostTrainDataModule(lightning.LightningDataModule):
         held_out = set(order[: min(len(rows) - 1, max(1, round(self.val_fraction * len(rows))))].tolist())
         return [r for i, r in enumerate(rows) if i not in held_out], [r for i, r in enumerate(rows) if i in held_out]
 
-    def _load(self, field: str, split: str, builder: str | None, files: list[str] | None) -> list[dict[str, Any]]:
-        """One split of a local (``builder`` and ``files``) or Hub dataset, as a list of rows."""
+    def _dataset(self, field: str, split: str, builder: str | None, files: list[str] | None) -> Any:
+        """One split of a local (``builder`` and ``files``) or Hub dataset, at most ``max_examples`` rows."""
         import datasets
 
         from lightning_moe.data.sources import honour_offline_env
@@ -250,7 +257,7 @@ class PostTrainDataModule(lightning.LightningDataModule):
             ds = ds.select(range(min(len(ds), self.max_examples)))
         if len(ds) == 0:
             raise ConfigError(f"data.source={self.source!r} ({field}={split!r}) holds no examples")
-        return ds.to_list()
+        return ds
 
     def _resolve_format(self, row: dict[str, Any]) -> str:
         columns = sorted(row)
