@@ -45,16 +45,29 @@ def sample(
     Args:
         checkpoint: path to a ``.ckpt`` written by ``lightning-moe fit``.
         prompt: text to continue.
-        max_new_tokens: number of byte tokens to generate.
+        max_new_tokens: number of tokens to generate.
         temperature: softmax temperature (lower is more conservative).
         top_k: sample only among the k most likely tokens (None: all).
         seed: random seed, for reproducible samples.
     """
     check_checkpoint(checkpoint, "checkpoint")
     torch.manual_seed(seed)
-    with damaged_checkpoint_errors(checkpoint):
-        model = MoELanguageModel.load_from_checkpoint(checkpoint, map_location="cpu")
+    if _is_hf_checkpoint(checkpoint):
+        from lightning_moe.hf.module import HFMoELanguageModel
+
+        with damaged_checkpoint_errors(checkpoint):
+            model = HFMoELanguageModel.load_from_checkpoint(checkpoint, map_location="cpu")
+    else:
+        with damaged_checkpoint_errors(checkpoint):
+            model = MoELanguageModel.load_from_checkpoint(checkpoint, map_location="cpu")
     print(model.sample_text(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k))
+
+
+def _is_hf_checkpoint(checkpoint: str) -> bool:
+    """Whether ``checkpoint`` (already checked readable) is of ``HFMoELanguageModel``."""
+    with damaged_checkpoint_errors(checkpoint):
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    return "pretrained" in (saved.get("hyper_parameters") or {})
 
 
 def export(checkpoint: str, output: str | None = None, tokenizer: str | None = None) -> None:
@@ -73,11 +86,8 @@ def export(checkpoint: str, output: str | None = None, tokenizer: str | None = N
     check_checkpoint(checkpoint, "checkpoint")
     from lightning_moe.hf.module import HFMoELanguageModel, export_pretrained
 
-    with damaged_checkpoint_errors(checkpoint):
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    if "pretrained" not in saved.get("hyper_parameters", {}):
+    if not _is_hf_checkpoint(checkpoint):
         raise ConfigError(f"checkpoint={checkpoint!r} is not of HFMoELanguageModel; only those export to Hugging Face")
-    del saved
     with damaged_checkpoint_errors(checkpoint):
         model = HFMoELanguageModel.load_from_checkpoint(checkpoint, map_location="cpu")
     print(export_pretrained(model, output, tokenizer))

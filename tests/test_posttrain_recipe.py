@@ -47,6 +47,9 @@ def test_offline_recipe_fits_lowers_validation_loss_and_exports(tmp_path, capsys
     assert losses[1][1] < losses[0][1]
 
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    main(["sample", str(checkpoint), "--prompt", "What is 2 + 3?", "--max_new_tokens", "6", "--temperature", "0"])
+    assert capsys.readouterr().out.startswith("What is 2 + 3?")
     main(["export", str(checkpoint), "--output", str(tmp_path / "sft")])
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sft")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "sft")

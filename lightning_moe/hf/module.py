@@ -221,6 +221,38 @@ class HFMoELanguageModel(CausalLMTraining):
                 fully_shard(module, mesh=mesh["data_parallel"])
         fully_shard(self.model, mesh=mesh["data_parallel"])
 
+    @torch.no_grad()
+    def sample_text(
+        self, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0, top_k: int | None = None
+    ) -> str:
+        """Continue ``prompt`` with the model's own tokenizer and ``generate``; return prompt + continuation.
+
+        ``temperature=0`` decodes greedily. Needs :attr:`tokenizer_source` (a model loaded
+        from ``pretrained``).
+        """
+        if self.tokenizer_source is None:
+            raise ConfigError("sample_text needs the model's tokenizer: this model was built from `config`, not `pretrained`")
+        if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
+            raise ConfigError(
+                f"max_new_tokens and temperature must be >= 0 and top_k None or >= 1, got {max_new_tokens},"
+                f" {temperature}, {top_k}"
+            )
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_source)
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(self.device)
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k} if temperature > 0 else {}
+        was_training = self.training
+        self.eval()
+        try:
+            out = self.model.generate(
+                ids, max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                **({"do_sample": False} if not sampling else sampling),
+            )
+        finally:
+            self.train(was_training)
+        return tokenizer.decode(out[0], skip_special_tokens=True)
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         from lightning_moe.checkpointing import check_checkpoint_matches
 
