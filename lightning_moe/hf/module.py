@@ -43,19 +43,23 @@ def load_causal_lm(
         import transformers
     except ImportError as err:
         raise ImportError("HFMoELanguageModel needs `transformers`: pip install 'lightning-moe[hf]'") from err
+    torch_dtype = _torch_dtype(dtype)
     if (pretrained is None) == (config is None):
         raise ConfigError(
             "give exactly one of `pretrained` (a Hub name or local folder) and `config` (a dict of config"
             " fields with `model_type`, for a randomly initialised model)"
         )
     kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-    torch_dtype = _torch_dtype(dtype)
     if pretrained is not None:
+        looks_local = os.path.isabs(pretrained) or pretrained.startswith(".") or pretrained.count("/") > 1
+        if looks_local and not os.path.isdir(pretrained):
+            raise ConfigError(f"`pretrained`={pretrained!r}: no such folder (give a model folder or a Hub name)")
         try:
             return transformers.AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch_dtype, **kwargs)
         except OSError as err:  # missing folder, unknown Hub name, no network
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"`pretrained`={pretrained!r} could not be loaded: {first}") from err
+            local = "" if os.path.isdir(pretrained) else "; there is no local folder of that name either"
+            raise ConfigError(f"`pretrained`={pretrained!r} could not be loaded: {first}{local}") from err
     fields = dict(config)
     model_type = fields.pop("model_type", None)
     if model_type is None:
