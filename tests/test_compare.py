@@ -27,6 +27,7 @@ from lightning_moe.study.records import steps_to_reach, summarise
 from lightning_moe.study.runner import run_arguments
 from lightning_moe.data import TextDataModule
 from lightning_moe.errors import ConfigError
+from lightning_moe.layer import moe_layers
 from lightning_moe.module import MoELanguageModel
 
 ARTIFACTS = (
@@ -229,6 +230,19 @@ def test_every_configuration_of_a_study_recipe_builds(study, tmp_path):
     parser.add_argument("--config", action=jsonargparse.ActionConfigFile)
     parser.add_function_arguments(compare)
     assert len(parser.parse_args(["--config", str(study)]).configurations) == len(spec["configurations"])
+    if isinstance(spec["base"], str):  # a recipe file naming its classes: a Hugging Face model's
+        from lightning_moe.hf.tiny import build_tiny_model
+
+        base = Path(__file__).parents[1] / spec["base"]
+        common = {"model.pretrained": build_tiny_model("olmoe", str(tmp_path / "tiny"), vocab_size=320)}
+        for configuration in spec["configurations"]:
+            args = run_arguments(str(base), tmp_path / "run", 0, Configuration(**configuration), common)
+            cli = LightningCLI(None, None, run=False, args=args[1:])
+            assert cli.model.hparams.estimator == configuration["overrides"]["model.estimator"]
+            assert type(moe_layers(cli.model)[0][1].estimator).__name__.lower().replace("_", "") == (
+                configuration["overrides"]["model.estimator"].replace("_", "")
+            )
+        return
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump(spec["base"]))
     common = {"trainer.max_steps": spec["steps"], "data.source": spec["corpus"]}

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_moe.data.chat import NoAssistantTurn, load_chat_tokenizer, messages_of, synthetic_chat, tokenize_chat
 from lightning_moe.data.loading import ResumableDataLoader, ResumableSampler, _collate
 from lightning_moe.errors import ConfigError
-from lightning_moe.module import IGNORE_INDEX
+from lightning_moe.lm_training import IGNORE_INDEX
 
 SYNTHETIC_CHAT = "synthetic:chat"
 FORMATS = ("auto", "chat", "text")
