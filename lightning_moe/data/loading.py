@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -126,3 +127,44 @@ class ResumableDataLoader(DataLoader):
             self.sampler.resume(epoch + 1, 0)
         else:
             self.sampler.resume(epoch, int(state_dict["samples_seen"]))
+
+
+def resumable_train_loader(
+    dataset: Dataset, trainer: Any, *, batch_size: int, seed: int, num_workers: int, too_few: Callable[[int, int], str]
+) -> ResumableDataLoader:
+    """Shuffled training batches of this rank's data-parallel share, resumable mid-epoch.
+
+    The order depends only on ``seed`` and the epoch (:class:`ResumableSampler`); under a
+    data-parallel strategy of ``trainer`` each rank takes its share itself, and
+    ``fit(ckpt_path=...)`` continues an epoch after the batches already trained on. A
+    dataset with fewer rows than ranks raises ``ConfigError(too_few(rows, ranks))``.
+    """
+    from lightning_moe.errors import ConfigError
+
+    sharding = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer is not None else None
+    num_replicas, rank = (sharding["num_replicas"], sharding["rank"]) if sharding else (1, 0)
+    if len(dataset) < num_replicas:
+        raise ConfigError(too_few(len(dataset), num_replicas))
+
+    def batches_consumed() -> int:
+        # Training batches of the current epoch the trainer has used; sys.maxsize once it is over
+        # (num_training_batches is the epoch's length after limit_train_batches).
+        if trainer is None:
+            return 0
+        used = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return used if used < trainer.num_training_batches else sys.maxsize
+
+    return ResumableDataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ResumableSampler(dataset, num_replicas=num_replicas, rank=rank, seed=seed),
+        # Dropping the ragged last batch keeps shapes static, but never drop the only batch
+        # of a tiny dataset (that would make an empty epoch).
+        drop_last=len(dataset) // num_replicas >= batch_size,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        collate_fn=_collate,
+        # Its own generator: creating an iterator then draws nothing from the global RNG.
+        generator=torch.Generator().manual_seed(seed),
+        batches_consumed=batches_consumed,
+    )

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -28,7 +27,7 @@ from lightning_moe.data.cache import (
     build_cache,
     open_cache,
 )
-from lightning_moe.data.loading import ResumableDataLoader, ResumableSampler, TokenChunkDataset, _collate
+from lightning_moe.data.loading import TokenChunkDataset, _collate, resumable_train_loader
 from lightning_moe.data.sources import FileSource, capped, resolve_source
 from lightning_moe.data.tokenizers import Tokenizer, load_tokenizer
 from lightning_moe.errors import ConfigError
@@ -175,39 +174,18 @@ class TextDataModule(lightning.LightningDataModule):
         a data-parallel strategy each rank takes its share itself, and ``fit(ckpt_path=...)``
         continues an epoch after the batches already trained on (:class:`ResumableDataLoader`).
         """
-        ds = self._require(self.train_dataset)
-        sharding = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
-        num_replicas, rank = (sharding["num_replicas"], sharding["rank"]) if sharding else (1, 0)
-        if len(ds) < num_replicas:
-            raise ConfigError(
-                f"data.source={self.source!r}: the training split has {len(ds)} sequences of"
-                f" data.seq_len={self.seq_len}, fewer than the {num_replicas} data-parallel ranks;"
-                " use more text or a smaller seq_len"
-            )
-        per_rank = len(ds) // num_replicas
-        return ResumableDataLoader(
-            ds,
+        return resumable_train_loader(
+            self._require(self.train_dataset),
+            self.trainer,
             batch_size=self.batch_size,
-            sampler=ResumableSampler(ds, num_replicas=num_replicas, rank=rank, seed=self.seed),
-            # Dropping the ragged last batch keeps shapes static, but never drop the
-            # only batch of a tiny corpus (that would make an empty epoch).
-            drop_last=per_rank >= self.batch_size,
+            seed=self.seed,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=_collate,
-            # Its own generator: creating an iterator then draws nothing from the global RNG.
-            generator=torch.Generator().manual_seed(self.seed),
-            batches_consumed=self._train_batches_consumed,
+            too_few=lambda rows, ranks: (
+                f"data.source={self.source!r}: the training split has {rows} sequences of"
+                f" data.seq_len={self.seq_len}, fewer than the {ranks} data-parallel ranks;"
+                " use more text or a smaller seq_len"
+            ),
         )
-
-    def _train_batches_consumed(self) -> int:
-        """Training batches of the current epoch the trainer has used; ``sys.maxsize`` once it is over."""
-        trainer = self.trainer
-        if trainer is None:
-            return 0
-        used = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        # num_training_batches is the epoch's length after limit_train_batches.
-        return used if used < trainer.num_training_batches else sys.maxsize
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(

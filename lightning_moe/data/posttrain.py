@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
 import warnings
 from typing import Any
 
@@ -15,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_moe.data.chat import NoAssistantTurn, load_chat_tokenizer, messages_of, synthetic_chat, tokenize_chat
-from lightning_moe.data.loading import ResumableDataLoader, ResumableSampler, _collate
+from lightning_moe.data.loading import _collate, resumable_train_loader
 from lightning_moe.errors import ConfigError
 from lightning_moe.lm_training import IGNORE_INDEX
 
@@ -159,33 +158,17 @@ class PostTrainDataModule(lightning.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled batches of this rank's share, resumable mid-epoch (as ``TextDataModule``'s)."""
-        ds = self._require(self.train_dataset)
-        sharding = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
-        num_replicas, rank = (sharding["num_replicas"], sharding["rank"]) if sharding else (1, 0)
-        if len(ds) < num_replicas:
-            raise ConfigError(
-                f"data.source={self.source!r}: {len(ds)} training rows of data.seq_len={self.seq_len}, fewer than"
-                f" the {num_replicas} data-parallel ranks; use more examples or a smaller seq_len"
-            )
-        return ResumableDataLoader(
-            ds,
+        return resumable_train_loader(
+            self._require(self.train_dataset),
+            self.trainer,
             batch_size=self.batch_size,
-            sampler=ResumableSampler(ds, num_replicas=num_replicas, rank=rank, seed=self.seed),
-            drop_last=len(ds) // num_replicas >= self.batch_size,  # never drop a tiny set's only batch
+            seed=self.seed,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=_collate,
-            generator=torch.Generator().manual_seed(self.seed),
-            batches_consumed=self._train_batches_consumed,
+            too_few=lambda rows, ranks: (
+                f"data.source={self.source!r}: {rows} training rows of data.seq_len={self.seq_len}, fewer than"
+                f" the {ranks} data-parallel ranks; use more examples or a smaller seq_len"
+            ),
         )
-
-    def _train_batches_consumed(self) -> int:
-        """Training batches of the current epoch the trainer has used; ``sys.maxsize`` once it is over."""
-        trainer = self.trainer
-        if trainer is None:
-            return 0
-        used = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        return used if used < trainer.num_training_batches else sys.maxsize
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(
