@@ -77,6 +77,32 @@ class CausalLMTraining(L.LightningModule):
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
 
+    def shard_with_fsdp2(self, units: list[nn.Module], root: nn.Module) -> None:
+        """Under Lightning's ``ModelParallelStrategy``, ``fully_shard`` each of ``units``, then ``root``.
+
+        The usual FSDP2 layout: one all-gather per unit (a transformer block) over the
+        data-parallel mesh. Tensor parallelism is refused. Other strategies leave the model
+        as it is; idempotent, as Lightning asks of ``configure_model``.
+        """
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        mesh = self.device_mesh
+        if mesh["tensor_parallel"].size() > 1:
+            raise ConfigError(
+                f"{type(self).__name__} under ModelParallelStrategy shards its parameters with FSDP2 only; tensor"
+                f" parallelism is not supported (tensor_parallel_size={mesh['tensor_parallel'].size()})."
+                " Use ModelParallelStrategy(data_parallel_size=<number of devices>, tensor_parallel_size=1)."
+            )
+        if isinstance(root, FSDPModule):
+            return
+        for unit in units:
+            fully_shard(unit, mesh=mesh["data_parallel"])
+        fully_shard(root, mesh=mesh["data_parallel"])
+
     def logits(self, batch: tuple[Tensor, ...]) -> Tensor:
         """Logits ``[B, T, V]`` for the batch's ``input_ids``."""
         raise NotImplementedError

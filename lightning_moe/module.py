@@ -113,30 +113,8 @@ class MoELanguageModel(CausalLMTraining):
             )
 
     def configure_model(self) -> None:
-        """Under Lightning's ``ModelParallelStrategy``, shard with FSDP2 over the data-parallel mesh.
-
-        Each block and then the whole model get ``fully_shard`` (the usual FSDP2 layout:
-        one all-gather per block). Tensor parallelism is not supported. Other strategies
-        leave the model as it is. Idempotent, as Lightning asks of this hook.
-        """
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
-            return
-        from torch.distributed.fsdp import FSDPModule, fully_shard
-
-        mesh = self.device_mesh
-        if mesh["tensor_parallel"].size() > 1:
-            raise ConfigError(
-                "MoELanguageModel under ModelParallelStrategy shards its parameters with FSDP2 only; tensor"
-                f" parallelism is not supported (tensor_parallel_size={mesh['tensor_parallel'].size()})."
-                " Use ModelParallelStrategy(data_parallel_size=<number of devices>, tensor_parallel_size=1)."
-            )
-        if isinstance(self.model, FSDPModule):
-            return
-        for block in self.model.blocks:
-            fully_shard(block, mesh=mesh["data_parallel"])
-        fully_shard(self.model, mesh=mesh["data_parallel"])
+        """Under Lightning's ``ModelParallelStrategy``, shard with FSDP2: each block, then the whole model."""
+        self.shard_with_fsdp2(list(self.model.blocks), self.model)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another architecture with one error listing what differs."""

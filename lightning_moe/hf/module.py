@@ -203,27 +203,10 @@ class HFMoELanguageModel(CausalLMTraining):
         """Under Lightning's ``ModelParallelStrategy``, shard with FSDP2: each decoder layer, then the model.
 
         The decoder layers are the modules of the classes the model lists in
-        ``_no_split_modules`` (``transformers``' own unit of sharding). Idempotent.
+        ``_no_split_modules`` (``transformers``' own unit of sharding).
         """
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
-            return
-        from torch.distributed.fsdp import FSDPModule, fully_shard
-
-        mesh = self.device_mesh
-        if mesh["tensor_parallel"].size() > 1:
-            raise ConfigError(
-                "HFMoELanguageModel under ModelParallelStrategy shards with FSDP2 only; use"
-                " ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1)"
-            )
-        if isinstance(self.model, FSDPModule):
-            return
         unit_names = set(getattr(self.model, "_no_split_modules", None) or ())
-        for module in self.model.modules():
-            if type(module).__name__ in unit_names:
-                fully_shard(module, mesh=mesh["data_parallel"])
-        fully_shard(self.model, mesh=mesh["data_parallel"])
+        self.shard_with_fsdp2([m for m in self.model.modules() if type(m).__name__ in unit_names], self.model)
 
     @torch.no_grad()
     def sample_text(
