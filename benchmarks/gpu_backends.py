@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_moe.experts import megablocks as megablocks_backend
-from lightning_moe.experts.grouped_gemm import _grouped_mm_supported
+from lightning_moe.experts.grouped_gemm import uses_grouped_kernel
 from lightning_moe.layer import MoELayer
 from lightning_moe.model import FeedForward, MoEConfig, MoETransformer, TransformerConfig, default_ffn_hidden
 
@@ -184,8 +184,7 @@ def time_fwd_bwd(module: torch.nn.Module, x: torch.Tensor, device: torch.device,
 def torch_backend_kernel(shape: Shape, device: torch.device) -> str:
     """The kernel the ``torch`` backend runs at this shape: ``torch._grouped_mm`` or its per-expert fallback."""
     x = torch.empty(1, shape.d, device=device, dtype=AMP_DTYPE)
-    w = torch.empty(shape.experts, shape.d, shape.f, device=device, dtype=AMP_DTYPE)
-    return "torch._grouped_mm" if _grouped_mm_supported(x, w) else "per-expert mm"
+    return "torch._grouped_mm" if uses_grouped_kernel(x, 2 * shape.f) else "per-expert mm"
 
 
 def layer_rows(args, shape: Shape, device: torch.device, roof: float) -> list[dict]:

@@ -119,8 +119,8 @@ def hf_qwen3_moe_block(layer: MoELayer, implementation: str) -> nn.Module | None
     block = Qwen3MoeSparseMoeBlock(config).to(layer.router.weight.device)
     with torch.no_grad():
         block.gate.weight.copy_(layer.router.weight)
-        # Theirs: gate_up_proj [E, 2F, D] (gate rows first), down_proj [E, D, F]; ours [E, D, F] and [E, F, D].
-        block.experts.gate_up_proj.copy_(torch.cat([experts.w1, experts.v1], dim=2).transpose(1, 2))
+        # Theirs: gate_up_proj [E, 2F, D] (gate rows first), down_proj [E, D, F]; ours [E, D, 2F] and [E, F, D].
+        block.experts.gate_up_proj.copy_(experts.w1.transpose(1, 2))
         block.experts.down_proj.copy_(experts.w2.transpose(1, 2))
     return _Batched(block).train()
 

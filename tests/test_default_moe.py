@@ -28,9 +28,10 @@ def make_layer(top_k=2, backend="loop", attach=True, **estimator_args):
 
 
 def expert_output(layer, e, x_TD):
-    """FFN_e(x) from the parameters, by hand (SwiGLU; w1, v1 [E, D, F], w2 [E, F, D])."""
+    """FFN_e(x) from the parameters, by hand (SwiGLU; w1 [E, D, 2F] gate | up, w2 [E, F, D])."""
     ex = layer.experts
-    return (F.silu(x_TD @ ex.w1[e]) * (x_TD @ ex.v1[e])) @ ex.w2[e]
+    gate, up = ex.w1[e].chunk(2, dim=1)
+    return (F.silu(x_TD @ gate) * (x_TD @ up)) @ ex.w2[e]
 
 
 def softmax_and_topk(layer, x_TD):
@@ -123,7 +124,7 @@ def test_expert_gradients_do_not_see_the_default_term():
     x, grad_y = torch.randn(9, D), torch.randn(9, D)
     for layer in (default, topk):
         (layer(x) * grad_y).sum().backward()
-    for name in ("w1", "v1", "w2"):
+    for name in ("w1", "w2"):
         torch.testing.assert_close(getattr(default.experts, name).grad, getattr(topk.experts, name).grad)
     # ...while the router's gradient does change.
     assert (default.router.weight.grad - topk.router.weight.grad).abs().max() > 1e-3

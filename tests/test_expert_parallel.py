@@ -123,14 +123,14 @@ def _sharded_experts_match(rank, world, ep, case, backend):
     experts.backend = backend
     experts.zero_grad(set_to_none=True)
     shard_experts(experts, shard)
-    assert experts.w1.shape == (E // ep, D, HIDDEN)
+    assert experts.w1.shape == (E // ep, D, 2 * HIDDEN)  # SwiGLU: gate and up side by side
     x = x_all[rank].clone().requires_grad_(True)
     w = weights_all[rank].clone().requires_grad_(True)
     y, stats = experts(x, indices_all[rank], w, return_output_sums=True)
     (y * grad_out_all[rank]).sum().backward()  # this rank's own loss, as under DDP
     if backend == "megablocks":  # MegaBlocks' kernels ran, unless the rank's experts received no rows
         received_rows = case != "nothing_for_rank_0" or shard.rank == 1
-        assert len(kernels.gmm_dtypes) == (3 if received_rows else 0)
+        assert len(kernels.gmm_dtypes) == (2 if received_rows else 0)  # gate and up side by side, then down
     data_parallel = mesh.get_group("data_parallel") if world > ep else None
     reduce_expert_gradients(list(experts.parameters()), data_parallel, world)
 
@@ -272,7 +272,7 @@ def test_fit_and_checkpoints_equal_one_process_with_the_same_global_batch(tmp_pa
     # The expert-parallel checkpoint is a single-process one: full experts and optimizer state.
     single_ckpt = torch.load(tmp_path / "single" / "epoch=0.ckpt", weights_only=False)
     ep_ckpt = torch.load(tmp_path / "ep" / "epoch=0.ckpt", weights_only=False)
-    assert ep_ckpt["state_dict"]["moe.experts.w1"].shape == (E, D, HIDDEN)
+    assert ep_ckpt["state_dict"]["moe.experts.w1"].shape == (E, D, 2 * HIDDEN)
     assert_states_close(ep_ckpt["state_dict"], single_ckpt["state_dict"])
     assert_states_close(
         {k: v["momentum_buffer"] for k, v in ep_ckpt["optimizer_states"][0]["state"].items()},

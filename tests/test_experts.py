@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_moe.experts import Experts
-from lightning_moe.experts import grouped as grouped_module
+from lightning_moe.experts import grouped_gemm
 
 from helpers import routing_cases, run_backend
 
@@ -61,12 +61,12 @@ def test_single_expert_equals_dense_swiglu_ffn(backend):
     experts = Experts(d, f, 1, activation="swiglu", backend=backend)
     x = torch.randn(T, d)
     y, _ = experts(x, torch.zeros(T, 1, dtype=torch.long), torch.ones(T, 1))
-    w1, v1, w2 = (experts.w1[0].detach(), experts.v1[0].detach(), experts.w2[0].detach())
-    expected = (F.silu(x @ w1) * (x @ v1)) @ w2  # a dense SwiGLU FFN
+    gate, up, w2 = experts.w1[0, :, :f].detach(), experts.w1[0, :, f:].detach(), experts.w2[0].detach()
+    expected = (F.silu(x @ gate) * (x @ up)) @ w2  # a dense SwiGLU FFN
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_aligned_shapes_use_grouped_mm_and_odd_shapes_fall_back(monkeypatch):
+def test_cpu_runs_per_segment_and_aligned_shapes_elsewhere_use_grouped_mm(monkeypatch):
     calls = []
     real = torch._grouped_mm
 
@@ -74,13 +74,31 @@ def test_aligned_shapes_use_grouped_mm_and_odd_shapes_fall_back(monkeypatch):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(grouped_module.torch, "_grouped_mm", counting)
+    monkeypatch.setattr(grouped_gemm.torch, "_grouped_mm", counting)
     indices = torch.randint(0, 4, (9, 2))
+    Experts(16, 32, 4, backend="torch")(torch.randn(9, 16), indices, torch.rand(9, 2))
+    assert calls == []  # CPU: one torch.mm per segment
+    monkeypatch.setattr(grouped_gemm, "PER_SEGMENT_DEVICES", ())  # as on a device where the kernel takes them
     Experts(16, 32, 4, backend="torch")(torch.randn(9, 16), indices, torch.rand(9, 2))
     assert len(calls) == 2  # gate and up side by side in one, then down
     calls.clear()
     Experts(6, 10, 4, backend="torch")(torch.randn(9, 6), indices, torch.rand(9, 2))
-    assert calls == []
+    assert calls == []  # rows not 16-byte aligned
+
+
+def test_per_segment_matmul_writes_into_the_buffer_it_is_given():
+    x = torch.randn(7, 4)
+    w = torch.randn(3, 4, 5)
+    segments = grouped_gemm.Segments(torch.tensor([2, 0, 5]), 7)
+    out = torch.full((7, 5), float("nan"))
+    result = grouped_gemm.grouped_mm(x, w, segments, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, torch.cat([x[:2] @ w[0], x[2:] @ w[2]]))
+    grad = torch.randn(7, 5)
+    torch.testing.assert_close(
+        grouped_gemm.grouped_mm_weight_grad(x, grad, segments),
+        torch.stack([x[:2].t() @ grad[:2], torch.zeros(4, 5), x[2:].t() @ grad[2:]]),
+    )
 
 
 def test_bf16_autocast_runs_in_bf16_and_matches_fp32_loosely():

@@ -256,7 +256,7 @@ def test_a_checkpoint_of_another_architecture_lists_what_differs(tmp_path):
         fit(language_model(num_experts=8), token_batches(), [], max_steps=2, ckpt_path=last)
     message = str(caught.value)
     assert "moe.num_experts: checkpoint 4, this model 8" in message
-    assert "model.blocks.0.ffn.experts.w1: checkpoint [4, 32, 128], this model [8, 32, 128]" in message
+    assert "model.blocks.0.ffn.experts.w1: checkpoint [4, 32, 256], this model [8, 32, 256]" in message
     # The checkpoint itself is fine: the model it describes loads.
     assert MoELanguageModel.load_from_checkpoint(last).hparams.moe["num_experts"] == 4
 

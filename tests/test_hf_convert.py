@@ -73,7 +73,7 @@ def eval_logits(model, ids):
 def hf_layout_grads(model):
     """Gradients of a converted model, renamed and laid out as the original model's parameters.
 
-    The documented correspondence: router weight shared as is; gate_up_proj[e] = [w1[e]^T; v1[e]^T],
+    The documented correspondence: router weight shared as is; gate_up_proj[e] = w1[e]^T,
     down_proj[e] = w2[e]^T; the shared expert and its gate keep their names.
     """
     grads = {}
@@ -85,7 +85,7 @@ def hf_layout_grads(model):
             continue
         ex, router_name = block.moe.experts, block.spec.router_name
         out[f"{name}.{router_name}.weight"] = block.moe.router.weight.grad
-        out[f"{name}.experts.gate_up_proj"] = torch.cat([ex.w1.grad.transpose(1, 2), ex.v1.grad.transpose(1, 2)], 1)
+        out[f"{name}.experts.gate_up_proj"] = ex.w1.grad.transpose(1, 2)
         out[f"{name}.experts.down_proj"] = ex.w2.grad.transpose(1, 2)
         for key in list(grads):
             if key.startswith(f"{name}.moe."):

@@ -12,7 +12,9 @@ Expected counts per layer and training step (forward + backward, aux losses atta
 an fp16 loss scale, routing statistics recorded):
 
 * ``torch`` backend on ``torch._grouped_mm`` (aligned shapes; on CUDA: sm90 and bf16): 0.
-* ``torch`` backend, per-segment fallback (any other GPU or dtype, odd shapes): 1, the
+  CPU runs the per-segment matmul instead, so this is counted with CPU taken off
+  ``PER_SEGMENT_DEVICES``, i.e. on the path a GPU takes.
+* ``torch`` backend, per-segment matmul (CPU, any other GPU or dtype, odd shapes): 1, the
   segment sizes read once for ``Tensor.split``.
 * ``megablocks`` backend (stand-in kernels): 1, grouped_gemm's ``gmm`` takes the segment
   sizes on the host.
@@ -31,6 +33,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_moe.experts.megablocks as mb
+from lightning_moe.experts import grouped_gemm
 from lightning_moe import MoELayer, available_estimators
 from lightning_moe.callbacks import LoadBalancingLoss, RouterZLoss
 from lightning_moe.model import MoETransformer, TransformerConfig
@@ -240,17 +243,18 @@ def make_layer(estimator: str, backend: str, d_model: int = 16, ffn_hidden: int 
 
 
 @pytest.mark.parametrize("estimator", available_estimators())
-def test_a_training_step_on_the_grouped_kernel_never_waits_for_the_device(estimator):
+def test_a_training_step_on_the_grouped_kernel_never_waits_for_the_device(estimator, monkeypatch):
+    monkeypatch.setattr(grouped_gemm, "PER_SEGMENT_DEVICES", ())  # the kernel a GPU runs
     counter = layer_training_step(make_layer(estimator, "torch"))
     assert counter.ops["aten::_grouped_mm"] > 0  # the path counted is the grouped kernel's
     assert counter.syncs == []
 
 
-def test_the_per_segment_fallback_reads_the_segment_sizes_once():
-    layer = make_layer("topk", "torch", d_model=6, ffn_hidden=10)  # rows not 16-byte aligned: no _grouped_mm
-    counter = layer_training_step(layer)
+@pytest.mark.parametrize("d_model,ffn_hidden", [(16, 32), (6, 10)])  # CPU; rows not 16-byte aligned
+def test_the_per_segment_matmul_reads_the_segment_sizes_once(d_model, ffn_hidden):
+    counter = layer_training_step(make_layer("topk", "torch", d_model=d_model, ffn_hidden=ffn_hidden))
     assert counter.ops["aten::_grouped_mm"] == 0
-    assert counter.syncs == ["Tensor.tolist"]  # once for all three projections, forward and backward
+    assert counter.syncs == ["Tensor.tolist"]  # once for both projections, forward and backward
 
 
 def test_the_loop_reference_reads_the_per_expert_row_counts_once():

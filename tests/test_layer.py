@@ -87,7 +87,8 @@ def test_topk_k1_with_one_expert_is_a_dense_ffn():
     layer = MoELayer(8, 16, 1, top_k=1, backend="torch")
     x = torch.randn(5, 8)
     ex = layer.experts
-    expected = (torch.nn.functional.silu(x @ ex.w1[0]) * (x @ ex.v1[0])) @ ex.w2[0]
+    gate, up = ex.w1[0].chunk(2, dim=1)
+    expected = (torch.nn.functional.silu(x @ gate) * (x @ up)) @ ex.w2[0]
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
 
 

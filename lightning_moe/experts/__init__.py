@@ -6,10 +6,16 @@ token, N = T * K (token, slot) pairs.
 Every backend computes ``y_T = sum_k weights_TK[t, k] * FFN_{indices_TK[t, k]}(x_T)`` for
 every pair (no capacity factor, no dropped tokens), and gradients flow to ``x``, the
 expert parameters and the routing weights. The parameters use
-one layout for all backends: ``w1`` and ``v1`` [E, D, F], ``w2`` [E, F, D] (expert e computes
-``(act(x @ w1[e]) * (x @ v1[e])) @ w2[e]``), so a checkpoint moves between backends. The
-first projections are stored [D, F] rather than nn.Linear's [F, D] because the grouped
-GEMM's backward is about twice as fast on contiguous operands than on transposed views.
+one layout for all backends, so a checkpoint moves between backends: ``w2`` [E, F, D] and
+the first projection ``w1``, for SwiGLU the gate and up projections side by side,
+[E, D, 2F] (columns ``:F`` the gate, ``F:`` the up projection; expert e computes
+``(silu(x @ w1[e, :, :F]) * (x @ w1[e, :, F:])) @ w2[e]``), for GELU [E, D, F]. Side by
+side, the two run as one grouped GEMM twice as wide, as Hugging Face's ``gate_up_proj``
+does, with no per-step concatenation of the weights or split of their gradient.
+Checkpoints of the earlier layout (separate ``w1`` and ``v1`` [E, D, F]) load unchanged
+(:func:`merge_gate_and_up`). The first projection is stored [D, 2F] rather than
+nn.Linear's [2F, D] because the grouped GEMM's backward is about twice as fast on
+contiguous operands than on transposed views.
 """
 
 from __future__ import annotations
@@ -76,7 +82,7 @@ class Experts(nn.Module):
         d_model: model width D.
         ffn_hidden: hidden width F of each expert.
         num_experts: E.
-        activation: ``"swiglu"`` (``silu(x w1) * (x v1)``) or ``"gelu"``.
+        activation: ``"swiglu"`` (``silu(x w1[:, :F]) * (x w1[:, F:])``) or ``"gelu"``.
         backend: ``"loop"`` (reference), ``"torch"`` (sorted grouped GEMM),
             ``"megablocks"`` (GPU) or ``"auto"`` (fastest available for the input).
     """
@@ -92,29 +98,33 @@ class Experts(nn.Module):
         self.d_model, self.ffn_hidden, self.num_experts = d_model, ffn_hidden, num_experts
         self.activation = activation
         self.backend = backend
-        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, ffn_hidden))
-        self.v1 = nn.Parameter(torch.empty(num_experts, d_model, ffn_hidden)) if activation == "swiglu" else None
+        first_width = 2 * ffn_hidden if activation == "swiglu" else ffn_hidden
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, first_width))
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden, d_model))
         # Set by ExpertParallelStrategy while this module holds only its rank's slice of
-        # the experts (then w1/v1/w2 have E / ep rows); None when it holds all of them.
+        # the experts (then w1/w2 have E / ep rows); None when it holds all of them.
         self.expert_parallel: ExpertShard | None = None
+        self.register_load_state_dict_pre_hook(merge_gate_and_up)
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
-        for weight in (self.w1, self.v1):
-            if weight is not None:
-                nn.init.normal_(weight, std=std)
+        # The gate, then the up projection, drawn separately: the same values for a seed as
+        # when they were two parameters.
+        with torch.no_grad():
+            halves = self.w1.split(self.ffn_hidden, dim=2)
+            self.w1.copy_(torch.cat([torch.empty_like(half).normal_(std=std) for half in halves], dim=2))
         nn.init.normal_(self.w2, std=std if out_std is None else out_std)
 
-    def activate(self, h1: Tensor, h3: Tensor | None) -> Tensor:
-        """The expert nonlinearity applied to the first projection(s)."""
+    def activate(self, h_NH: Tensor) -> Tensor:
+        """The expert nonlinearity applied to the first projection ``x @ w1`` ([..., 2F] for SwiGLU)."""
         if self.activation == "swiglu":
+            h1, h3 = h_NH.split(self.ffn_hidden, dim=-1)
             return F.silu(h1) * h3
-        return F.gelu(h1)
+        return F.gelu(h_NH)
 
-    def expert_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor]:
-        cast = lambda w: None if w is None else w.to(dtype)  # noqa: E731
-        return cast(self.w1), cast(self.v1), cast(self.w2)
+    def expert_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(w1, w2)`` in ``dtype``."""
+        return self.w1.to(dtype), self.w2.to(dtype)
 
     def resolved_backend(self, x_TD: Tensor) -> str:
         """The backend that will run for this input (resolves ``"auto"``)."""
@@ -137,6 +147,13 @@ class Experts(nn.Module):
             f"activation={self.activation!r}, backend={self.backend!r}"
             + ("" if self.expert_parallel is None else f", expert_parallel={self.expert_parallel}")
         )
+
+
+def merge_gate_and_up(module: Experts, state_dict: dict, prefix: str, *args) -> None:
+    """``load_state_dict`` pre-hook: a checkpoint of the earlier layout, ``w1`` (gate) and
+    ``v1`` (up) [E, D, F], becomes the one side-by-side ``w1`` [E, D, 2F]."""
+    if prefix + "v1" in state_dict and prefix + "w1" in state_dict:
+        state_dict[prefix + "w1"] = torch.cat([state_dict[prefix + "w1"], state_dict.pop(prefix + "v1")], dim=2)
 
 
 BackendFn = Callable[[Experts, Tensor, Tensor, Tensor, bool], "tuple[Tensor, ExpertStats]"]

@@ -5,7 +5,7 @@ group, L = E / P experts held per rank, K experts per token, N = T * K (token, s
 this rank routes, R rows its experts receive from the whole group.
 
 Rank p of the group holds the experts ``p * L .. p * L + L - 1`` (contiguous blocks), as
-rows ``0 .. L - 1`` of its ``w1``/``v1``/``w2``. One forward is the dispatch / combine
+rows ``0 .. L - 1`` of its ``w1``/``w2``. One forward is the dispatch / combine
 of GShard (Lepikhin et al., 2020), without a capacity limit:
 
 1. sort this rank's pairs by global expert and gather their token rows in that order

@@ -1,23 +1,30 @@
 """Gather -> grouped FFN -> weighted combine as one autograd function that keeps what a dense FFN keeps.
 
 Shape legend: T tokens, D model width, F expert hidden width, E experts, N = T * K
-(token, slot) pairs sorted by expert.
+(token, slot) pairs sorted by expert, H the first projection's width (2F for SwiGLU, gate
+and up side by side; F for GELU).
 
 Left to autograd, the sorted pipeline keeps for backward the gathered input x_ND and the
 expert outputs out_ND, two [N, D] tensors that a dense FFN of the same active FLOPs
 does not have (at top-8 with small experts they are most of the layer's activation
 memory). :class:`GatherFFNCombine` keeps only the input x_TD (which the caller keeps
-anyway), the two first projections h1, h3 [N, F], the gates and the pairs' token ids,
-and in backward (SonicMoE, arXiv 2512.14080, Sec. 3):
+anyway), the first projection h [N, H], the gates and the pairs' token ids, and in
+backward (SonicMoE, arXiv 2512.14080, Sec. 3):
 
-* re-gathers x_ND = x_TD[token_ids] for the first projections' weight gradients;
-* recomputes the activation a = act(h1) * h3 from h1 and h3 (elementwise);
+* re-gathers x_ND = x_TD[token_ids] for the first projection's weight gradient;
+* recomputes the activation a = act(h) from h (elementwise);
 * gets the gate gradient without out_ND: with out_n = a_n W2_e and y_t = sum_n gate_n out_n,
   dL/dgate_n = <dy_t, out_n> = <dy_t W2_e^T, a_n>, and dy_t W2_e^T is the product
   backward needs anyway for dL/da_n = gate_n * dy_t W2_e^T.
 
-Every matmul goes through the grouped GEMM seam of :mod:`lightning_moe.experts.grouped`
-(:func:`grouped_mm` and its weight gradient :func:`grouped_mm_weight_grad`).
+On CPU every fresh [N, D] or [N, F] buffer costs page faults on first touch about as much
+as the pass that fills it, so eager code writes results into buffers it is done with (the
+gathered rows take the expert outputs; in backward the gathered gradient rows take the
+re-gathered input, then the input gradient) and scratch goes into the gradient buffer
+before its final values. Compiled code takes the same steps without ``out=`` (inductor
+plans its own buffers).
+
+Every matmul goes through the grouped GEMM seam (:mod:`lightning_moe.experts.grouped_gemm`).
 """
 
 from __future__ import annotations
@@ -32,19 +39,36 @@ from torch.autograd.function import once_differentiable
 from lightning_moe.experts.grouped_gemm import Segments, grouped_mm, grouped_mm_weight_grad
 
 
-def _first_projection(w1_EDF: Tensor, v1_EDF: Tensor | None) -> Tensor:
-    """[E, D, F] or, for SwiGLU, gate and up side by side [E, D, 2F]: one grouped GEMM twice as wide."""
-    return w1_EDF if v1_EDF is None else torch.cat([w1_EDF, v1_EDF], dim=2)
+def _gather(x_TD: Tensor, token_ids_N: Tensor, out: Tensor | None = None) -> Tensor:
+    """Rows ``x_TD[token_ids_N]``, written into ``out`` when given (eager only)."""
+    if out is None or torch.compiler.is_compiling():
+        return x_TD.index_select(0, token_ids_N)
+    return torch.index_select(x_TD, 0, token_ids_N, out=out)
 
 
-def _split(h_NH: Tensor, w1_EDF: Tensor) -> tuple[Tensor, Tensor | None]:
-    """The gate and up halves of a :func:`_first_projection` result (or its weight gradient)."""
-    width = w1_EDF.shape[2]
-    return (h_NH, None) if h_NH.shape[-1] == width else (h_NH[..., :width], h_NH[..., width:])
+def _activation(name: str, h_NH: Tensor) -> Tensor:
+    """``silu(h1) * h3`` (h = [h1 | h3]) or ``gelu(h)``; one new [N, F] buffer."""
+    if name != "swiglu":
+        return F.gelu(h_NH)
+    h1_NF, h3_NF = h_NH.chunk(2, dim=1)
+    return F.silu(h1_NF).mul_(h3_NF)
 
 
-def _activation(name: str, h1_NF: Tensor, h3_NF: Tensor | None) -> Tensor:
-    return F.silu(h1_NF) * h3_NF if name == "swiglu" else F.gelu(h1_NF)
+def _activation_backward(name: str, da_NF: Tensor, h_NH: Tensor, dh_NH: Tensor) -> Tensor:
+    """dL/dh from dL/da (``da_NF`` is overwritten), written into ``dh_NH`` in eager code."""
+    if name != "swiglu":
+        if torch.compiler.is_compiling():
+            return torch.ops.aten.gelu_backward(da_NF, h_NH)
+        return torch.ops.aten.gelu_backward.grad_input(da_NF, h_NH, grad_input=dh_NH)
+    h1_NF, h3_NF = h_NH.chunk(2, dim=1)
+    silu_NF = F.silu(h1_NF)
+    if torch.compiler.is_compiling():  # no out= into views there; the cat is fused
+        dh3_NF = da_NF * silu_NF
+        return torch.cat([torch.ops.aten.silu_backward(da_NF * h3_NF, h1_NF), dh3_NF], dim=1)
+    dh1_NF, dh3_NF = dh_NH.chunk(2, dim=1)
+    torch.mul(da_NF, silu_NF, out=dh3_NF)
+    torch.ops.aten.silu_backward.grad_input(da_NF.mul_(h3_NF), h1_NF, grad_input=dh1_NF)
+    return dh_NH
 
 
 class GatherFFNCombine(torch.autograd.Function):
@@ -62,19 +86,19 @@ class GatherFFNCombine(torch.autograd.Function):
         token_ids_N: Tensor,
         tokens_per_expert_E: Tensor,
         activation: str,
-        w1_EDF: Tensor,
-        v1_EDF: Tensor | None,
+        w1_EDH: Tensor,
         w2_EFD: Tensor,
         return_outputs: bool,
     ) -> tuple[Tensor, Tensor | None]:
         segments = Segments(tokens_per_expert_E, token_ids_N.shape[0])
-        h_NH = grouped_mm(x_TD[token_ids_N], _first_projection(w1_EDF, v1_EDF), segments)
-        out_ND = grouped_mm(_activation(activation, *_split(h_NH, w1_EDF)), w2_EFD, segments)
+        x_ND = _gather(x_TD, token_ids_N)
+        h_NH = grouped_mm(x_ND, w1_EDH, segments)
+        out_ND = grouped_mm(_activation(activation, h_NH), w2_EFD, segments, out=x_ND)  # x_ND is done with
         weighted_ND = out_ND * gate_N[:, None] if return_outputs else out_ND.mul_(gate_N[:, None])
         y_TD = torch.zeros_like(x_TD).index_add_(0, token_ids_N, weighted_ND)
-        ctx.save_for_backward(x_TD, gate_N, token_ids_N, segments.offsets(), w1_EDF, v1_EDF, w2_EFD, h_NH)
-        # Host-side segment sizes of the per-segment fallback (None on the grouped kernel): read once, reused.
-        ctx.activation, ctx.sizes, ctx.num_experts = activation, segments.cached_sizes(), tokens_per_expert_E.shape[0]
+        ctx.save_for_backward(x_TD, gate_N, token_ids_N, segments.offsets(), w1_EDH, w2_EFD, h_NH)
+        # Host-side segment sizes of the per-segment matmul (None on the grouped kernel): read once, reused.
+        ctx.activation, ctx.sizes = activation, segments.cached_sizes()
         if not return_outputs:
             return y_TD, None
         ctx.mark_non_differentiable(out_ND)
@@ -83,39 +107,38 @@ class GatherFFNCombine(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y_TD: Tensor, _grad_out: Tensor | None):
-        x_TD, gate_N, token_ids_N, offsets_E, w1, v1, w2, h_NH = ctx.saved_tensors
-        h1_NF, h3_NF = _split(h_NH, w1)
+        x_TD, gate_N, token_ids_N, offsets_E, w1, w2, h_NH = ctx.saved_tensors
         segments = Segments.known(offsets_E, token_ids_N.shape[0], ctx.sizes)
-        need_x, need_gate = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_w1, need_v1, need_w2 = ctx.needs_input_grad[5:8]
+        (need_x, need_gate), (need_w1, need_w2) = ctx.needs_input_grad[:2], ctx.needs_input_grad[5:7]
+        gate_N1 = gate_N[:, None]
 
-        dy_ND = grad_y_TD.to(x_TD.dtype)[token_ids_N]
+        dy_ND = _gather(grad_y_TD.to(x_TD.dtype), token_ids_N)
         dout_NF = grouped_mm(dy_ND, w2.transpose(1, 2), segments)  # dy W2^T: dL/da = gate * this
-        silu_NF = F.silu(h1_NF) if ctx.activation == "swiglu" else None
-        a_NF = silu_NF * h3_NF if silu_NF is not None else F.gelu(h1_NF)
-        grad_gate_N = (dout_NF * a_NF).sum(dim=1) if need_gate else None  # <dy W2^T, a> = <dy, out>
-        grad_w2 = grouped_mm_weight_grad(a_NF.mul_(gate_N[:, None]), dy_ND, segments) if need_w2 else None
-        del a_NF, dy_ND
-        da_NF = dout_NF.mul_(gate_N[:, None])
-        if silu_NF is not None and torch.compiler.is_compiling():  # no out= into views there; the cat is fused
-            dh3_NF = da_NF * silu_NF
-            dh_NH = torch.cat([torch.ops.aten.silu_backward(da_NF.mul_(h3_NF), h1_NF), dh3_NF], dim=1)
-        elif silu_NF is not None:  # the two halves written side by side, as the fused first projection wants them
-            dh_NH = h_NH.new_empty(h_NH.shape)
-            dh1_NF, dh3_NF = _split(dh_NH, w1)
-            torch.mul(da_NF, silu_NF, out=dh3_NF)
-            torch.ops.aten.silu_backward.grad_input(da_NF.mul_(h3_NF), h1_NF, grad_input=dh1_NF)
-        else:
-            dh_NH = torch.ops.aten.gelu_backward(da_NF, h1_NF)
-        del da_NF, silu_NF
-        grad_x = grad_w1 = grad_v1 = None
-        if need_w1 or need_v1:
-            # x_ND re-gathered instead of kept
-            grad_w1, grad_v1 = _split(grouped_mm_weight_grad(x_TD[token_ids_N], dh_NH, segments), w1)
+        a_NF = _activation(ctx.activation, h_NH)
+        dh_NH = h_NH.new_empty(h_NH.shape)  # its first F columns hold scratch until dL/dh is written
+        grad_gate_N = None
+        if need_gate:  # <dy W2^T, a> = <dy, out>
+            scratch_NF = dout_NF * a_NF if torch.compiler.is_compiling() else torch.mul(
+                dout_NF, a_NF, out=dh_NH[:, : a_NF.shape[1]]
+            )
+            grad_gate_N = scratch_NF.sum(dim=1)
+        grad_w2 = None
+        if need_w2:  # sum_n a_n^T gate_n dy_n; the gate scales the narrower of a and dy (dy's values are done after)
+            if a_NF.shape[1] <= dy_ND.shape[1]:
+                grad_w2 = grouped_mm_weight_grad(a_NF.mul_(gate_N1), dy_ND, segments)
+            else:
+                grad_w2 = grouped_mm_weight_grad(a_NF, dy_ND.mul_(gate_N1), segments)
+        del a_NF
+        dh_NH = _activation_backward(ctx.activation, dout_NF.mul_(gate_N1), h_NH, dh_NH)
+        del dout_NF
+        grad_x = grad_w1 = None
+        if need_w1:
+            x_ND = _gather(x_TD, token_ids_N, out=dy_ND)  # re-gathered instead of kept
+            grad_w1 = grouped_mm_weight_grad(x_ND, dh_NH, segments)
         if need_x:
-            dx_ND = grouped_mm(dh_NH, _first_projection(w1, v1).transpose(1, 2), segments)
+            dx_ND = grouped_mm(dh_NH, w1.transpose(1, 2), segments, out=dy_ND)
             grad_x = torch.zeros_like(x_TD).index_add_(0, token_ids_N, dx_ND)
-        return grad_x, grad_gate_N, None, None, None, grad_w1, grad_v1, grad_w2, None
+        return grad_x, grad_gate_N, None, None, None, grad_w1, grad_w2, None
 
 
 def gather_ffn_combine(
@@ -124,13 +147,13 @@ def gather_ffn_combine(
     token_ids_N: Tensor,
     tokens_per_expert_E: Tensor,
     activation: str,
-    weights: tuple[Tensor, Tensor | None, Tensor],
+    weights: tuple[Tensor, Tensor],
     return_outputs: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """:class:`GatherFFNCombine` on pairs sorted by expert; ``weights`` = (w1, v1, w2) in x's dtype."""
-    w1, v1, w2 = weights
+    """:class:`GatherFFNCombine` on pairs sorted by expert; ``weights`` = (w1, w2) in x's dtype."""
+    w1, w2 = weights
     return GatherFFNCombine.apply(
-        x_TD, gate_N.to(x_TD.dtype), token_ids_N, tokens_per_expert_E, activation, w1, v1, w2, return_outputs
+        x_TD, gate_N.to(x_TD.dtype), token_ids_N, tokens_per_expert_E, activation, w1, w2, return_outputs
     )
 
 

@@ -49,11 +49,9 @@ def grouped_ffn(experts: Experts, x_ND: Tensor, tokens_per_expert_E: Tensor) -> 
     ``tokens_per_expert_E`` has one entry per expert held in ``experts``' parameters (all
     of them, or an expert-parallel rank's own); the result is [N, D] in the rows' order.
     """
-    w1, v1, w2 = experts.expert_weights(x_ND.dtype)
+    w1, w2 = experts.expert_weights(x_ND.dtype)
     segments = Segments(tokens_per_expert_E, x_ND.shape[0])
-    h1 = grouped_mm(x_ND, w1, segments)
-    h3 = None if v1 is None else grouped_mm(x_ND, v1, segments)
-    return grouped_mm(experts.activate(h1, h3), w2, segments)
+    return grouped_mm(experts.activate(grouped_mm(x_ND, w1, segments)), w2, segments)
 
 
 def combine_pairs(

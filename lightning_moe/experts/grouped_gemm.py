@@ -1,10 +1,20 @@
 """The grouped GEMM seam of the ``"torch"`` backend: the one place to swap in another kernel.
 
 :func:`grouped_mm` multiplies each expert's contiguous segment of rows by that expert's
-weight and :func:`grouped_mm_weight_grad` gives the weight gradient; both run
-``torch._grouped_mm`` (through custom operators, so ``torch.compile`` traces them) where its
-dtype and alignment rules allow, else one matmul per segment (:class:`Segments` reads the
-segment sizes to the host once for all projections).
+weight and :func:`grouped_mm_weight_grad` gives the weight gradient. Which kernel runs:
+
+* CUDA: ``torch._grouped_mm`` where its dtype and alignment rules allow (sm90, bf16),
+  with the segment offsets on the device, so no host synchronisation;
+* CPU, and CUDA cases ``torch._grouped_mm`` does not take: one ``torch.mm`` per segment
+  (:class:`Segments` reads the segment sizes to the host once for all projections). On
+  CPU that is what ``torch._grouped_mm`` does too, but the per-segment form writes each
+  product straight into a slice of one output (``out=``), which the fused FFN uses to
+  reuse buffers instead of allocating (and page-faulting) new ones; it measured at least
+  as fast as ``torch._grouped_mm`` at every shape of ``benchmarks/moe_layer.py``.
+
+Compiled code reaches both through two custom operators (their shapes declared here, as
+torch's meta for ``_grouped_mm`` takes bf16 only), which also give the unfused path
+(expert parallelism) its autograd.
 """
 
 from __future__ import annotations
@@ -13,18 +23,15 @@ import torch
 from torch import Tensor
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: Devices where the per-segment matmul runs even where ``torch._grouped_mm`` would take the input.
+PER_SEGMENT_DEVICES = ("cpu",)
 
 
-def _grouped_mm_supported(x_ND: Tensor, w_EAB: Tensor) -> bool:
-    """``torch._grouped_mm`` needs a supported dtype and 16-byte aligned row strides."""
-    return _grouped_mm_supports(x_ND, w_EAB.shape[1], w_EAB.shape[2])
-
-
-def _grouped_mm_supports(x_ND: Tensor, *widths: int) -> bool:
-    """Whether ``torch._grouped_mm`` takes rows ``x_ND`` with per-expert matrices of these widths."""
-    if not hasattr(torch, "_grouped_mm") or x_ND.dtype not in _GROUPED_MM_DTYPES:
+def uses_grouped_kernel(x_ND: Tensor, *widths: int) -> bool:
+    """Whether rows ``x_ND`` times per-expert matrices of these widths run on ``torch._grouped_mm``."""
+    if x_ND.device.type in PER_SEGMENT_DEVICES or not hasattr(torch, "_grouped_mm"):
         return False
-    if x_ND.shape[0] == 0:  # its backward rejects empty inputs (an expert-parallel rank may receive no rows)
+    if x_ND.dtype not in _GROUPED_MM_DTYPES or x_ND.shape[0] == 0:  # its backward rejects empty inputs
         return False
     if x_ND.device.type == "cuda":
         # The CUDA kernel is the sm90 CUTLASS one, bf16 only.
@@ -32,7 +39,7 @@ def _grouped_mm_supports(x_ND: Tensor, *widths: int) -> bool:
             return False
     elif x_ND.device.type != "cpu":
         return False
-    align = 16 // x_ND.element_size()
+    align = 16 // x_ND.element_size()  # 16-byte aligned row strides
     return all(width % align == 0 for width in (x_ND.shape[1], *widths))
 
 
@@ -40,9 +47,9 @@ class Segments:
     """The per-expert segments of rows sorted by expert, in the form each kernel takes.
 
     ``torch._grouped_mm`` takes the segments' end offsets on the device; the per-segment
-    fallback splits the rows, which needs the sizes on the host. Those are read at most
-    once per FFN (the fallback's one host synchronisation, shared by its three matmuls
-    and their backward), and not at all when there are no rows.
+    matmul needs the sizes on the host. Those are read at most once per FFN (one host
+    synchronisation on CUDA, shared by its three matmuls and their backward), and not at
+    all when there are no rows.
     """
 
     def __init__(self, tokens_per_expert_E: Tensor | None, num_rows: int) -> None:
@@ -63,7 +70,7 @@ class Segments:
         return self._offsets_E
 
     def cached_sizes(self) -> list[int] | None:
-        """The host-side sizes if a fallback matmul has read them, else None."""
+        """The host-side sizes if a per-segment matmul has read them, else None."""
         return self._sizes
 
     def sizes(self) -> list[int]:
@@ -75,35 +82,45 @@ class Segments:
         return self._sizes
 
 
-def grouped_mm(x_ND: Tensor, w_EAB: Tensor, segments: Segments) -> Tensor:
+def grouped_mm(x_ND: Tensor, w_EAB: Tensor, segments: Segments, out: Tensor | None = None) -> Tensor:
     """Rows of ``x_ND`` sorted by expert, segment e multiplied by ``w_EAB[e]`` -> [N, B].
 
-    With :func:`grouped_mm_weight_grad` the one seam to swap in another grouped GEMM.
+    ``out`` ([N, B], contiguous, not overlapping ``x_ND``) is written and returned when the
+    per-segment matmul runs outside autograd and compilation; otherwise a new tensor is
+    returned. With :func:`grouped_mm_weight_grad` the one seam to swap in another grouped GEMM.
     """
-    if _grouped_mm_supported(x_ND, w_EAB):
-        if torch.compiler.is_compiling():
-            return torch.ops.lightning_moe.grouped_mm(x_ND, w_EAB, segments.offsets())
+    if torch.compiler.is_compiling():
+        return torch.ops.lightning_moe.grouped_mm(x_ND, w_EAB, segments.offsets())
+    if uses_grouped_kernel(x_ND, w_EAB.shape[1], w_EAB.shape[2]):
         return torch._grouped_mm(x_ND, w_EAB, offs=segments.offsets())
-    # Every expert runs, also on no rows: its weights then get an exact zero gradient.
-    return torch.cat([seg @ w_EAB[e] for e, seg in enumerate(x_ND.split(segments.sizes()))])
+    parts = zip(x_ND.split(segments.sizes()), w_EAB)
+    if torch.is_grad_enabled() and (x_ND.requires_grad or w_EAB.requires_grad):
+        # Recorded by autograd (the unfused path): every expert runs, also on no rows, so
+        # its weights get an exact zero gradient.
+        return torch.cat([seg_nA @ w_AB for seg_nA, w_AB in parts])
+    if out is None:
+        out = x_ND.new_empty(x_ND.shape[0], w_EAB.shape[2])
+    for (seg_nA, w_AB), out_nB in zip(parts, out.split(segments.sizes())):
+        torch.mm(seg_nA, w_AB, out=out_nB)
+    return out
 
 
 def grouped_mm_weight_grad(x_NA: Tensor, grad_NB: Tensor, segments: Segments) -> Tensor:
     """The gradient of :func:`grouped_mm`'s weights: segment e's ``x^T @ grad`` -> [E, A, B] (0 for empty segments)."""
-    if _grouped_mm_supports(x_NA, grad_NB.shape[1]):
-        if torch.compiler.is_compiling():
-            return torch.ops.lightning_moe.grouped_mm_weight_grad(x_NA, grad_NB, segments.offsets())
+    if torch.compiler.is_compiling():
+        return torch.ops.lightning_moe.grouped_mm_weight_grad(x_NA, grad_NB, segments.offsets())
+    if uses_grouped_kernel(x_NA, grad_NB.shape[1]):
         return torch._grouped_mm(x_NA.t(), grad_NB, offs=segments.offsets())
     sizes = segments.sizes()
-    return torch.stack([a.t() @ g for a, g in zip(x_NA.split(sizes), grad_NB.split(sizes))])
+    grad_EAB = x_NA.new_empty(len(sizes), x_NA.shape[1], grad_NB.shape[1])
+    for x_nA, g_nB, grad_AB in zip(x_NA.split(sizes), grad_NB.split(sizes), grad_EAB):
+        torch.mm(x_nA.t(), g_nB, out=grad_AB)  # an empty segment writes zeros
+    return grad_EAB
 
 
-# torch.compile traces ``torch._grouped_mm`` with a meta function that accepts bf16 only
-# (torch 2.13), so compiled code calls it through these two operators, whose shapes are
-# declared here; eager code calls it directly.
 @torch.library.custom_op("lightning_moe::grouped_mm", mutates_args=())
 def _grouped_mm_op(x_ND: Tensor, w_EAB: Tensor, offsets_E: Tensor) -> Tensor:
-    return torch._grouped_mm(x_ND, w_EAB, offs=offsets_E)
+    return grouped_mm(x_ND, w_EAB, Segments.known(offsets_E, x_ND.shape[0], None))
 
 
 @_grouped_mm_op.register_fake
@@ -113,7 +130,7 @@ def _(x_ND: Tensor, w_EAB: Tensor, offsets_E: Tensor) -> Tensor:
 
 @torch.library.custom_op("lightning_moe::grouped_mm_weight_grad", mutates_args=())
 def _grouped_mm_weight_grad_op(x_NA: Tensor, grad_NB: Tensor, offsets_E: Tensor) -> Tensor:
-    return torch._grouped_mm(x_NA.t(), grad_NB, offs=offsets_E)
+    return grouped_mm_weight_grad(x_NA, grad_NB, Segments.known(offsets_E, x_NA.shape[0], None))
 
 
 @_grouped_mm_weight_grad_op.register_fake
@@ -131,5 +148,5 @@ def _grouped_mm_op_backward(ctx, grad_NB: Tensor):
     return grad_x, _grouped_mm_weight_grad_op(x_ND, grad_NB, offsets_E), None
 
 
-# Autograd for the unfused path (expert parallelism); the fused path has its own backward.
+# Autograd for compiled unfused code (expert parallelism); the fused path has its own backward.
 _grouped_mm_op.register_autograd(_grouped_mm_op_backward, setup_context=_grouped_mm_op_setup)

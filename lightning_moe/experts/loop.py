@@ -16,7 +16,7 @@ def loop_experts(
 ) -> tuple[Tensor, ExpertStats]:
     dtype = compute_dtype(x_TD)
     x_TD = x_TD.to(dtype)
-    w1, v1, w2 = experts.expert_weights(dtype)
+    w1, w2 = experts.expert_weights(dtype)
     y_TD = torch.zeros_like(x_TD)
     top_k = indices_TK.shape[1]
     tokens_per_expert = count_per_expert(indices_TK, experts.num_experts)
@@ -31,8 +31,7 @@ def loop_experts(
     for e, pairs_n in enumerate(pairs_by_expert):
         tokens, slots = pairs_n // top_k, pairs_n % top_k
         x_nD = x_TD[tokens]
-        h = experts.activate(x_nD @ w1[e], None if v1 is None else x_nD @ v1[e])
-        out_nD = h @ w2[e]
+        out_nD = experts.activate(x_nD @ w1[e]) @ w2[e]
         gate_n = weights_TK[tokens, slots].to(dtype)
         y_TD = y_TD.index_add(0, tokens, out_nD * gate_n[:, None])
         token_ids.append(tokens), slot_ids.append(slots), outputs.append(out_nD)

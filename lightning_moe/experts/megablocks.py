@@ -11,7 +11,8 @@ routing weights. What differs from MegaBlocks' own layer:
   runs on this backend; MegaBlocks' router, its ``Arguments`` and its process-global
   load-balancing loss list are not used (balancing losses live in ``lightning_moe.losses``);
 * the expert weights are the :class:`~lightning_moe.experts.Experts` parameters
-  themselves: ``w1``/``v1`` [E, D, F] and ``w2`` [E, F, D] are exactly ``gmm``'s ``b``
+  themselves: ``w1`` [E, D, 2F] (SwiGLU's gate and up side by side, one ``gmm``) and
+  ``w2`` [E, F, D] are exactly ``gmm``'s ``b``
   operand with ``trans_b=False``, so nothing is copied or re-laid out and checkpoints
   are interchangeable with the CPU backends.
 
@@ -152,22 +153,17 @@ class MegaBlocksDispatch:
     def ffn(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
         if x_ND.shape[0] == 0:  # an expert-parallel rank that receives no rows: nothing for gmm to do
             return grouped_ffn(self.experts, x_ND, tokens_per_expert_E)
-        w1, v1, w2 = self.experts.expert_weights(self.dtype)
+        w1, w2 = self.experts.expert_weights(self.dtype)
         # gmm takes the segment sizes on the host: this backend's one host synchronisation per
         # forward, inherent to grouped_gemm (its backward reuses the same host tensor).
         batch_sizes_E = tokens_per_expert_E.cpu()
         empty_E = batch_sizes_E == 0
         if empty_E.any():
             empty_experts = empty_E.nonzero().squeeze(1).to(x_ND.device)
-            w1, v1, w2 = (
-                w if w is None or not w.requires_grad else _zero_grad_of_empty_experts(w, empty_experts)
-                for w in (w1, v1, w2)
-            )
+            w1, w2 = (w if not w.requires_grad else _zero_grad_of_empty_experts(w, empty_experts) for w in (w1, w2))
         with self._no_autocast():
-            x_ND = x_ND.contiguous()
-            h1_NF = self.kernels.gmm(x_ND, w1, batch_sizes_E)
-            h3_NF = None if v1 is None else self.kernels.gmm(x_ND, v1, batch_sizes_E)
-            return self.kernels.gmm(self.experts.activate(h1_NF, h3_NF), w2, batch_sizes_E)
+            h_NH = self.kernels.gmm(x_ND.contiguous(), w1, batch_sizes_E)  # gate and up side by side for SwiGLU
+            return self.kernels.gmm(self.experts.activate(h_NH), w2, batch_sizes_E)
 
     def combine(self, out_ND: Tensor, weights_TK: Tensor, return_output_sums: bool) -> tuple[Tensor, ExpertStats]:
         with self._no_autocast():

@@ -4,9 +4,8 @@ Shape legend: D model width, F expert hidden width, E experts.
 
 Layouts: Hugging Face keeps ``gate_up_proj`` [E, 2F, D] (gate rows first) and
 ``down_proj`` [E, D, F] and computes ``linear(x, W) = x W^T``; :class:`~lightning_moe.Experts`
-keeps ``w1``/``v1`` [E, D, F] and ``w2`` [E, F, D] and computes ``x @ W``. So
-``w1 = gate_up_proj[:, :F].T``, ``v1 = gate_up_proj[:, F:].T``, ``w2 = down_proj.T`` (per
-expert), and the router's ``weight`` [E, D] is shared as is. Conversion runs block by
+keeps ``w1`` [E, D, 2F] (gate columns first) and ``w2`` [E, F, D] and computes ``x @ W``.
+So ``w1 = gate_up_proj.T``, ``w2 = down_proj.T`` (per expert), and the router's ``weight`` [E, D] is shared as is. Conversion runs block by
 block and frees each original tensor as soon as its copy exists, so a large model is
 never held twice: at most about two thirds of one block's experts exist twice at once.
 """
@@ -131,11 +130,10 @@ def _convert_block(
     layer = _new_layer(spec, estimator, args, backend, experts.gate_up_proj.device)
     router = getattr(block, spec.router_name)
     layer.router.weight = _take(router, "weight")
-    ours, f = layer.experts, spec.ffn_hidden
+    ours = layer.experts
     gate_up = _take(experts, "gate_up_proj")
-    ours.w1 = _parameter(gate_up[:, :f].transpose(1, 2).contiguous(), gate_up)
-    ours.v1 = _parameter(gate_up[:, f:].transpose(1, 2).contiguous(), gate_up)
-    del gate_up  # freed here: its copies exist, nothing else refers to it
+    ours.w1 = _parameter(gate_up.transpose(1, 2).contiguous(), gate_up)
+    del gate_up  # freed here: its copy exists, nothing else refers to it
     down = _take(experts, "down_proj")
     ours.w2 = _parameter(down.transpose(1, 2).contiguous(), down)
     del down
@@ -233,9 +231,9 @@ def _restore_block(block: HFMoEBlock) -> nn.Module:
         raise ConfigError("to_hf needs every expert in this process; gather the expert-parallel shards first")
     setattr(getattr(shell, spec.router_name), "weight", _take(layer.router, "weight"))
     ours = layer.experts
-    w1, v1 = _take(ours, "w1"), _take(ours, "v1")
-    shell.experts.gate_up_proj = _parameter(torch.cat([w1.transpose(1, 2), v1.transpose(1, 2)], dim=1), w1)
-    del w1, v1
+    w1 = _take(ours, "w1")
+    shell.experts.gate_up_proj = _parameter(w1.transpose(1, 2).contiguous(), w1)
+    del w1
     w2 = _take(ours, "w2")
     shell.experts.down_proj = _parameter(w2.transpose(1, 2).contiguous(), w2)
     del w2
