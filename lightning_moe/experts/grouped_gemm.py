@@ -27,9 +27,14 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PER_SEGMENT_DEVICES = ("cpu",)
 
 
+def on_per_segment_device(x: Tensor) -> bool:
+    """Whether ``x`` is on a device of :data:`PER_SEGMENT_DEVICES`."""
+    return x.device.type in PER_SEGMENT_DEVICES
+
+
 def uses_grouped_kernel(x_ND: Tensor, *widths: int) -> bool:
     """Whether rows ``x_ND`` times per-expert matrices of these widths run on ``torch._grouped_mm``."""
-    if x_ND.device.type in PER_SEGMENT_DEVICES or not hasattr(torch, "_grouped_mm"):
+    if on_per_segment_device(x_ND) or not hasattr(torch, "_grouped_mm"):
         return False
     if x_ND.dtype not in _GROUPED_MM_DTYPES or x_ND.shape[0] == 0:  # its backward rejects empty inputs
         return False
