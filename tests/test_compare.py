@@ -235,9 +235,11 @@ def test_every_configuration_of_a_study_recipe_builds(study, tmp_path):
 
         base = Path(__file__).parents[1] / spec["base"]
         common = {"model.pretrained": build_tiny_model("olmoe", str(tmp_path / "tiny"), vocab_size=320)}
+        common.update({key: 5 for key in spec.get("seed_keys", [])})
         for configuration in spec["configurations"]:
-            args = run_arguments(str(base), tmp_path / "run", 0, Configuration(**configuration), common)
+            args = run_arguments(str(base), tmp_path / "run", 5, Configuration(**configuration), common)
             cli = LightningCLI(None, None, run=False, args=args[1:])
+            assert "data.seed" not in spec.get("seed_keys", []) or cli.datamodule.seed == 5
             assert cli.model.hparams.estimator == configuration["overrides"]["model.estimator"]
             assert type(moe_layers(cli.model)[0][1].estimator).__name__.lower().replace("_", "") == (
                 configuration["overrides"]["model.estimator"].replace("_", "")
@@ -463,3 +465,24 @@ def test_a_run_with_a_bad_configuration_is_recorded_in_one_line(tmp_path, capsys
     err = capsys.readouterr().err
     assert "failed: error: `moe.top_k`" in err and "Traceback" not in err
     assert "Traceback" in (tmp_path / "out" / "runs" / "bad" / "seed_0" / "failed.txt").read_text()
+
+
+def test_seed_keys_give_each_run_its_seed(tmp_path, monkeypatch):
+    jobs_seen = []
+
+    def record_jobs(jobs):
+        jobs_seen.extend(jobs)
+        return [{"status": "failed", "error": "not trained here"} for _ in jobs]
+
+    monkeypatch.setattr(lightning_moe.study.command, "_run_in_process", record_jobs)
+    study = _study(tmp_path)
+    compare(
+        [Configuration("topk")], base=study["base"], seeds=[3, 4], steps=2, output_dir=str(tmp_path / "out"),
+        seed_keys=["data.seed"], devices=None,
+    )
+    assert [(job.seed, [a for a in job.args if a.startswith("--data.seed=")]) for job in jobs_seen] == [
+        (3, ["--data.seed=3"]),
+        (4, ["--data.seed=4"]),
+    ]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "`seed_everything`, `data.seed`" in report and "the same in every run" not in report

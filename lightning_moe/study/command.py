@@ -49,6 +49,7 @@ def compare(
     num_threads: int | None = None,
     devices: int | list[int] | str | None = "auto",
     report_only: bool = False,
+    seed_keys: list[str] | None = None,
 ) -> dict[str, Any]:
     """Train ``base`` with every configuration and seed, then write the comparison report.
 
@@ -80,6 +81,9 @@ def compare(
             once; give them ``num_threads`` so they do not oversubscribe the cores. Each run's
             record says which device it ran on (``device``, ``cuda_visible_devices``).
         report_only: do not train; report on the runs already finished.
+        seed_keys: recipe keys that also take each run's seed, e.g. ``[data.seed]`` to vary
+            the data order by seed when ``seed_everything`` alone changes nothing (a
+            post-trained model starts from the same weights in every run).
 
     Returns the contents of ``results.json``.
     """
@@ -122,7 +126,8 @@ def compare(
     for seed in seeds:
         for configuration in configurations:
             run_dir = out / "runs" / configuration.name / f"seed_{seed}"
-            args = run_arguments(str(base_config), run_dir, seed, configuration, common)
+            seeded = {**common, **{key: seed for key in seed_keys or []}}
+            args = run_arguments(str(base_config), run_dir, seed, configuration, seeded)
             jobs.append(_Job(configuration.name, seed, run_dir, args))
     if report_only:
         done = [job.run_dir / "done.json" for job in jobs]
@@ -163,6 +168,7 @@ def compare(
         "base": str(base if isinstance(base, str) else base_config),
         "overrides": common,
         "seeds": list(seeds),
+        "seed_keys": list(seed_keys or []),
         "reference": reference,
         "pairs": [list(pair) for pair in pairs],
         "corpus": source,

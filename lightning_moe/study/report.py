@@ -151,10 +151,7 @@ def _markdown(
         "",
         f"- command: `{study['command']}`",
         f"- base recipe: `{study['base']}`; shared overrides: `{json.dumps(study['overrides'])}`",
-        (
-            f"- seeds {study['seeds']} (`seed_everything`: initialisation and routing noise; paired, every"
-            " configuration runs every seed; the data split and order are the recipe's, the same in every run)"
-        ),
+        _seeds_line(study),
         f"- runs finished: {sum(r['status'] == 'done' for r in runs)} of {len(runs)}",
         f"- reference: `{reference}`; its mean final validation loss is "
         + (f"{target:.4f}" if target is not None else "not available"),
@@ -322,3 +319,16 @@ def write_report(output_dir: Path, results: dict[str, Any], names: list[str]) ->
     _write_csv(output_dir / "summary.csv", [_summary_row(n, summary[n]) for n in names if n in summary])
     markdown = _markdown(results["study"], runs, results["target_val_loss"], summary, results["pairs"], plots)
     (output_dir / "report.md").write_text(markdown)
+
+
+def _seeds_line(study: dict[str, Any]) -> str:
+    keys = study.get("seed_keys") or []
+    seeded = "".join(f", `{key}`" for key in keys)
+    data = (
+        "" if any(key.startswith("data.") for key in keys)
+        else "; the data split and order are the recipe's, the same in every run"
+    )
+    return (
+        f"- seeds {study['seeds']} (`seed_everything`{seeded}: initialisation, routing noise"
+        f"{' and what those keys seed' if keys else ''}; paired, every configuration runs every seed{data})"
+    )
