@@ -86,10 +86,11 @@ def _activation_backward(name: str, da_NF: Tensor, h_NH: Tensor, silu_NF: Tensor
 
 
 def _gate_gradient(dout_nF: Tensor, a_nF: Tensor, scratch_nF: Tensor) -> Tensor:
-    """<dy W2^T, a> per row (= <dy, out>, SonicMoE), the product kept in ``scratch_nF`` in eager code."""
+    """dy W2^T * a, whose row sums are the gate gradient <dy W2^T, a> = <dy, out> (SonicMoE); kept in
+    ``scratch_nF`` in eager code."""
     if torch.compiler.is_compiling():
-        return (dout_nF * a_nF).sum(dim=1)
-    return torch.mul(dout_nF, a_nF, out=scratch_nF).sum(dim=1)
+        return dout_nF * a_nF
+    return torch.mul(dout_nF, a_nF, out=scratch_nF)
 
 
 class _ExpertRows:
@@ -101,12 +102,19 @@ class _ExpertRows:
     """
 
     def __init__(self, segments: Segments, x_TD: Tensor) -> None:
-        sizes = segments.sizes()
-        self.bounds = list(zip(itertools.accumulate([0, *sizes[:-1]]), itertools.accumulate(sizes)))
-        self.scratch_RD = x_TD.new_empty(max(sizes, default=0), x_TD.shape[1])
+        self.sizes = segments.sizes()
+        self.scratch_RD = x_TD.new_empty(max(self.sizes, default=0), x_TD.shape[1])
+
+    def split(self, tensor_N: Tensor) -> tuple[Tensor, ...]:
+        """Each expert's rows of an [N, ...] tensor (views), split once rather than sliced per expert."""
+        return tensor_N.split(self.sizes)
+
+    def scratch(self, ids_n: Tensor) -> Tensor:
+        """The shared [rows, D] buffer, as many rows as ``ids_n``."""
+        return self.scratch_RD[: ids_n.shape[0]]
 
     def gather(self, x_TD: Tensor, ids_n: Tensor) -> Tensor:
-        return torch.index_select(x_TD, 0, ids_n, out=self.scratch_RD[: ids_n.shape[0]])
+        return torch.index_select(x_TD, 0, ids_n, out=self.scratch(ids_n))
 
 
 def _per_expert(x_TD: Tensor) -> bool:
@@ -177,11 +185,12 @@ def _forward_per_expert(x_TD, gate_N, token_ids_N, segments, activation, w1_EDH,
     h_NH = x_TD.new_empty(token_ids_N.shape[0], w1_EDH.shape[2])
     out_ND = x_TD.new_empty(token_ids_N.shape[0], x_TD.shape[1]) if return_outputs else None
     y_TD = torch.zeros_like(x_TD)
-    for e, (lo, hi) in enumerate(rows.bounds):
-        ids_n, gate_n1 = token_ids_N[lo:hi], gate_N[lo:hi, None]
+    per_expert = zip(rows.split(token_ids_N), rows.split(gate_N[:, None]), rows.split(h_NH), w1_EDH, w2_EFD)
+    outputs = rows.split(out_ND) if return_outputs else itertools.repeat(None)
+    for (ids_n, gate_n1, h_nH, w1_DH, w2_FD), out_nD in zip(per_expert, outputs):
         x_nD = rows.gather(x_TD, ids_n)
-        h_nH = torch.mm(x_nD, w1_EDH[e], out=h_NH[lo:hi])
-        out_nD = torch.mm(_activation(activation, h_nH), w2_EFD[e], out=x_nD if out_ND is None else out_ND[lo:hi])
+        torch.mm(x_nD, w1_DH, out=h_nH)
+        out_nD = torch.mm(_activation(activation, h_nH), w2_FD, out=x_nD if out_nD is None else out_nD)
         y_TD.index_add_(0, ids_n, out_nD * gate_n1 if return_outputs else out_nD.mul_(gate_n1))
     return y_TD, out_ND, h_NH
 
@@ -192,23 +201,24 @@ def _backward_per_expert(grad_y_TD, x_TD, gate_N, token_ids_N, segments, activat
     rows = _ExpertRows(segments, x_TD)
     grad_x = torch.zeros_like(x_TD) if need_x else None
     grad_gate_N = gate_N.new_empty(gate_N.shape) if need_gate else None
+    grad_gate_n = rows.split(grad_gate_N) if need_gate else None
     grad_w1 = torch.empty_like(w1) if need_w1 else None
     grad_w2 = torch.empty_like(w2) if need_w2 else None
-    for e, (lo, hi) in enumerate(rows.bounds):
-        ids_n, gate_n1, h_nH = token_ids_N[lo:hi], gate_N[lo:hi, None], h_NH[lo:hi]
+    per_expert = zip(rows.split(token_ids_N), rows.split(gate_N[:, None]), rows.split(h_NH), w1, w2)
+    for e, (ids_n, gate_n1, h_nH, w1_DH, w2_FD) in enumerate(per_expert):
         dy_nD = rows.gather(grad_y_TD, ids_n)
-        dout_nF = torch.mm(dy_nD, w2[e].t())
+        dout_nF = torch.mm(dy_nD, w2_FD.t())
         a_nF, silu_nF = _recomputed_activation(activation, h_nH)
         dh_nH = torch.empty_like(h_nH)
         if need_gate:
-            grad_gate_N[lo:hi] = _gate_gradient(dout_nF, a_nF, dh_nH[:, : a_nF.shape[1]])
+            torch.sum(_gate_gradient(dout_nF, a_nF, dh_nH[:, : a_nF.shape[1]]), dim=1, out=grad_gate_n[e])
         if need_w2:
             torch.mm(a_nF.t(), dy_nD.mul_(gate_n1), out=grad_w2[e])
         dh_nH = _activation_backward(activation, dout_nF.mul_(gate_n1), h_nH, silu_nF, dh_nH)
         if need_w1:
             torch.mm(rows.gather(x_TD, ids_n).t(), dh_nH, out=grad_w1[e])  # re-gathered instead of kept
         if need_x:
-            grad_x.index_add_(0, ids_n, torch.mm(dh_nH, w1[e].t(), out=rows.scratch_RD[: hi - lo]))
+            grad_x.index_add_(0, ids_n, torch.mm(dh_nH, w1_DH.t(), out=rows.scratch(ids_n)))
     return grad_x, grad_gate_N, grad_w1, grad_w2
 
 
@@ -220,7 +230,7 @@ def _backward_grouped(grad_y_TD, x_TD, gate_N, token_ids_N, segments, activation
     dout_NF = grouped_mm(dy_ND, w2.transpose(1, 2), segments)  # dy W2^T: dL/da = gate * this
     a_NF, silu_NF = _recomputed_activation(activation, h_NH)
     dh_NH = h_NH.new_empty(h_NH.shape)  # its first F columns hold scratch until dL/dh is written
-    grad_gate_N = _gate_gradient(dout_NF, a_NF, dh_NH[:, : a_NF.shape[1]]) if need_gate else None
+    grad_gate_N = _gate_gradient(dout_NF, a_NF, dh_NH[:, : a_NF.shape[1]]).sum(dim=1) if need_gate else None
     grad_w2 = None
     if need_w2:  # sum_n a_n^T gate_n dy_n; the gate scales the narrower of a and dy (dy's values are done after)
         if a_NF.shape[1] <= dy_ND.shape[1]:
