@@ -3,11 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
-from lightning_moe.experts import Experts
-from lightning_moe.experts import grouped_gemm
-
 from helpers import routing_cases, run_backend
+
+from lightning_moe.experts import Experts, grouped_gemm
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
