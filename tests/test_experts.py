@@ -3,9 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import routing_cases, run_backend
 
 from lightning_moe.experts import Experts, grouped_gemm
+
+from helpers import routing_cases, run_backend
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])

@@ -29,7 +29,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import FakeKernels
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -38,6 +37,8 @@ from lightning_moe import MoELayer, available_estimators
 from lightning_moe.callbacks import LoadBalancingLoss, RouterZLoss
 from lightning_moe.experts import grouped_gemm
 from lightning_moe.model import MoETransformer, TransformerConfig
+
+from helpers import FakeKernels
 
 # aten ops that synchronise with the host on CUDA, with how many times.
 _SYNCING_OPS = {
