@@ -4,15 +4,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_moe.experts import Experts, grouped_gemm
+from lightning_moe.experts import Experts, fused, grouped_gemm
 
 from helpers import routing_cases, run_backend
 
 
+@pytest.mark.parametrize("block_rows", [2048, 5, 0])  # CPU: all experts in one block, some, one each
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("d_model,ffn_hidden", [(16, 32), (6, 10)])  # aligned: grouped GEMM; odd: fallback
 @pytest.mark.parametrize("case", list(routing_cases()), ids=lambda c: c[0])
-def test_torch_backend_matches_loop(case, activation, d_model, ffn_hidden):
+def test_torch_backend_matches_loop(case, activation, d_model, ffn_hidden, block_rows, monkeypatch):
+    monkeypatch.setattr(fused, "BLOCK_ROWS", block_rows)
     _, E, indices = case
     experts = Experts(d_model, ffn_hidden, E, activation=activation)
     T, K = indices.shape

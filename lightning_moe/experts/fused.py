@@ -17,19 +17,19 @@ backward (SonicMoE, arXiv 2512.14080, Sec. 3):
   dL/dgate_n = <dy_t, out_n> = <dy_t W2_e^T, a_n>, and dy_t W2_e^T is the product
   backward needs anyway for dL/da_n = gate_n * dy_t W2_e^T.
 
-Two schedules of the same steps:
+Two schedules of the same steps, every matmul through the grouped GEMM seam
+(:mod:`lightning_moe.experts.grouped_gemm`):
 
-* grouped (GPU, and compiled code): each step over all N rows at once, every matmul
-  through the grouped GEMM seam (:mod:`lightning_moe.experts.grouped_gemm`); eager code
-  writes results into [N, D] buffers it is done with (the gathered rows take the expert
-  outputs; in backward the gathered gradient rows take the re-gathered input, then the
-  input gradient);
-* per expert (CPU, eager): the whole chain on one expert's rows at a time with
-  ``torch.mm`` (:class:`_ExpertRows`). Its [rows, D] and [rows, F] tensors stay in the
-  caches and no [N, D] tensor is allocated; on CPU each fresh [N, D] buffer costs page
-  faults about as much as the pass that fills it. Forward+backward of the layer at T 4096,
-  d 512, fp32 on two cores took 0.94x (E8 k2 f1024) and 0.90x (E64 k8 f256) of the
-  grouped schedule's time (medians of interleaved rounds).
+* all rows at once (GPU, and compiled code): eager code writes results into [N, D]
+  buffers it is done with (the gathered rows take the expert outputs; in backward the
+  gathered gradient rows take the re-gathered input, then the input gradient);
+* a block of consecutive experts at a time (CPU, eager; :class:`_ExpertBlocks`): no
+  [N, D] tensor is allocated, and on CPU each fresh one costs page faults about as much
+  as the pass that fills it. Forward+backward of the layer at T 4096, d 512, fp32 on two
+  cores: one expert a block took 0.94x (E8 k2 f1024) and 0.90x (E64 k8 f256) of the
+  all-rows schedule's time; about 2048 rows a block then beat one expert a block
+  (1.31x vs 1.51x dense at E128 k8 f256; medians of interleaved rounds), most on a busy
+  machine, where every small parallel operation waits for a descheduled thread.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def _activation_backward(name: str, da_NF: Tensor, h_NH: Tensor, silu_NF: Tensor
     return dh_NH
 
 
-def _gate_gradient(dout_nF: Tensor, a_nF: Tensor, scratch_nF: Tensor) -> Tensor:
+def _gate_gradient_terms(dout_nF: Tensor, a_nF: Tensor, scratch_nF: Tensor) -> Tensor:
     """dy W2^T * a, whose row sums are the gate gradient <dy W2^T, a> = <dy, out> (SonicMoE); kept in
     ``scratch_nF`` in eager code."""
     if torch.compiler.is_compiling():
@@ -93,21 +93,37 @@ def _gate_gradient(dout_nF: Tensor, a_nF: Tensor, scratch_nF: Tensor) -> Tensor:
     return torch.mul(dout_nF, a_nF, out=scratch_nF)
 
 
-class _ExpertRows:
-    """Expert e's rows of the sorted pairs, run through its whole FFN chain at once (the CPU path).
+#: Rows per block of consecutive experts on the CPU path (a block holds at least one expert).
+BLOCK_ROWS = 2048
 
-    One expert's [rows, D] and [rows, F] tensors fit in the CPU caches, and the gathered rows
-    live in one scratch buffer that every expert reuses, so no [N, D] tensor is allocated
-    (on CPU each fresh one costs page faults about as much as the pass that fills it).
+
+class _ExpertBlocks:
+    """The sorted pairs' rows in blocks of consecutive experts, each block run through the whole chain at once.
+
+    The CPU path: a block's [rows, D] and [rows, F] tensors are small enough to be reused
+    from the allocator rather than mapped afresh, the gathered rows live in one scratch
+    buffer every block reuses (so no [N, D] tensor is allocated: on CPU each fresh one costs
+    page faults about as much as the pass that fills it), and with about BLOCK_ROWS rows a
+    block the elementwise steps run as a few large operations, not one per small expert.
     """
 
     def __init__(self, segments: Segments, x_TD: Tensor) -> None:
-        self.sizes = segments.sizes()
-        self.scratch_RD = x_TD.new_empty(max(self.sizes, default=0), x_TD.shape[1])
+        sizes = segments.sizes()
+        self.experts: list[slice] = []
+        self.row_counts: list[int] = []
+        first = rows = 0
+        for e, count in enumerate(sizes):
+            rows += count
+            if rows >= BLOCK_ROWS or e == len(sizes) - 1:
+                self.experts.append(slice(first, e + 1))
+                self.row_counts.append(rows)
+                first, rows = e + 1, 0
+        self.segments = [Segments.of_sizes(sizes[experts]) for experts in self.experts]
+        self.scratch_RD = x_TD.new_empty(max(self.row_counts, default=0), x_TD.shape[1])
 
     def split(self, tensor_N: Tensor) -> tuple[Tensor, ...]:
-        """Each expert's rows of an [N, ...] tensor (views), split once rather than sliced per expert."""
-        return tensor_N.split(self.sizes)
+        """Each block's rows of an [N, ...] tensor (views)."""
+        return tensor_N.split(self.row_counts)
 
     def scratch(self, ids_n: Tensor) -> Tensor:
         """The shared [rows, D] buffer, as many rows as ``ids_n``."""
@@ -118,7 +134,7 @@ class _ExpertRows:
 
 
 def _per_expert(x_TD: Tensor) -> bool:
-    """Whether the chain runs one expert's rows at a time (:class:`_ExpertRows`): CPU, eager."""
+    """Whether the chain runs a block of experts' rows at a time (:class:`_ExpertBlocks`): CPU, eager."""
     return on_per_segment_device(x_TD) and not torch.compiler.is_compiling()
 
 
@@ -128,7 +144,7 @@ class GatherFFNCombine(torch.autograd.Function):
     Returns ``(y_TD, out_ND)``: ``out_ND`` (the unweighted expert outputs, no gradient) only
     when ``return_outputs``, else None. Double backward is not supported. On the devices of
     :data:`~lightning_moe.experts.grouped_gemm.PER_SEGMENT_DEVICES` (CPU) each expert's rows
-    go through the chain on their own (:class:`_ExpertRows`); elsewhere, and in compiled code,
+    go through the chain a block of experts at a time (:class:`_ExpertBlocks`); elsewhere, and in compiled code,
     all rows go through each step at once on the grouped GEMM.
     """
 
@@ -180,45 +196,48 @@ class GatherFFNCombine(torch.autograd.Function):
 
 
 def _forward_per_expert(x_TD, gate_N, token_ids_N, segments, activation, w1_EDH, w2_EFD, return_outputs):
-    """The forward of :class:`GatherFFNCombine`, one expert's rows at a time: ``(y_TD, out_ND or None, h_NH)``."""
-    rows = _ExpertRows(segments, x_TD)
+    """The forward of :class:`GatherFFNCombine`, a block of experts at a time: ``(y_TD, out_ND or None, h_NH)``."""
+    blocks = _ExpertBlocks(segments, x_TD)
     h_NH = x_TD.new_empty(token_ids_N.shape[0], w1_EDH.shape[2])
     out_ND = x_TD.new_empty(token_ids_N.shape[0], x_TD.shape[1]) if return_outputs else None
     y_TD = torch.zeros_like(x_TD)
-    per_expert = zip(rows.split(token_ids_N), rows.split(gate_N[:, None]), rows.split(h_NH), w1_EDH, w2_EFD)
-    outputs = rows.split(out_ND) if return_outputs else itertools.repeat(None)
-    for (ids_n, gate_n1, h_nH, w1_DH, w2_FD), out_nD in zip(per_expert, outputs):
-        x_nD = rows.gather(x_TD, ids_n)
-        torch.mm(x_nD, w1_DH, out=h_nH)
-        out_nD = torch.mm(_activation(activation, h_nH), w2_FD, out=x_nD if out_nD is None else out_nD)
+    per_block = zip(blocks.experts, blocks.segments, blocks.split(token_ids_N), blocks.split(gate_N[:, None]),
+                    blocks.split(h_NH))
+    outputs = blocks.split(out_ND) if return_outputs else itertools.repeat(None)
+    for (experts, segs, ids_n, gate_n1, h_nH), out_nD in zip(per_block, outputs):
+        x_nD = blocks.gather(x_TD, ids_n)
+        grouped_mm(x_nD, w1_EDH[experts], segs, out=h_nH)
+        a_nF = _activation(activation, h_nH)
+        out_nD = grouped_mm(a_nF, w2_EFD[experts], segs, out=x_nD if out_nD is None else out_nD)
         y_TD.index_add_(0, ids_n, out_nD * gate_n1 if return_outputs else out_nD.mul_(gate_n1))
     return y_TD, out_ND, h_NH
 
 
 def _backward_per_expert(grad_y_TD, x_TD, gate_N, token_ids_N, segments, activation, w1, w2, h_NH, needs):
-    """The backward of :class:`GatherFFNCombine`, one expert's rows at a time (the steps of :func:`_backward_grouped`)."""
+    """The backward of :class:`GatherFFNCombine`, a block of experts at a time (as :func:`_backward_grouped`)."""
     need_x, need_gate, need_w1, need_w2 = needs
-    rows = _ExpertRows(segments, x_TD)
+    blocks = _ExpertBlocks(segments, x_TD)
     grad_x = torch.zeros_like(x_TD) if need_x else None
     grad_gate_N = gate_N.new_empty(gate_N.shape) if need_gate else None
-    grad_gate_n = rows.split(grad_gate_N) if need_gate else None
+    grad_gates = blocks.split(grad_gate_N) if need_gate else itertools.repeat(None)
     grad_w1 = torch.empty_like(w1) if need_w1 else None
     grad_w2 = torch.empty_like(w2) if need_w2 else None
-    per_expert = zip(rows.split(token_ids_N), rows.split(gate_N[:, None]), rows.split(h_NH), w1, w2)
-    for e, (ids_n, gate_n1, h_nH, w1_DH, w2_FD) in enumerate(per_expert):
-        dy_nD = rows.gather(grad_y_TD, ids_n)
-        dout_nF = torch.mm(dy_nD, w2_FD.t())
+    per_block = zip(blocks.experts, blocks.segments, blocks.split(token_ids_N), blocks.split(gate_N[:, None]),
+                    blocks.split(h_NH))
+    for (experts, segs, ids_n, gate_n1, h_nH), grad_gate_n in zip(per_block, grad_gates):
+        dy_nD = blocks.gather(grad_y_TD, ids_n)
+        dout_nF = grouped_mm(dy_nD, w2[experts].transpose(1, 2), segs)
         a_nF, silu_nF = _recomputed_activation(activation, h_nH)
         dh_nH = torch.empty_like(h_nH)
         if need_gate:
-            torch.sum(_gate_gradient(dout_nF, a_nF, dh_nH[:, : a_nF.shape[1]]), dim=1, out=grad_gate_n[e])
+            torch.sum(_gate_gradient_terms(dout_nF, a_nF, dh_nH[:, : a_nF.shape[1]]), dim=1, out=grad_gate_n)
         if need_w2:
-            torch.mm(a_nF.t(), dy_nD.mul_(gate_n1), out=grad_w2[e])
+            grouped_mm_weight_grad(a_nF, dy_nD.mul_(gate_n1), segs, out=grad_w2[experts])
         dh_nH = _activation_backward(activation, dout_nF.mul_(gate_n1), h_nH, silu_nF, dh_nH)
-        if need_w1:
-            torch.mm(rows.gather(x_TD, ids_n).t(), dh_nH, out=grad_w1[e])  # re-gathered instead of kept
+        if need_w1:  # x re-gathered instead of kept
+            grouped_mm_weight_grad(blocks.gather(x_TD, ids_n), dh_nH, segs, out=grad_w1[experts])
         if need_x:
-            grad_x.index_add_(0, ids_n, torch.mm(dh_nH, w1_DH.t(), out=rows.scratch(ids_n)))
+            grad_x.index_add_(0, ids_n, grouped_mm(dh_nH, w1[experts].transpose(1, 2), segs, out=blocks.scratch(ids_n)))
     return grad_x, grad_gate_N, grad_w1, grad_w2
 
 
@@ -230,7 +249,7 @@ def _backward_grouped(grad_y_TD, x_TD, gate_N, token_ids_N, segments, activation
     dout_NF = grouped_mm(dy_ND, w2.transpose(1, 2), segments)  # dy W2^T: dL/da = gate * this
     a_NF, silu_NF = _recomputed_activation(activation, h_NH)
     dh_NH = h_NH.new_empty(h_NH.shape)  # its first F columns hold scratch until dL/dh is written
-    grad_gate_N = _gate_gradient(dout_NF, a_NF, dh_NH[:, : a_NF.shape[1]]).sum(dim=1) if need_gate else None
+    grad_gate_N = _gate_gradient_terms(dout_NF, a_NF, dh_NH[:, : a_NF.shape[1]]).sum(dim=1) if need_gate else None
     grad_w2 = None
     if need_w2:  # sum_n a_n^T gate_n dy_n; the gate scales the narrower of a and dy (dy's values are done after)
         if a_NF.shape[1] <= dy_ND.shape[1]:

@@ -63,6 +63,13 @@ class Segments:
         self._sizes: list[int] | None = None
 
     @classmethod
+    def of_sizes(cls, sizes: list[int]) -> Segments:
+        """Segments known only by their host-side sizes (for the per-segment matmul)."""
+        segments = cls(None, sum(sizes))
+        segments._sizes = sizes
+        return segments
+
+    @classmethod
     def known(cls, offsets_E: Tensor, num_rows: int, sizes: list[int] | None) -> Segments:
         """Segments from their end offsets and, if already read, their host-side sizes."""
         segments = cls(None, num_rows)
@@ -110,14 +117,17 @@ def grouped_mm(x_ND: Tensor, w_EAB: Tensor, segments: Segments, out: Tensor | No
     return out
 
 
-def grouped_mm_weight_grad(x_NA: Tensor, grad_NB: Tensor, segments: Segments) -> Tensor:
-    """The gradient of :func:`grouped_mm`'s weights: segment e's ``x^T @ grad`` -> [E, A, B] (0 for empty segments)."""
+def grouped_mm_weight_grad(x_NA: Tensor, grad_NB: Tensor, segments: Segments, out: Tensor | None = None) -> Tensor:
+    """The gradient of :func:`grouped_mm`'s weights: segment e's ``x^T @ grad`` -> [E, A, B] (0 for empty segments).
+
+    ``out`` as for :func:`grouped_mm`.
+    """
     if torch.compiler.is_compiling():
         return torch.ops.lightning_moe.grouped_mm_weight_grad(x_NA, grad_NB, segments.offsets())
     if uses_grouped_kernel(x_NA, grad_NB.shape[1]):
         return torch._grouped_mm(x_NA.t(), grad_NB, offs=segments.offsets())
     sizes = segments.sizes()
-    grad_EAB = x_NA.new_empty(len(sizes), x_NA.shape[1], grad_NB.shape[1])
+    grad_EAB = x_NA.new_empty(len(sizes), x_NA.shape[1], grad_NB.shape[1]) if out is None else out
     for x_nA, g_nB, grad_AB in zip(x_NA.split(sizes), grad_NB.split(sizes), grad_EAB):
         torch.mm(x_nA.t(), g_nB, out=grad_AB)  # an empty segment writes zeros
     return grad_EAB
