@@ -133,7 +133,7 @@ class _ExpertBlocks:
         return torch.index_select(x_TD, 0, ids_n, out=self.scratch(ids_n))
 
 
-def _per_expert(x_TD: Tensor) -> bool:
+def _in_expert_blocks(x_TD: Tensor) -> bool:
     """Whether the chain runs a block of experts' rows at a time (:class:`_ExpertBlocks`): CPU, eager."""
     return on_per_segment_device(x_TD) and not torch.compiler.is_compiling()
 
@@ -161,8 +161,8 @@ class GatherFFNCombine(torch.autograd.Function):
         return_outputs: bool,
     ) -> tuple[Tensor, Tensor | None]:
         segments = Segments(tokens_per_expert_E, token_ids_N.shape[0])
-        if _per_expert(x_TD):
-            y_TD, out_ND, h_NH = _forward_per_expert(x_TD, gate_N, token_ids_N, segments, activation, w1_EDH, w2_EFD,
+        if _in_expert_blocks(x_TD):
+            y_TD, out_ND, h_NH = _forward_in_blocks(x_TD, gate_N, token_ids_N, segments, activation, w1_EDH, w2_EFD,
                                                      return_outputs)
         else:
             x_ND = _gather(x_TD, token_ids_N)
@@ -185,8 +185,8 @@ class GatherFFNCombine(torch.autograd.Function):
         segments = Segments.known(offsets_E, token_ids_N.shape[0], ctx.sizes)
         needs = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[5], ctx.needs_input_grad[6]
         grad_y_TD = grad_y_TD.to(x_TD.dtype)
-        if _per_expert(x_TD):
-            grads = _backward_per_expert(grad_y_TD, x_TD, gate_N, token_ids_N, segments, ctx.activation, w1, w2, h_NH,
+        if _in_expert_blocks(x_TD):
+            grads = _backward_in_blocks(grad_y_TD, x_TD, gate_N, token_ids_N, segments, ctx.activation, w1, w2, h_NH,
                                          needs)
         else:
             grads = _backward_grouped(grad_y_TD, x_TD, gate_N, token_ids_N, segments, ctx.activation, w1, w2, h_NH,
@@ -195,7 +195,7 @@ class GatherFFNCombine(torch.autograd.Function):
         return grad_x, grad_gate_N, None, None, None, grad_w1, grad_w2, None
 
 
-def _forward_per_expert(x_TD, gate_N, token_ids_N, segments, activation, w1_EDH, w2_EFD, return_outputs):
+def _forward_in_blocks(x_TD, gate_N, token_ids_N, segments, activation, w1_EDH, w2_EFD, return_outputs):
     """The forward of :class:`GatherFFNCombine`, a block of experts at a time: ``(y_TD, out_ND or None, h_NH)``."""
     blocks = _ExpertBlocks(segments, x_TD)
     h_NH = x_TD.new_empty(token_ids_N.shape[0], w1_EDH.shape[2])
@@ -213,7 +213,7 @@ def _forward_per_expert(x_TD, gate_N, token_ids_N, segments, activation, w1_EDH,
     return y_TD, out_ND, h_NH
 
 
-def _backward_per_expert(grad_y_TD, x_TD, gate_N, token_ids_N, segments, activation, w1, w2, h_NH, needs):
+def _backward_in_blocks(grad_y_TD, x_TD, gate_N, token_ids_N, segments, activation, w1, w2, h_NH, needs):
     """The backward of :class:`GatherFFNCombine`, a block of experts at a time (as :func:`_backward_grouped`)."""
     need_x, need_gate, need_w1, need_w2 = needs
     blocks = _ExpertBlocks(segments, x_TD)
