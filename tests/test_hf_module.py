@@ -236,11 +236,11 @@ class RankRecord(L.Callback):
         torch.save(record, f"{self.out_dir}/rank{trainer.global_rank}.pt")
 
 
-def fit_ranks(tmp_path, run, estimator, devices, strategy, batch_size):
+def fit_ranks(tmp_path, run, estimator, devices, strategy, batch_size, trainable="all"):
     out_dir = tmp_path / run
     out_dir.mkdir()
     L.seed_everything(0)
-    module = make_module(estimator=estimator)
+    module = make_module(estimator=estimator, trainable=trainable)
     callbacks = [RankRecord(str(out_dir)), LoadBalancingLoss(scope="global"), AuxLossFreeBalancing(0.01)]
     fit_quietly(module, data(tmp_path, batch_size), callbacks, devices=devices, strategy=strategy,
                 max_steps=STEPS, limit_val_batches=0)
@@ -249,18 +249,18 @@ def fit_ranks(tmp_path, run, estimator, devices, strategy, batch_size):
 
 @pytest.mark.skipif(sys.platform == "win32", reason="forked ranks need fork")
 @pytest.mark.parametrize(
-    "estimator, parallel",
-    [("topk", "ddp"), ("densemixer", "fsdp2")],
+    "estimator, parallel, trainable",
+    [("topk", "ddp", "all"), ("densemixer", "fsdp2", "all"), ("topk", "fsdp2", "all_but_router")],
 )
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, estimator, parallel):
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, estimator, parallel, trainable):
     if torch.cuda.is_initialized():
         pytest.skip("forking ranks is impossible once CUDA is initialised in this process")
-    single = fit_ranks(tmp_path, "single", estimator, 1, "auto", batch_size=8)[0]
+    single = fit_ranks(tmp_path, "single", estimator, 1, "auto", batch_size=8, trainable=trainable)[0]
     if parallel == "ddp":
         strategy = DDPStrategy(start_method="fork", timeout=TIMEOUT)
     else:
         strategy = ForkedModelParallel(data_parallel_size=2, tensor_parallel_size=1, timeout=TIMEOUT)
-    ranks = fit_ranks(tmp_path, parallel, estimator, 2, strategy, batch_size=4)
+    ranks = fit_ranks(tmp_path, parallel, estimator, 2, strategy, batch_size=4, trainable=trainable)
     for step, loss in single["losses"].items():
         assert sum(r["losses"][step] for r in ranks) / 2 == pytest.approx(loss, rel=1e-5), step
     for key, value in single["state"].items():
