@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lightning_moe.errors import ConfigError
 from lightning_moe.estimators import ESTIMATOR_REGISTRY, Estimator
-from lightning_moe.experts import ACTIVATIONS, BACKENDS, Experts
+from lightning_moe.experts import ACTIVATIONS, BACKENDS, Experts, merge_gate_and_up
 from lightning_moe.float32_buffers import Float32Buffers
 from lightning_moe.losses import GradScale, attach_aux_loss
 from lightning_moe.routing import Router, Routing
@@ -226,9 +226,14 @@ class MoELayer(Float32Buffers):
         self.selection_bias_enabled.fill_(bool(enabled))
 
     def add_missing_state(self, state_dict: dict[str, Any], prefix: str = "") -> None:
-        """Give a ``state_dict`` saved before ``selection_bias_enabled`` existed the switch, off."""
+        """Bring a ``state_dict`` saved by an older version to this one, in place.
+
+        Before ``selection_bias_enabled`` existed: the switch, off. Before SwiGLU's gate and
+        up were one parameter: ``experts.w1`` and ``experts.v1`` merged into ``experts.w1``.
+        """
         if prefix + "selection_bias" in state_dict and prefix + "selection_bias_enabled" not in state_dict:
             state_dict[prefix + "selection_bias_enabled"] = torch.zeros((), dtype=torch.bool)
+        merge_gate_and_up(self.experts, state_dict, prefix + "experts.")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         self.add_missing_state(state_dict, prefix)

@@ -160,23 +160,27 @@ class CausalLMTraining(L.LightningModule):
         self.log(f"{split}/loss", loss, prog_bar=split == "val")
         self.log(f"{split}/ppl", loss.exp())
 
-    def configure_optimizers(self):
-        """AdamW over the trainable parameters; matrices decay, norms, biases and embeddings do not."""
+    def parameter_groups(self) -> list[tuple[float, list[tuple[str, nn.Parameter]]]]:
+        """The optimizer's groups, ``(weight decay, [(name, parameter), ...])``, empty ones left out.
+
+        Trainable matrices decay; norms, biases and embeddings (and a head tied to them) do not.
+        """
         embedding_weights = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
         decay, no_decay = [], []
-        for param in self.parameters():
+        for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
             if param.ndim < 2 or id(param) in embedding_weights:
-                no_decay.append(param)
+                no_decay.append((name, param))
             else:
-                decay.append(param)
-        groups = [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+                decay.append((name, param))
+        groups = [(self.hparams.weight_decay, decay), (0.0, no_decay)]
+        return [(weight_decay, params) for weight_decay, params in groups if params]
+
+    def configure_optimizers(self):
+        """AdamW over :meth:`parameter_groups`, warmup + cosine schedule stepped every optimizer step."""
         optimizer = torch.optim.AdamW(
-            [group for group in groups if group["params"]],
+            [{"params": [p for _, p in params], "weight_decay": decay} for decay, params in self.parameter_groups()],
             lr=self.hparams.learning_rate,
             betas=tuple(self.hparams.betas),
         )
@@ -194,6 +198,48 @@ class CausalLMTraining(L.LightningModule):
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def merge_old_expert_optimizer_state(self, checkpoint: dict) -> None:
+        """Bring the optimizer state of a checkpoint with separate expert gate (``w1``) and up
+        (``v1``) weights to the merged ``w1`` [E, D, 2F], in place, so such a run resumes exactly.
+
+        Call before the state dict itself is converted (it tells which layers were saved so).
+        AdamW's per-parameter tensors of ``w1`` and ``v1`` are concatenated like the weights;
+        the parameters are renumbered as :meth:`parameter_groups` orders them.
+        """
+        from lightning_moe.checkpointing import CheckpointError
+
+        saved = checkpoint.get("state_dict") or {}
+        merged = {name[: -len("v1")] + "w1" for name in saved if name.endswith("experts.v1")}
+        states = checkpoint.get("optimizer_states") or []
+        if not merged or not states:
+            return
+        groups = [[name for name, _ in params] for _, params in self.parameter_groups()]
+        old_groups = [[old for name in names for old in ((name, name[:-2] + "v1") if name in merged else (name,))]
+                      for names in groups]
+        state = states[0]
+        if len(states) != 1 or [len(g["params"]) for g in state["param_groups"]] != [len(g) for g in old_groups]:
+            raise CheckpointError(
+                "the checkpoint's optimizer state has separate expert gate and up weights (w1, v1) in groups this"
+                " model cannot match; load its weights alone (load_from_checkpoint) and start a new run from them"
+            )
+        by_name = {
+            name: state["state"].get(index)
+            for group, names in zip(state["param_groups"], old_groups)
+            for index, name in zip(group["params"], names)
+        }
+        new_state, index = {}, 0
+        for group, names in zip(state["param_groups"], groups):
+            group["params"] = list(range(index, index + len(names)))
+            for name in names:
+                entry, up = by_name[name], by_name.get(name[:-2] + "v1") if name in merged else None
+                if entry is not None and up is not None:
+                    entry = {k: torch.cat([v, up[k]], dim=2) if torch.is_tensor(v) and v.ndim == 3 else v
+                             for k, v in entry.items()}
+                if entry is not None:
+                    new_state[index] = entry
+                index += 1
+        state["state"] = new_state
 
     def on_train_start(self) -> None:
         # A resumed run builds its schedule for its own length (estimated_stepping_batches), but the

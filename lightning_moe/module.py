@@ -120,7 +120,8 @@ class MoELanguageModel(CausalLMTraining):
         """Refuse a checkpoint of another architecture with one error listing what differs."""
         from lightning_moe.checkpointing import check_checkpoint_matches
 
-        if isinstance(checkpoint.get("state_dict"), dict):  # older checkpoints lack newer switches
+        if isinstance(checkpoint.get("state_dict"), dict):  # older checkpoints: other layouts, fewer switches
+            self.merge_old_expert_optimizer_state(checkpoint)
             add_missing_layer_state(self, checkpoint["state_dict"])
         check_checkpoint_matches(self, checkpoint, hparams=self.hparams, strict=self.strict_loading)
         self.tokenizer_state = checkpoint.get("tokenizer", self.tokenizer_state)

@@ -66,3 +66,75 @@ def test_a_state_dict_of_the_new_layout_round_trips():
     target = Experts(D, HIDDEN, E)
     target.load_state_dict(source.state_dict())
     assert torch.equal(target.w1, source.w1) and torch.equal(target.w2, source.w2)
+
+
+# ---- a whole training run saved with the earlier layout resumes exactly ----------------
+
+
+def _split_to_earlier_layout(checkpoint, module):
+    """Rewrite a checkpoint of ``module`` as the earlier layout would have saved it (weights and AdamW)."""
+    state_dict = checkpoint["state_dict"]
+    for key in [k for k in state_dict if k.endswith("experts.w1")]:
+        gate, up = state_dict[key].chunk(2, dim=2)
+        state_dict[key], state_dict[key[:-2] + "v1"] = gate.clone(), up.clone()
+    optimizer = checkpoint["optimizer_states"][0]
+    old_state, index = {}, 0
+    for group, (_, params) in zip(optimizer["param_groups"], module.parameter_groups()):
+        ids = []
+        for (name, _), saved_index in zip(params, group["params"]):
+            entry = optimizer["state"][saved_index]
+            if name.endswith("experts.w1"):  # v1 followed w1 in the earlier parameter order
+                halves = [{k: v.chunk(2, dim=2)[h].clone() if v.ndim == 3 else v for k, v in entry.items()}
+                          for h in (0, 1)]
+                old_state[index], old_state[index + 1] = halves
+                ids += [index, index + 1]
+                index += 2
+            else:
+                old_state[index] = entry
+                ids.append(index)
+                index += 1
+        group["params"] = ids
+    optimizer["state"] = old_state
+
+
+def test_a_run_checkpointed_with_the_earlier_layout_resumes_bit_for_bit(tmp_path):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_moe.data import TextDataModule
+    from lightning_moe.module import MoELanguageModel
+
+    from helpers import fit_quietly
+
+    corpus = tmp_path / "corpus.py"
+    corpus.write_text("".join(f"def g{i}(x):\n    return x * {i} - {i % 5}\n" for i in range(60)))
+
+    def run(ckpt_path=None):
+        L.seed_everything(0)
+        module = MoELanguageModel(d_model=16, n_heads=2, n_layers=2, max_seq_len=16, warmup_steps=1,
+                                  moe={"num_experts": 4, "top_k": 2, "ffn_hidden": 8, "backend": "torch"})
+        data = TextDataModule(source=str(corpus), seq_len=16, batch_size=4, cache_dir=str(tmp_path / "cache"))
+        losses = {}
+
+        class Record(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                losses[trainer.global_step - 1] = outputs["loss"].item()
+
+        saves = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+        fit_quietly(module, data, [Record(), saves], ckpt_path=ckpt_path, max_steps=4, limit_val_batches=0,
+                    enable_checkpointing=True)
+        return module, losses
+
+    module, full = run()
+    checkpoint = torch.load(tmp_path / "ckpt" / "step=2.ckpt", weights_only=False)
+    _split_to_earlier_layout(checkpoint, module)
+    assert any(k.endswith("experts.v1") for k in checkpoint["state_dict"])
+    torch.save(checkpoint, tmp_path / "earlier.ckpt")
+    expected = {k: v.clone() for k, v in module.state_dict().items()}
+
+    resumed, losses = run(ckpt_path=tmp_path / "earlier.ckpt")
+    assert losses == {s: full[s] for s in (2, 3)}
+    for key, value in expected.items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    # Without training: the weights alone load strictly.
+    MoELanguageModel.load_from_checkpoint(tmp_path / "earlier.ckpt", map_location="cpu")
