@@ -217,3 +217,27 @@ class _ForkLauncher(_MultiProcessingLauncher):
         # The ranks' FSDP2 (DTensor) weights do not load back into this process's plain
         # module; the tests read what the ranks wrote instead.
         trainer.state = worker_output.trainer_state
+
+
+# ---- what each rank of a multi-process fit saw --------------------------------------------
+
+#: RoutingMonitor's global token counts, appended by test_ddp's ``record_monitor_tokens`` fixture.
+MONITOR_TOKENS = []
+
+
+class RankRecord(L.Callback):
+    """Writes each rank's losses, final state and the routing monitor's global token counts."""
+
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+        self.losses = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step - 1] = outputs["loss"].item()
+
+    def on_train_end(self, trainer, pl_module):
+        state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in pl_module.state_dict().items()}
+        record = {"losses": self.losses, "state": {k: v.detach().clone() for k, v in state.items()}}
+        record["monitor_tokens"] = list(MONITOR_TOKENS)
+        record["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        torch.save(record, f"{self.out_dir}/rank{trainer.global_rank}.pt")

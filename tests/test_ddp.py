@@ -31,7 +31,7 @@ from lightning_moe.callbacks.routing_monitor import LayerRoutingMetric
 from lightning_moe.data import TextDataModule
 from lightning_moe.module import MoELanguageModel
 
-from helpers import FakeKernels, ForkedModelParallel, use_fake_kernels
+from helpers import MONITOR_TOKENS, FakeKernels, ForkedModelParallel, RankRecord, use_fake_kernels
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="forked ranks need fork")
 
@@ -48,27 +48,6 @@ def _no_cuda():
 
 def ddp():
     return DDPStrategy(start_method="fork", timeout=TIMEOUT)
-
-
-class RankRecord(L.Callback):
-    """Writes each rank's losses, final state and the routing monitor's global token counts."""
-
-    def __init__(self, out_dir):
-        self.out_dir = out_dir
-        self.losses = {}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses[trainer.global_step - 1] = outputs["loss"].item()
-
-    def on_train_end(self, trainer, pl_module):
-        state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in pl_module.state_dict().items()}
-        record = {"losses": self.losses, "state": {k: v.detach().clone() for k, v in state.items()}}
-        record["monitor_tokens"] = list(MONITOR_TOKENS)
-        record["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        torch.save(record, f"{self.out_dir}/rank{trainer.global_rank}.pt")
-
-
-MONITOR_TOKENS = []
 
 
 @pytest.fixture

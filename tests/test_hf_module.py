@@ -26,7 +26,7 @@ from lightning_moe.hf import to_hf  # noqa: E402
 from lightning_moe.hf.module import HFMoELanguageModel, export_pretrained  # noqa: E402
 from lightning_moe.layer import moe_layers  # noqa: E402
 
-from helpers import ForkedModelParallel, fit_quietly  # noqa: E402
+from helpers import ForkedModelParallel, RankRecord, fit_quietly  # noqa: E402
 
 VOCAB = 258  # the byte-level tokenizer's, so TextDataModule's default tokenizer feeds these models
 COMMON = dict(
@@ -220,20 +220,6 @@ def test_export_after_training_loads_without_the_library_and_gives_the_same_logi
 
 
 # ---------------------------------------------------------------------------- data and model parallel
-
-
-class RankRecord(L.Callback):
-    def __init__(self, out_dir):
-        self.out_dir = out_dir
-        self.losses = {}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses[trainer.global_step - 1] = outputs["loss"].item()
-
-    def on_train_end(self, trainer, pl_module):
-        full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in pl_module.state_dict().items()}
-        record = {"losses": self.losses, "state": {k: v.detach().clone() for k, v in full.items()}}
-        torch.save(record, f"{self.out_dir}/rank{trainer.global_rank}.pt")
 
 
 def fit_ranks(tmp_path, run, estimator, devices, strategy, batch_size, trainable="all"):
