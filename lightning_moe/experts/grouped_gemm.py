@@ -19,6 +19,8 @@ torch's meta for ``_grouped_mm`` takes bf16 only), which also give the unfused p
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -32,17 +34,26 @@ def on_per_segment_device(x: Tensor) -> bool:
     return x.device.type in PER_SEGMENT_DEVICES
 
 
+@functools.cache
+def _grouped_kernel_takes(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` takes this device and dtype at all.
+
+    Cached: the answer does not change, and the matmuls of every layer ask it on every
+    forward and backward (on CUDA it reads the device's properties).
+    """
+    if not hasattr(torch, "_grouped_mm") or dtype not in _GROUPED_MM_DTYPES:
+        return False
+    if device.type == "cuda":
+        # The CUDA kernel is the sm90 CUTLASS one, bf16 only.
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type == "cpu"
+
+
 def uses_grouped_kernel(x_ND: Tensor, *widths: int) -> bool:
     """Whether rows ``x_ND`` times per-expert matrices of these widths run on ``torch._grouped_mm``."""
-    if on_per_segment_device(x_ND) or not hasattr(torch, "_grouped_mm"):
+    if on_per_segment_device(x_ND) or x_ND.shape[0] == 0:  # its backward rejects empty inputs
         return False
-    if x_ND.dtype not in _GROUPED_MM_DTYPES or x_ND.shape[0] == 0:  # its backward rejects empty inputs
-        return False
-    if x_ND.device.type == "cuda":
-        # The CUDA kernel is the sm90 CUTLASS one, bf16 only.
-        if x_ND.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x_ND.device)[0] < 9:
-            return False
-    elif x_ND.device.type != "cpu":
+    if not _grouped_kernel_takes(x_ND.device, x_ND.dtype):
         return False
     align = 16 // x_ND.element_size()  # 16-byte aligned row strides
     return all(width % align == 0 for width in (x_ND.shape[1], *widths))
