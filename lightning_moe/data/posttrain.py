@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_moe.data.chat import NoAssistantTurn, load_chat_tokenizer, messages_of, synthetic_chat, tokenize_chat
 from lightning_moe.data.loading import _collate, resumable_train_loader
+from lightning_moe.data.module import _check_int
 from lightning_moe.errors import ConfigError
 from lightning_moe.lm_training import IGNORE_INDEX
 
@@ -384,8 +385,3 @@ def _progress(items: list[Any], desc: str) -> Any:
 
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [""])[0]
-
-
-def _check_int(field: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"data.{field} must be an integer >= {minimum}, got {value!r}")
