@@ -50,9 +50,9 @@ def sample(
         top_k: sample only among the k most likely tokens (None: all).
         seed: random seed, for reproducible samples.
     """
-    check_checkpoint(checkpoint, "checkpoint")
+    hparams = check_checkpoint(checkpoint, "checkpoint")
     torch.manual_seed(seed)
-    if _is_hf_checkpoint(checkpoint):
+    if _is_hf(hparams):
         from lightning_moe.hf.module import HFMoELanguageModel
 
         with damaged_checkpoint_errors(checkpoint):
@@ -63,11 +63,9 @@ def sample(
     print(model.sample_text(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k))
 
 
-def _is_hf_checkpoint(checkpoint: str) -> bool:
-    """Whether ``checkpoint`` (already checked readable) is of ``HFMoELanguageModel``."""
-    with damaged_checkpoint_errors(checkpoint):
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    return "pretrained" in (saved.get("hyper_parameters") or {})
+def _is_hf(hparams: dict | None) -> bool:
+    """Whether a checkpoint with ``hparams`` (:func:`check_checkpoint`'s) is of ``HFMoELanguageModel``."""
+    return "pretrained" in (hparams or {})
 
 
 def export(checkpoint: str, output: str | None = None, tokenizer: str | None = None) -> None:
@@ -83,10 +81,10 @@ def export(checkpoint: str, output: str | None = None, tokenizer: str | None = N
     """
     if output is None:
         raise ConfigError("export needs --output DIR: the folder to write the Hugging Face model to")
-    check_checkpoint(checkpoint, "checkpoint")
+    hparams = check_checkpoint(checkpoint, "checkpoint")
     from lightning_moe.hf.module import HFMoELanguageModel, export_pretrained
 
-    if not _is_hf_checkpoint(checkpoint):
+    if not _is_hf(hparams):
         raise ConfigError(f"checkpoint={checkpoint!r} is not of HFMoELanguageModel; only those export to Hugging Face")
     with damaged_checkpoint_errors(checkpoint):
         model = HFMoELanguageModel.load_from_checkpoint(checkpoint, map_location="cpu")

@@ -132,8 +132,11 @@ def use_step_progress_bar(trainer: Trainer) -> None:
 _SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 
 
-def check_checkpoint(path: str | None, field: str) -> None:
+def check_checkpoint(path: str | None, field: str) -> dict | None:
     """Refuse ``path`` unless it is a readable checkpoint of :class:`MoELanguageModel` or ``HFMoELanguageModel``.
+
+    Returns the checkpoint's hyperparameters (which tell the two classes apart), or None for a
+    path passed unchecked.
 
     Missing files, folders, files that are not ``torch.save`` archives and checkpoints of
     another LightningModule raise :class:`ConfigError`; a damaged archive raises
@@ -142,7 +145,7 @@ def check_checkpoint(path: str | None, field: str) -> None:
     memory-mapped, so checking a large checkpoint reads little of it.
     """
     if path is None or str(path).split(":")[0] in _SPECIAL_CKPT_PATHS or "://" in str(path):
-        return
+        return None
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ConfigError(f"{field}={path!r}: no such file; give a .ckpt written by lightning-moe fit")
@@ -167,6 +170,7 @@ def check_checkpoint(path: str | None, field: str) -> None:
             f" (hyperparameters: {', '.join(sorted(hparams)) or 'none'}),"
             " not of lightning-moe's MoELanguageModel or HFMoELanguageModel; give a .ckpt written by lightning-moe fit"
         )
+    return hparams
 
 
 def _model_arguments() -> list[set[str]]:
