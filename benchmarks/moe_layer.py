@@ -145,14 +145,14 @@ def run_table(
     title: str, modules: dict[str, nn.Module], base: str, x: torch.Tensor, rounds: int, report: Callable
 ) -> list[dict]:
     samples = interleaved(modules, x, rounds)
+    saved_by_name = {name: saved_bytes(module, x) for name, module in modules.items()}
+    base_saved = saved_by_name[base]
     rows = []
-    base_saved = saved_bytes(modules[base], x)
     print(title)
     header = f"{'time / ' + base + ' (min/med/max)':>30} {'saved MB':>9} {'saved / ' + base:>14}"
     print(f"  {'module':<22} {'median ms':>9} {header}")
-    for name, module in modules.items():
+    for name, saved in saved_by_name.items():
         ratios = [t / b for t, b in zip(samples[name], samples[base])]
-        saved = saved_bytes(module, x)
         ms = statistics.median(samples[name]) * 1e3
         print(f"  {name:<22} {ms:>9.1f} {spread(ratios):>30} {saved / 2**20:>9.1f} {saved / base_saved:>14.2f}")
         rows.append(report(name, ms, ratios, saved, base_saved))
