@@ -54,7 +54,7 @@ def load_chat_tokenizer(spec: str, chat_template: str | None = None) -> Any:
         raise ConfigError(f"data.tokenizer must be a tokenizer folder, tokenizer.json or Hub name, got {spec!r}")
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from lightning_moe.data.sources import honour_offline_env
+    from lightning_moe.data.sources import first_line, honour_offline_env
 
     path = os.path.expanduser(spec)
     try:
@@ -64,9 +64,9 @@ def load_chat_tokenizer(spec: str, chat_template: str | None = None) -> Any:
             with honour_offline_env():
                 tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # no such folder or name, offline, or not a tokenizer
-        first = (str(err).strip().splitlines() or [""])[0]
         raise ConfigError(
-            f"data.tokenizer={spec!r} cannot be loaded with transformers.AutoTokenizer ({type(err).__name__}: {first});"
+            f"data.tokenizer={spec!r} cannot be loaded with transformers.AutoTokenizer"
+            f" ({type(err).__name__}: {first_line(err)});"
             " pass a local tokenizer folder or tokenizer.json, or a Hub name (with network access or a cached copy)"
         ) from None
     if not getattr(tokenizer, "is_fast", False):

@@ -212,7 +212,7 @@ class PostTrainDataModule(lightning.LightningDataModule):
         """One split of a local (``builder`` and ``files``) or Hub dataset, at most ``max_examples`` rows."""
         import datasets
 
-        from lightning_moe.data.sources import honour_offline_env
+        from lightning_moe.data.sources import first_line, honour_offline_env
 
         if builder is not None and (field != "data.split" or split != "train"):
             raise ConfigError(
@@ -229,13 +229,13 @@ class PostTrainDataModule(lightning.LightningDataModule):
         except (ConnectionError, OSError) as err:
             raise ConfigError(
                 f"data.source={self.source!r}: no such local file or folder, and the Hugging Face dataset could not"
-                f" be loaded ({type(err).__name__}: {_first_line(err)}); pass a .jsonl/.json/.parquet file, folder or"
+                f" be loaded ({type(err).__name__}: {first_line(err)}); pass a .jsonl/.json/.parquet file, folder or"
                 f" glob, {SYNTHETIC_CHAT!r}, or a Hub name (with network access or HF_HUB_OFFLINE=1 and a cached copy)"
             ) from None
         except Exception as err:  # an unknown split, or a file the builder cannot parse
             raise ConfigError(
                 f"data.source={self.source!r}, {field}={split!r} cannot be read:"
-                f" {type(err).__name__}: {_first_line(err)}"
+                f" {type(err).__name__}: {first_line(err)}"
             ) from None
         if self.max_examples is not None:
             ds = ds.select(range(min(len(ds), self.max_examples)))
@@ -381,7 +381,3 @@ def _progress(items: list[Any], desc: str) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, leave=False)
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [""])[0]

@@ -268,6 +268,11 @@ def honour_offline_env() -> Iterator[None]:
             setattr(module, attr, value)
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message: the libraries' messages can run to many lines, ours are one."""
+    return (str(err).strip().splitlines() or [""])[0]
+
+
 def _load_hub_dataset(src: HubSource) -> Any:
     try:
         import datasets
@@ -283,19 +288,17 @@ def _load_hub_dataset(src: HubSource) -> Any:
     except (ConnectionError, OSError) as err:
         # Offline, unreachable or unknown: datasets cannot tell these apart without the
         # network, and the fix is the same for all of them.
-        first = (str(err).strip().splitlines() or [""])[0]
         raise ConfigError(
             f"data.source={src.source!r}: could not load {where}, split {src.split!r}: the Hugging "
             f"Face Hub could not be reached (or has no such dataset) and no local cache of it "
-            f"exists [{type(err).__name__}: {first}]. No local file or folder of that name exists "
+            f"exists [{type(err).__name__}: {first_line(err)}]. No local file or folder of that name exists "
             "either. To fix: download it once with network access and then set "
             "HF_HUB_OFFLINE=1 to use the cached copy, or pass a local file, folder or glob "
             "as data.source (data.source=stdlib trains on the built-in offline corpus)."
         ) from err
     except ValueError as err:
-        first = (str(err).strip().splitlines() or [""])[0]
         raise ConfigError(
-            f"data.source={src.source!r}: could not load {where} with data.hf_split={src.split!r}: {first}"
+            f"data.source={src.source!r}: could not load {where} with data.hf_split={src.split!r}: {first_line(err)}"
         ) from err
 
 
