@@ -5,6 +5,7 @@ import csv
 import lightning as L
 import pytest
 import torch
+from helpers import fit_quietly
 from torch import nn
 
 from lightning_moe import MoELayer
@@ -141,17 +142,10 @@ def _fit(tmp_path, callbacks):
             "estimator_args": {"jitter_eps": 0.1},
         },
     )
-    trainer = L.Trainer(
-        max_steps=4,
-        log_every_n_steps=2,
-        callbacks=callbacks,
-        logger=L.pytorch.loggers.CSVLogger(tmp_path),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
+    logger = L.pytorch.loggers.CSVLogger(tmp_path)
+    fit_quietly(
+        model, RandomTokens(), callbacks, max_steps=4, log_every_n_steps=2, logger=logger, default_root_dir=tmp_path
     )
-    trainer.fit(model, RandomTokens())
     return model
 
 

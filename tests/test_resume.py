@@ -11,7 +11,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import train_bpe_tokenizer
+from helpers import fit_quietly, train_bpe_tokenizer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -261,17 +261,7 @@ def test_a_resumed_run_with_a_larger_max_steps_follows_the_cosine_of_its_new_len
         tokens = torch.randint(0, 258, (64, 9), generator=torch.Generator().manual_seed(0))
         data = DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=4)
         lrs = LearningRates()
-        trainer = L.Trainer(
-            max_steps=max_steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            accelerator="cpu",
-            callbacks=[lrs],
-            default_root_dir=tmp_path,
-        )
-        trainer.fit(model, data, ckpt_path=ckpt_path)
+        trainer = fit_quietly(model, data, [lrs], ckpt_path=ckpt_path, max_steps=max_steps, default_root_dir=tmp_path)
         trainer.save_checkpoint(tmp_path / f"{max_steps}.ckpt")
         return lrs.used
 
