@@ -32,18 +32,26 @@ import torch.nn.functional as F
 from lightning_moe.model import MoETransformer, TransformerConfig
 
 
+#: The options giving each MoE model's (experts, top_k, expert hidden).
+MOE_SHAPES = {"moe": ("experts", "top_k", "expert_hidden"), "fine": ("fine_experts", "fine_top_k", "fine_hidden")}
+
+
+def moe_shape(args, kind: str) -> tuple[int, int, int]:
+    """``(num_experts, top_k, ffn_hidden)`` of the MoE model ``kind``."""
+    num_experts, top_k, ffn_hidden = (getattr(args, option) for option in MOE_SHAPES[kind])
+    return num_experts, top_k, ffn_hidden
+
+
 def make_model(args, name: str) -> MoETransformer:
     base = dict(vocab_size=258, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                 max_seq_len=args.seq_len, ffn_hidden=args.dense_hidden)
     if name.endswith("compiled"):
         base["compile"] = True
     kind = name.split()[0]
-    moe = {
-        "dense": None,
-        "moe": {"num_experts": args.experts, "top_k": args.top_k, "ffn_hidden": args.expert_hidden, "backend": "torch"},
-        "fine": {"num_experts": args.fine_experts, "top_k": args.fine_top_k, "ffn_hidden": args.fine_hidden,
-                 "backend": "torch"},
-    }[kind]
+    moe = None
+    if kind != "dense":
+        num_experts, top_k, ffn_hidden = moe_shape(args, kind)
+        moe = {"num_experts": num_experts, "top_k": top_k, "ffn_hidden": ffn_hidden, "backend": "torch"}
     torch.manual_seed(0)
     return MoETransformer(TransformerConfig(**base, moe=moe)).to(args.device).train()
 
@@ -83,7 +91,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
-    for kind, k, hidden in (("moe", args.top_k, args.expert_hidden), ("fine", args.fine_top_k, args.fine_hidden)):
+    for kind in MOE_SHAPES:
+        _, k, hidden = moe_shape(args, kind)
         if k * hidden != args.dense_hidden:
             raise SystemExit(f"{kind}: top_k * expert hidden = {k * hidden} != dense hidden {args.dense_hidden}")
 
