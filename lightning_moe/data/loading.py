@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lightning_moe.errors import ConfigError
+
 
 class TokenChunkDataset(Dataset):
     """Consecutive windows of ``seq_len + 1`` tokens over one token stream.
@@ -139,8 +141,6 @@ def resumable_train_loader(
     ``fit(ckpt_path=...)`` continues an epoch after the batches already trained on. A
     dataset with fewer rows than ranks raises ``ConfigError(too_few(rows, ranks))``.
     """
-    from lightning_moe.errors import ConfigError
-
     sharding = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer is not None else None
     num_replicas, rank = (sharding["num_replicas"], sharding["rank"]) if sharding else (1, 0)
     if len(dataset) < num_replicas:
