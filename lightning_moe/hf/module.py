@@ -228,13 +228,15 @@ class HFMoELanguageModel(CausalLMTraining):
 
         tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_source)
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(self.device)
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k} if temperature > 0 else {}
+        sampling = {"do_sample": False}  # temperature 0: greedy
+        if temperature > 0:
+            sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k}
         was_training = self.training
         self.eval()
         try:
             out = self.model.generate(
                 ids, max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-                **({"do_sample": False} if not sampling else sampling),
+                **sampling,
             )
         finally:
             self.train(was_training)
