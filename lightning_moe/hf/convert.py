@@ -210,13 +210,11 @@ def from_hf(
         except (ValueError, TypeError) as err:
             raise ConfigError(f"estimator={name!r} cannot run {family} ({spec.describe()}): {err}") from err
 
-    warned = False
-    for (name, block), spec, (chosen, args) in zip(blocks, specs, choices):
+    for i, ((name, block), spec, (chosen, args)) in enumerate(zip(blocks, specs, choices)):
         converted = _convert_block(block, spec, chosen, args, backend)
         model.set_submodule(name, converted)
-        if not warned:
+        if i == 0:  # one warning per model, from its first block
             _warn_if_eval_routing_differs(converted.moe, spec, family)
-            warned = True
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "output_router_logits"):
         setattr(model, _SAVED_ROUTER_LOGITS, config.output_router_logits)
