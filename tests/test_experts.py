@@ -11,7 +11,7 @@ from helpers import routing_cases, run_backend
 
 @pytest.mark.parametrize("block_rows", [2048, 5, 0])  # CPU: all experts in one block, some, one each
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-@pytest.mark.parametrize("d_model,ffn_hidden", [(16, 32), (6, 10)])  # aligned: grouped GEMM; odd: fallback
+@pytest.mark.parametrize("d_model,ffn_hidden", [(16, 32), (6, 10)])  # aligned and odd rows; CPU: per segment both
 @pytest.mark.parametrize("case", list(routing_cases()), ids=lambda c: c[0])
 def test_torch_backend_matches_loop(case, activation, d_model, ffn_hidden, block_rows, monkeypatch):
     monkeypatch.setattr(fused, "BLOCK_ROWS", block_rows)
