@@ -198,6 +198,16 @@ def test_synthetic_chat_is_deterministic_and_held_out_by_seed(tokenizer_dir):
     assert 0 < len(a.val_dataset) < len(a.train_dataset)
 
 
+
+def test_loaders_leave_the_global_rng_alone(tokenizer_dir):
+    # Creating an iterator draws its base seed from the loader's generator; without one of
+    # its own that draw would move torch's global RNG, which the estimators sample from.
+    dm = setup_data(tokenizer=tokenizer_dir, seq_len=32, max_examples=100)
+    before = torch.random.get_rng_state()
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        next(iter(loader))
+    assert torch.equal(torch.random.get_rng_state(), before)
+
 class RecordingModule(L.LightningModule):
     """Embedding + linear LM that records the batches it trains on; names its tokenizer as the HF module does."""
 

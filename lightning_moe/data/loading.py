@@ -168,3 +168,17 @@ def resumable_train_loader(
         generator=torch.Generator().manual_seed(seed),
         batches_consumed=batches_consumed,
     )
+
+
+def eval_loader(dataset: Dataset, *, batch_size: int, seed: int, num_workers: int) -> DataLoader:
+    """Validation or test batches in order; like :func:`resumable_train_loader`'s, its iterators draw nothing
+    from the global RNG (they draw their base seed from the loader's own generator)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        collate_fn=_collate,
+    )

@@ -14,7 +14,6 @@ from typing import Any
 
 import lightning
 import numpy as np
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
@@ -27,7 +26,7 @@ from lightning_moe.data.cache import (
     build_cache,
     open_cache,
 )
-from lightning_moe.data.loading import TokenChunkDataset, _collate, resumable_train_loader
+from lightning_moe.data.loading import TokenChunkDataset, eval_loader, resumable_train_loader
 from lightning_moe.data.sources import FileSource, capped, resolve_source
 from lightning_moe.data.tokenizers import Tokenizer, load_tokenizer
 from lightning_moe.errors import ConfigError
@@ -188,14 +187,8 @@ class TextDataModule(lightning.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self._require(self.val_dataset),
-            batch_size=self.batch_size,
-            shuffle=False,
-            generator=torch.Generator().manual_seed(self.seed),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=_collate,
+        return eval_loader(
+            self._require(self.val_dataset), batch_size=self.batch_size, seed=self.seed, num_workers=self.num_workers
         )
 
     def test_dataloader(self) -> DataLoader:

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_moe.data.chat import NoAssistantTurn, load_chat_tokenizer, messages_of, synthetic_chat, tokenize_chat
-from lightning_moe.data.loading import _collate, resumable_train_loader
+from lightning_moe.data.loading import eval_loader, resumable_train_loader
 from lightning_moe.data.module import _check_int
 from lightning_moe.errors import ConfigError
 from lightning_moe.lm_training import IGNORE_INDEX
@@ -172,13 +172,8 @@ class PostTrainDataModule(lightning.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self._require(self.val_dataset),
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=_collate,
+        return eval_loader(
+            self._require(self.val_dataset), batch_size=self.batch_size, seed=self.seed, num_workers=self.num_workers
         )
 
     # ----------------------------------------------------------------- reading
