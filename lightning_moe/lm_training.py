@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
 from lightning_moe.errors import ConfigError
-from lightning_moe.layer import moe_layers
+from lightning_moe.layer import add_missing_layer_state, moe_layers
 
 IGNORE_INDEX = -100
 
@@ -198,6 +198,16 @@ class CausalLMTraining(L.LightningModule):
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Bring an older checkpoint to this version, then refuse one of another architecture with one
+        error listing what differs."""
+        from lightning_moe.checkpointing import check_checkpoint_matches
+
+        if isinstance(checkpoint.get("state_dict"), dict):  # older checkpoints: other layouts, fewer switches
+            self.merge_old_expert_optimizer_state(checkpoint)
+            add_missing_layer_state(self, checkpoint["state_dict"])
+        check_checkpoint_matches(self, checkpoint, hparams=self.hparams, strict=self.strict_loading)
 
     def merge_old_expert_optimizer_state(self, checkpoint: dict) -> None:
         """Bring the optimizer state of a checkpoint with separate expert gate (``w1``) and up

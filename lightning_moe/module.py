@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_moe.errors import ConfigError
-from lightning_moe.layer import add_missing_layer_state, labelled_tokens
+from lightning_moe.layer import labelled_tokens
 from lightning_moe.lm_training import IGNORE_INDEX, CausalLMTraining, check_optimizer_args, warmup_cosine_factor
 from lightning_moe.model import MoEConfig, MoETransformer, TransformerConfig
 
@@ -117,13 +117,7 @@ class MoELanguageModel(CausalLMTraining):
         self.shard_with_fsdp2(list(self.model.blocks), self.model)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse a checkpoint of another architecture with one error listing what differs."""
-        from lightning_moe.checkpointing import check_checkpoint_matches
-
-        if isinstance(checkpoint.get("state_dict"), dict):  # older checkpoints: other layouts, fewer switches
-            self.merge_old_expert_optimizer_state(checkpoint)
-            add_missing_layer_state(self, checkpoint["state_dict"])
-        check_checkpoint_matches(self, checkpoint, hparams=self.hparams, strict=self.strict_loading)
+        super().on_load_checkpoint(checkpoint)
         self.tokenizer_state = checkpoint.get("tokenizer", self.tokenizer_state)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from lightning_moe.errors import ConfigError
 from lightning_moe.hf.convert import HFMoEBlock, from_hf, to_hf
-from lightning_moe.layer import add_missing_layer_state, moe_layers
+from lightning_moe.layer import moe_layers
 from lightning_moe.lm_training import CausalLMTraining, check_optimizer_args
 
 #: Which parameters train (``trainable``); the rest are frozen (``requires_grad=False``).
@@ -241,13 +241,6 @@ class HFMoELanguageModel(CausalLMTraining):
         finally:
             self.train(was_training)
         return tokenizer.decode(out[0], skip_special_tokens=True)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        from lightning_moe.checkpointing import check_checkpoint_matches
-
-        if isinstance(checkpoint.get("state_dict"), dict):
-            add_missing_layer_state(self, checkpoint["state_dict"])
-        check_checkpoint_matches(self, checkpoint, hparams=self.hparams, strict=self.strict_loading)
 
 
 def export_pretrained(module: HFMoELanguageModel, output: str, tokenizer: Any = None) -> str:
