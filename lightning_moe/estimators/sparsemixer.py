@@ -76,7 +76,6 @@ class SparseMixer(Estimator):
         with torch.autocast(device_type=logits_TE.device.type, enabled=False):
             z_TE = logits_TE.float()
             mask_TE = jitter_mask(z_TE, z_TE.max(dim=-1, keepdim=True).values, self.jitter_eps)
-            masked_probs_TE = masked_softmax(z_TE, mask_TE)
             argmax_T = z_TE.argmax(dim=-1)
             if self.training:
                 index_T = gumbel_max(z_TE, mask_TE)
@@ -86,7 +85,7 @@ class SparseMixer(Estimator):
             else:
                 index_T = argmax_T
                 scale_T = torch.ones_like(z_TE[:, 0])
-                gate_T = masked_probs_TE.gather(-1, index_T.unsqueeze(-1)).squeeze(-1)
+                gate_T = masked_softmax(z_TE, mask_TE).gather(-1, index_T.unsqueeze(-1)).squeeze(-1)
             if self.omega is not None:
                 gate_T = gate_T * self.omega.float()[index_T]
             telemetry = {
