@@ -450,8 +450,8 @@ def test_too_few_steps_to_validate_are_refused_before_training(tmp_path):
 
 
 def test_report_only_without_finished_runs_is_refused(tmp_path):
+    base = _study(tmp_path)["base"]
     with pytest.raises(ConfigError, match=r"report_only.*no finished run"):
-        base = _study(tmp_path)["base"]
         compare([Configuration("topk")], base=base, output_dir=str(tmp_path / "out"), report_only=True)
     assert not (tmp_path / "out" / "summary.csv").exists()
 
