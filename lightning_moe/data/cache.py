@@ -426,14 +426,13 @@ class _Writer:
 
     def __init__(self, folder: str, tokenizer: Tokenizer, shard_tokens: int, max_tokens: int | None, seed: int) -> None:
         self.folder, self.dtype, self.doc_start_id = folder, np.dtype(tokenizer.dtype), tokenizer.doc_start_id
-        vocab_size = tokenizer.vocab_size
         self.shard_tokens, self.max_tokens, self.seed = shard_tokens, max_tokens, seed
         self.shard, self.offset, self.length = array.array("i"), array.array("q"), array.array("q")
         self.sizes, self.scores = array.array("q"), array.array("Q")
         self.shard_names: list[str] = []
         self.files: dict[str, dict[str, int]] = {}
         self.total_tokens = self.total_bytes = 0
-        self.counts = np.zeros(vocab_size, dtype=np.int64)
+        self.counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)  # of every token written
         self._fh: Any = None
         self._crc = self._tokens_in_shard = 0
         self._names = open(os.path.join(folder, "documents.jsonl"), "w", encoding="utf-8")
