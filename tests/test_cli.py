@@ -118,7 +118,7 @@ def test_sample_names_a_missing_or_damaged_checkpoint_without_a_traceback(tmp_pa
 def test_top_level_help_lists_every_subcommand(capsys):
     main(["--help"])
     printed = capsys.readouterr().out
-    for subcommand in ("fit", "validate", "test", "predict", "sample", "compare"):
+    for subcommand in ("fit", "validate", "test", "predict", "sample", "compare", "export"):
         assert re.search(rf"^  {subcommand} ", printed, re.M), subcommand
     assert "--debug" in printed and "LIGHTNING_MOE_DEBUG" in printed
 
