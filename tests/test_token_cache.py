@@ -86,6 +86,18 @@ def test_max_tokens_cuts_the_stream(tmp_path, corpus):
     assert full.num_train_tokens + full.num_val_tokens == len(every) > 2000
 
 
+
+@pytest.mark.parametrize("max_tokens", [None, 2000])
+def test_stored_train_counts_are_the_training_streams_counts(tmp_path, corpus, bpe, max_tokens):
+    # Counted while writing, less the validation split's: must equal a count of the train stream itself.
+    for tokenizer in ("bytes", str(bpe)):
+        dm = make_dm(corpus, tmp_path / tokenizer.replace("/", "_"), tokenizer=tokenizer, val_fraction=0.1,
+                     max_tokens=max_tokens)
+        train = np.asarray(dm.train_tokens).astype(np.int64)
+        counts = dm._corpus.train_counts
+        assert len(counts) == dm.tokenizer.vocab_size
+        assert np.array_equal(counts, np.bincount(train, minlength=dm.tokenizer.vocab_size))
+
 def damage_truncate(path):
     shard = Path(path) / "tokens-00000.bin"
     shard.write_bytes(shard.read_bytes()[:-10])
