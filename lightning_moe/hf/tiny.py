@@ -53,16 +53,15 @@ def build_tokenizer(vocab_size: int = 512) -> Any:
     """A ChatML ``PreTrainedTokenizerFast`` of ``vocab_size`` tokens, trained on the synthetic chat set."""
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 300:
         raise ConfigError(f"vocab_size must be an integer >= 300 (256 bytes, specials, merges), got {vocab_size!r}")
+    import jinja2
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     from lightning_moe.data.chat import synthetic_chat
     from lightning_moe.data.train_tokenizer import END_OF_TEXT, train_bpe
 
-    texts = [
-        "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in conversation)
-        for conversation in synthetic_chat(_TOKENIZER_TEXT_EXAMPLES, seed=0)
-    ]
+    chatml = jinja2.Template(CHATML_TEMPLATE)  # the conversations as the tokenizer's template renders them
+    texts = [chatml.render(messages=conversation) for conversation in synthetic_chat(_TOKENIZER_TEXT_EXAMPLES, seed=0)]
     with tempfile.TemporaryDirectory() as tmp:
         # Two ids are left for the ChatML tokens added below.
         backend = Tokenizer.from_file(train_bpe(texts, vocab_size - 2, os.path.join(tmp, "tokenizer.json")))
