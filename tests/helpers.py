@@ -192,8 +192,7 @@ def assert_same_checkpoint(got, expected):
     assert got["state_dict"].keys() == expected["state_dict"].keys()
     for key, value in expected["state_dict"].items():
         assert torch.equal(got["state_dict"][key], value), key
-    for a, b in zip(expected["optimizer_states"][0]["state"].values(), got["optimizer_states"][0]["state"].values()):
-        assert all(torch.equal(a[name], b[name]) for name in a)
+    assert_same(got["optimizer_states"], expected["optimizer_states"])  # every state entry and group setting
     assert got["lr_schedulers"] == expected["lr_schedulers"]
     for name in ("ResumableRNG", "RoutingMonitor"):
         assert_same(got["callbacks"][name], expected["callbacks"][name])
