@@ -387,10 +387,14 @@ def test_ctrl_c_during_an_in_process_run_stops_the_study(tmp_path):
     # the study must stop there (not record a failure and go on with Ctrl-C ignored).
     interrupted = {"name": "a", "overrides": {"trainer.callbacks+": "helpers.InterruptAtStep"}}
     config = _write_study(tmp_path, [interrupted, {"name": "b"}])
-    handler = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt, match="interrupted during"):
-        lightning_moe.study.main(["--config", str(config), "--devices", "null"])
-    assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C works again
+    # Python's own Ctrl-C handler, also when pytest was started with SIGINT ignored (a background job).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="interrupted during"):
+            lightning_moe.study.main(["--config", str(config), "--devices", "null"])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     runs = tmp_path / "study" / "runs"
     assert not (runs / "a" / "seed_0" / "done.json").exists() and not (runs / "a" / "seed_0" / "failed.txt").exists()
     assert not (runs / "b").exists()
