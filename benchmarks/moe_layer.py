@@ -163,7 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--shapes", nargs="+", default=["8:2:1024", "32:2:1024", "64:8:256", "128:8:256"],
+    parser.add_argument("--shapes", nargs="*", default=["8:2:1024", "32:2:1024", "64:8:256", "128:8:256"],
                         help="experts:top_k:ffn_hidden per shape")
     parser.add_argument("--estimator-shapes", nargs="*", default=["8:2:1024", "64:8:256"])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (samples per module)")

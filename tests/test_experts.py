@@ -9,12 +9,17 @@ from lightning_moe.experts import Experts, fused, grouped_gemm
 from helpers import routing_cases, run_backend
 
 
-@pytest.mark.parametrize("block_rows", [2048, 5, 0])  # CPU: all experts in one block, some, one each
+# CPU: all experts in one block, some, one each; None: every row at once, as on a GPU (on the grouped
+# kernel for aligned rows, per segment for odd ones)
+@pytest.mark.parametrize("block_rows", [2048, 5, 0, None])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-@pytest.mark.parametrize("d_model,ffn_hidden", [(16, 32), (6, 10)])  # aligned and odd rows; CPU: per segment both
+@pytest.mark.parametrize("d_model,ffn_hidden", [(16, 32), (6, 10)])  # aligned and odd rows
 @pytest.mark.parametrize("case", list(routing_cases()), ids=lambda c: c[0])
 def test_torch_backend_matches_loop(case, activation, d_model, ffn_hidden, block_rows, monkeypatch):
-    monkeypatch.setattr(fused, "BLOCK_ROWS", block_rows)
+    if block_rows is None:
+        monkeypatch.setattr(grouped_gemm, "PER_SEGMENT_DEVICES", ())
+    else:
+        monkeypatch.setattr(fused, "BLOCK_ROWS", block_rows)
     _, E, indices = case
     experts = Experts(d_model, ffn_hidden, E, activation=activation)
     T, K = indices.shape

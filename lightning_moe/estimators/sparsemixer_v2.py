@@ -83,8 +83,8 @@ class SparseMixerV2(Estimator):
             for _ in range(top_k):
                 with torch.no_grad():  # piecewise constant in z: nothing here is kept for backward
                     remaining_TE = z_TE.masked_fill(picked_TE, float("-inf"))
-                    reference_T1 = remaining_TE.max(dim=-1, keepdim=True).values
-                    argmax_T = remaining_TE.argmax(dim=-1)
+                    reference_T1, argmax_T1 = remaining_TE.max(dim=-1, keepdim=True)  # first index of ties
+                    argmax_T = argmax_T1.squeeze(-1)
                 mask_TE = jitter_mask(z_TE, reference_T1, self.jitter_eps) | picked_TE
                 if self.training:
                     index_T = gumbel_max(z_TE, mask_TE)

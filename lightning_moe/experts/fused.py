@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from lightning_moe.experts import expert_output_sums
 from lightning_moe.experts.grouped_gemm import Segments, grouped_mm, grouped_mm_weight_grad, on_per_segment_device
 
 
@@ -141,8 +142,10 @@ def _in_expert_blocks(x_TD: Tensor) -> bool:
 class GatherFFNCombine(torch.autograd.Function):
     """``y_TD = index_add(token_ids_N, gate_N * FFN_e(x_TD[token_ids_N]))`` over pairs sorted by expert.
 
-    Returns ``(y_TD, out_ND)``: ``out_ND`` (the unweighted expert outputs, no gradient) only
-    when ``return_outputs``, else None. Double backward is not supported. On the devices of
+    Returns ``(y_TD, sums_E2D)``: with ``output_sums``, float32 [E, 2, D] (no gradient), per
+    expert the sum of its outputs over its pairs and the sum of the gate-weighted ones
+    (Default MoE's statistics), taken while each block's outputs are at hand, so no [N, D]
+    copy of the outputs is kept for them; else None. Double backward is not supported. On the devices of
     :data:`~lightning_moe.experts.grouped_gemm.PER_SEGMENT_DEVICES` (CPU) each expert's rows
     go through the chain a block of experts at a time (:class:`_ExpertBlocks`); elsewhere, and in compiled code,
     all rows go through each step at once on the grouped GEMM.
@@ -158,29 +161,29 @@ class GatherFFNCombine(torch.autograd.Function):
         activation: str,
         w1_EDH: Tensor,
         w2_EFD: Tensor,
-        return_outputs: bool,
+        output_sums: bool,
     ) -> tuple[Tensor, Tensor | None]:
         segments = Segments(tokens_per_expert_E, token_ids_N.shape[0])
         if _in_expert_blocks(x_TD):
-            y_TD, out_ND, h_NH = _forward_in_blocks(x_TD, gate_N, token_ids_N, segments, activation, w1_EDH, w2_EFD,
-                                                     return_outputs)
+            y_TD, sums_E2D, h_NH = _forward_in_blocks(x_TD, gate_N, token_ids_N, segments, activation, w1_EDH,
+                                                       w2_EFD, output_sums)
         else:
             x_ND = _gather(x_TD, token_ids_N)
             h_NH = grouped_mm(x_ND, w1_EDH, segments)
             out_ND = grouped_mm(_activation(activation, h_NH), w2_EFD, segments, out=x_ND)  # x_ND is done with
-            weighted_ND = out_ND * gate_N[:, None] if return_outputs else out_ND.mul_(gate_N[:, None])
-            y_TD = torch.zeros_like(x_TD).index_add_(0, token_ids_N, weighted_ND)
+            sums_E2D = _output_sums(out_ND, gate_N, tokens_per_expert_E) if output_sums else None
+            y_TD = torch.zeros_like(x_TD).index_add_(0, token_ids_N, out_ND.mul_(gate_N[:, None]))
         ctx.save_for_backward(x_TD, gate_N, token_ids_N, segments.offsets(), w1_EDH, w2_EFD, h_NH)
         # Host-side segment sizes of the per-segment matmul (None on the grouped kernel): read once, reused.
         ctx.activation, ctx.sizes = activation, segments.cached_sizes()
-        if not return_outputs:
+        if sums_E2D is None:
             return y_TD, None
-        ctx.mark_non_differentiable(out_ND)
-        return y_TD, out_ND
+        ctx.mark_non_differentiable(sums_E2D)
+        return y_TD, sums_E2D
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y_TD: Tensor, _grad_out: Tensor | None):
+    def backward(ctx, grad_y_TD: Tensor, _grad_sums: Tensor | None):
         x_TD, gate_N, token_ids_N, offsets_E, w1, w2, h_NH = ctx.saved_tensors
         segments = Segments.known(offsets_E, token_ids_N.shape[0], ctx.sizes)
         needs = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[5], ctx.needs_input_grad[6]
@@ -195,22 +198,43 @@ class GatherFFNCombine(torch.autograd.Function):
         return grad_x, grad_gate_N, None, None, None, grad_w1, grad_w2, None
 
 
-def _forward_in_blocks(x_TD, gate_N, token_ids_N, segments, activation, w1_EDH, w2_EFD, return_outputs):
-    """The forward of :class:`GatherFFNCombine`, a block of experts at a time: ``(y_TD, out_ND or None, h_NH)``."""
+def _forward_in_blocks(x_TD, gate_N, token_ids_N, segments, activation, w1_EDH, w2_EFD, output_sums):
+    """The forward of :class:`GatherFFNCombine`, a block of experts at a time: ``(y_TD, sums_E2D or None, h_NH)``."""
     blocks = _ExpertBlocks(segments, x_TD)
     h_NH = x_TD.new_empty(token_ids_N.shape[0], w1_EDH.shape[2])
-    out_ND = x_TD.new_empty(token_ids_N.shape[0], x_TD.shape[1]) if return_outputs else None
+    sums_E2D = x_TD.new_empty(w2_EFD.shape[0], 2, x_TD.shape[1], dtype=torch.float32) if output_sums else None
     y_TD = torch.zeros_like(x_TD)
-    per_block = zip(blocks.experts, blocks.segments, blocks.split(token_ids_N), blocks.split(gate_N[:, None]),
-                    blocks.split(h_NH))
-    outputs = blocks.split(out_ND) if return_outputs else itertools.repeat(None)
-    for (experts, segs, ids_n, gate_n1, h_nH), out_nD in zip(per_block, outputs):
+    per_block = zip(blocks.experts, blocks.segments, blocks.split(token_ids_N), blocks.split(gate_N), blocks.split(h_NH))
+    for experts, segs, ids_n, gate_n, h_nH in per_block:
         x_nD = blocks.gather(x_TD, ids_n)
         grouped_mm(x_nD, w1_EDH[experts], segs, out=h_nH)
-        a_nF = _activation(activation, h_nH)
-        out_nD = grouped_mm(a_nF, w2_EFD[experts], segs, out=x_nD if out_nD is None else out_nD)
-        y_TD.index_add_(0, ids_n, out_nD * gate_n1 if return_outputs else out_nD.mul_(gate_n1))
-    return y_TD, out_ND, h_NH
+        out_nD = grouped_mm(_activation(activation, h_nH), w2_EFD[experts], segs, out=x_nD)  # x_nD is done with
+        if output_sums:
+            _segment_output_sums(out_nD, gate_n, segs.sizes(), sums_E2D[experts])
+        y_TD.index_add_(0, ids_n, out_nD.mul_(gate_n[:, None]))
+    return y_TD, sums_E2D, h_NH
+
+
+def _segment_output_sums(out_nD: Tensor, gate_n: Tensor, sizes: list[int], sums_E2D: Tensor) -> None:
+    """Per expert, the sums of its rows of ``out_nD`` and of ``gate_n`` times them, written into ``sums_E2D``.
+
+    One [2, rows] x [rows, D] product per expert (a row of ones, then the gates), in float32.
+    """
+    for out_sD, gate_s, sums_2D in zip(out_nD.split(sizes), gate_n.split(sizes), sums_E2D):
+        coefficients_2s = torch.stack([torch.ones_like(gate_s), gate_s])
+        if out_sD.dtype == torch.float32:
+            torch.mm(coefficients_2s, out_sD, out=sums_2D)
+        else:
+            sums_2D.copy_(coefficients_2s.float() @ out_sD.float())
+
+
+def _output_sums(out_ND: Tensor, gate_N: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+    """Float32 [E, 2, D]: per expert the sum of its rows of ``out_ND`` and of ``gate_N`` times them (all rows at once)."""
+    num_experts = tokens_per_expert_E.shape[0]
+    expert_ids_N = torch.repeat_interleave(
+        torch.arange(num_experts, device=out_ND.device), tokens_per_expert_E, output_size=out_ND.shape[0]
+    )  # output_size given: no host synchronisation
+    return torch.stack(expert_output_sums(expert_ids_N, out_ND, gate_N, num_experts), dim=1)
 
 
 def _backward_in_blocks(grad_y_TD, x_TD, gate_N, token_ids_N, segments, activation, w1, w2, h_NH, needs):
@@ -276,12 +300,12 @@ def gather_ffn_combine(
     tokens_per_expert_E: Tensor,
     activation: str,
     weights: tuple[Tensor, Tensor],
-    return_outputs: bool = False,
+    output_sums: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """:class:`GatherFFNCombine` on pairs sorted by expert; ``weights`` = (w1, w2) in x's dtype."""
     w1, w2 = weights
     return GatherFFNCombine.apply(
-        x_TD, gate_N.to(x_TD.dtype), token_ids_N, tokens_per_expert_E, activation, w1, w2, return_outputs
+        x_TD, gate_N.to(x_TD.dtype), token_ids_N, tokens_per_expert_E, activation, w1, w2, output_sums
     )
 
 

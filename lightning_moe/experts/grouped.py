@@ -100,8 +100,10 @@ def grouped_experts(
     x_TD = x_TD.to(compute_dtype(x_TD))
     pairs = sort_pairs(indices_TK, experts.num_experts)
     gate_N = weights_TK.reshape(-1)[pairs.order_N]
-    y_TD, out_ND = gather_ffn_combine(
+    y_TD, sums_E2D = gather_ffn_combine(
         x_TD, gate_N, pairs.token_ids_N, pairs.tokens_per_expert_E, experts.activation,
-        experts.expert_weights(x_TD.dtype), return_outputs=return_output_sums,
+        experts.expert_weights(x_TD.dtype), output_sums=return_output_sums,
     )
-    return y_TD, pair_stats(pairs, out_ND, gate_N, experts.num_experts)  # out_ND is None without output sums
+    if sums_E2D is None:
+        return y_TD, ExpertStats(pairs.tokens_per_expert_E)
+    return y_TD, ExpertStats(pairs.tokens_per_expert_E, sums_E2D[:, 0], sums_E2D[:, 1])
