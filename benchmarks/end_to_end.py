@@ -1,6 +1,7 @@
 """Training throughput of the MoE language model against a dense one with the same active parameters.
 
-One training step = forward, next-token cross-entropy, backward and an AdamW step of
+One training step = forward, next-token cross-entropy, backward and an AdamW step (the fused
+kernel where available, as :class:`~lightning_moe.MoELanguageModel` trains) of
 :class:`~lightning_moe.model.MoETransformer` (no Lightning loop, no balancing losses), on
 random token ids. Models, measured side by side in interleaved rounds (one step of every
 model per round, so drift in machine load hits all alike):
@@ -29,6 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lightning_moe.lm_training import adamw
 from lightning_moe.model import MoETransformer, TransformerConfig
 
 
@@ -98,7 +100,7 @@ def main() -> None:
 
     names = ["dense", "moe", "fine"] + (["dense compiled", "moe compiled"] if args.compile else [])
     models = {name: make_model(args, name) for name in names}
-    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-4) for name, model in models.items()}
+    optimizers = {name: adamw(model.parameters(), lr=1e-4) for name, model in models.items()}  # as the models train
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, 258, (args.batch_size, args.seq_len + 1), generator=generator).to(args.device)
     tokens = args.batch_size * args.seq_len

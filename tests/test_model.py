@@ -255,6 +255,26 @@ def test_weight_decay_groups():
     assert len(decay) + len(no_decay) == len(list(model.parameters()))
 
 
+def test_the_optimizer_is_torchs_fused_adamw_and_steps_as_adamws_formula():
+    model = tiny_module(weight_decay=0.1)
+    model.trainer = tiny_trainer(max_steps=10)
+    optimizer = model.configure_optimizers()["optimizer"]
+    assert optimizer.defaults["fused"] is True  # every parameter is on the CPU
+    param = model.model.blocks[0].ffn.experts.w1
+    before = param.detach().double().clone()
+    grad = torch.randn_like(param)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    param.grad = grad.clone()
+    optimizer.step()
+    group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
+    lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    g = grad.double()  # AdamW's first step (Loshchilov & Hutter, Alg. 2), bias-corrected, in float64
+    m_hat, v_hat = (1 - beta1) * g / (1 - beta1), (1 - beta2) * g * g / (1 - beta2)
+    expected = before * (1 - lr * decay) - lr * m_hat / (v_hat.sqrt() + eps)
+    torch.testing.assert_close(param.detach().double(), expected, rtol=1e-5, atol=1e-7)
+
+
 def test_validate_logs_token_weighted_loss_and_perplexity():
     torch.manual_seed(0)
     model = tiny_module()
