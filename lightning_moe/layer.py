@@ -184,6 +184,7 @@ class MoELayer(Float32Buffers):
 
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.input_jitter = input_jitter
+        dynamic_step_counters()  # also for a layer compiled by torch.compile(...) rather than .compile()
         self.router = Router(d_model, num_experts)
         self.estimator = self._build_estimator(estimator, estimator_args or {})
         self.estimator.bind(num_experts=num_experts, top_k=top_k, d_model=d_model)
@@ -319,11 +320,6 @@ class MoELayer(Float32Buffers):
                 self.estimator.observe_expert_outputs(expert_stats)
         return y_TD.reshape(*x.shape[:-1], self.d_model)
 
-    def compile(self, *args: Any, **kwargs: Any) -> None:
-        """``nn.Module.compile``, with the routing statistics' counters left dynamic (:func:`dynamic_step_counters`)."""
-        dynamic_step_counters()
-        super().compile(*args, **kwargs)
-
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, input_jitter={self.input_jitter}"
 
@@ -335,7 +331,9 @@ def dynamic_step_counters() -> None:
     their values, so ``num_forwards`` and ``num_tokens`` (which grow until a callback
     calls :meth:`MoELayer.finish_step`) would compile the layer again on every step. This
     sets ``torch._dynamo.config.allow_unspec_int_on_nn_module`` (process-wide) so they are
-    traced as dynamic ints instead.
+    traced as dynamic ints instead. Every :class:`MoELayer` calls it when it is built, so
+    however it is compiled (``layer.compile()``, ``torch.compile(model)``), its counters
+    are dynamic.
     """
     torch._dynamo.config.allow_unspec_int_on_nn_module = True
 

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_moe.errors import ConfigError
 from lightning_moe.experts import ACTIVATIONS, init_std_for_depth
-from lightning_moe.layer import MoELayer, dynamic_step_counters
+from lightning_moe.layer import MoELayer
 
 
 def _require_positive(name: str, value: int | float) -> None:
@@ -308,7 +308,6 @@ class MoETransformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
         if config.compile:
-            dynamic_step_counters()
             backend = "inductor" if config.compile is True else config.compile
             for block in self.blocks:
                 block.compile(backend=backend, dynamic=None)

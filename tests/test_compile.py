@@ -83,6 +83,21 @@ def test_varying_token_counts_do_not_recompile_every_step():
     assert frames[3:] == [frames[2]] * 3, frames
 
 
+def test_a_layer_compiled_with_torch_compile_itself_does_not_recompile_as_its_step_counters_grow(monkeypatch):
+    """``torch.compile(layer)`` (not ``layer.compile``) gets the same dynamic step counters."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "allow_unspec_int_on_nn_module", False)  # as in a fresh process
+    layer = make_layer("topk")
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter, dynamic=True)
+    frames = []
+    for _ in range(5):  # the same token count every step: only the counters change
+        step(compiled, torch.randn(24, 16))
+        frames.append(counter.frame_count)
+    assert layer.routing_stats.num_forwards == 5
+    assert frames[2:] == [frames[1]] * 3, frames
+
+
 def test_model_flag_compiles_each_block_and_matches_eager():
     torch._dynamo.reset()
     moe = {"num_experts": 4, "top_k": 2, "ffn_hidden": 32}
