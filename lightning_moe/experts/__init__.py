@@ -117,10 +117,7 @@ class Experts(nn.Module):
 
     def activate(self, h_NH: Tensor) -> Tensor:
         """The expert nonlinearity applied to the first projection ``x @ w1`` ([..., 2F] for SwiGLU)."""
-        if self.activation == "swiglu":
-            h1, h3 = h_NH.split(self.ffn_hidden, dim=-1)
-            return F.silu(h1) * h3
-        return F.gelu(h_NH)
+        return activate(self.activation, h_NH)
 
     def expert_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``(w1, w2)`` in ``dtype``."""
@@ -147,6 +144,18 @@ class Experts(nn.Module):
             f"activation={self.activation!r}, backend={self.backend!r}"
             + ("" if self.expert_parallel is None else f", expert_parallel={self.expert_parallel}")
         )
+
+
+def activate(activation: str, h_NH: Tensor, in_place: bool = False) -> Tensor:
+    """``silu(h1) * h3`` for ``"swiglu"`` (h = [h1 | h3], gate then up), ``gelu(h)`` for ``"gelu"``.
+
+    ``in_place`` multiplies into silu's output instead of a new tensor (outside autograd only).
+    """
+    if activation != "swiglu":
+        return F.gelu(h_NH)
+    h1_NF, h3_NF = h_NH.chunk(2, dim=-1)
+    silu_NF = F.silu(h1_NF)
+    return silu_NF.mul_(h3_NF) if in_place else silu_NF * h3_NF
 
 
 def merge_gate_and_up(module: Experts, state_dict: dict, prefix: str, *args) -> None:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_moe.experts import expert_output_sums
+from lightning_moe.experts import activate, expert_output_sums
 from lightning_moe.experts.grouped_gemm import Segments, grouped_mm, grouped_mm_weight_grad, on_per_segment_device
 
 
@@ -51,14 +51,6 @@ def _gather(x_TD: Tensor, token_ids_N: Tensor, out: Tensor | None = None) -> Ten
     if out is None or torch.compiler.is_compiling():
         return x_TD.index_select(0, token_ids_N)
     return torch.index_select(x_TD, 0, token_ids_N, out=out)
-
-
-def _activation(name: str, h_NH: Tensor) -> Tensor:
-    """``silu(h1) * h3`` (h = [h1 | h3]) or ``gelu(h)``; one new [N, F] buffer."""
-    if name != "swiglu":
-        return F.gelu(h_NH)
-    h1_NF, h3_NF = h_NH.chunk(2, dim=1)
-    return F.silu(h1_NF).mul_(h3_NF)
 
 
 def _recomputed_activation(name: str, h_NH: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -170,7 +162,8 @@ class GatherFFNCombine(torch.autograd.Function):
         else:
             x_ND = _gather(x_TD, token_ids_N)
             h_NH = grouped_mm(x_ND, w1_EDH, segments)
-            out_ND = grouped_mm(_activation(activation, h_NH), w2_EFD, segments, out=x_ND)  # x_ND is done with
+            a_NF = activate(activation, h_NH, in_place=True)
+            out_ND = grouped_mm(a_NF, w2_EFD, segments, out=x_ND)  # x_ND is done with
             sums_E2D = _output_sums(out_ND, gate_N, tokens_per_expert_E) if output_sums else None
             y_TD = torch.zeros_like(x_TD).index_add_(0, token_ids_N, out_ND.mul_(gate_N[:, None]))
         ctx.save_for_backward(x_TD, gate_N, token_ids_N, segments.offsets(), w1_EDH, w2_EFD, h_NH)
@@ -204,11 +197,13 @@ def _forward_in_blocks(x_TD, gate_N, token_ids_N, segments, activation, w1_EDH, 
     h_NH = x_TD.new_empty(token_ids_N.shape[0], w1_EDH.shape[2])
     sums_E2D = x_TD.new_empty(w2_EFD.shape[0], 2, x_TD.shape[1], dtype=torch.float32) if output_sums else None
     y_TD = torch.zeros_like(x_TD)
-    per_block = zip(blocks.experts, blocks.segments, blocks.split(token_ids_N), blocks.split(gate_N), blocks.split(h_NH))
+    per_block = zip(blocks.experts, blocks.segments, blocks.split(token_ids_N), blocks.split(gate_N),
+                    blocks.split(h_NH))
     for experts, segs, ids_n, gate_n, h_nH in per_block:
         x_nD = blocks.gather(x_TD, ids_n)
         grouped_mm(x_nD, w1_EDH[experts], segs, out=h_nH)
-        out_nD = grouped_mm(_activation(activation, h_nH), w2_EFD[experts], segs, out=x_nD)  # x_nD is done with
+        a_nF = activate(activation, h_nH, in_place=True)
+        out_nD = grouped_mm(a_nF, w2_EFD[experts], segs, out=x_nD)  # x_nD is done with
         if output_sums:
             _segment_output_sums(out_nD, gate_n, segs.sizes(), sums_E2D[experts])
         y_TD.index_add_(0, ids_n, out_nD.mul_(gate_n[:, None]))
@@ -229,7 +224,8 @@ def _segment_output_sums(out_nD: Tensor, gate_n: Tensor, sizes: list[int], sums_
 
 
 def _output_sums(out_ND: Tensor, gate_N: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
-    """Float32 [E, 2, D]: per expert the sum of its rows of ``out_ND`` and of ``gate_N`` times them (all rows at once)."""
+    """Float32 [E, 2, D]: per expert the sum of its rows of ``out_ND`` and of ``gate_N`` times them (all rows
+    at once)."""
     num_experts = tokens_per_expert_E.shape[0]
     expert_ids_N = torch.repeat_interleave(
         torch.arange(num_experts, device=out_ND.device), tokens_per_expert_E, output_size=out_ND.shape[0]
