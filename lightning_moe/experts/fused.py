@@ -86,6 +86,14 @@ def _gate_gradient_terms(dout_nF: Tensor, a_nF: Tensor, scratch_nF: Tensor) -> T
     return torch.mul(dout_nF, a_nF, out=scratch_nF)
 
 
+def _gated_w2_operands(a_NF: Tensor, dy_ND: Tensor, gate_N1: Tensor) -> tuple[Tensor, Tensor]:
+    """``(a, dy)`` for w2's gradient sum_n a_n^T gate_n dy_n, the gate multiplied in place into the
+    narrower of the two (the caller is done with both values after)."""
+    if a_NF.shape[1] <= dy_ND.shape[1]:
+        return a_NF.mul_(gate_N1), dy_ND
+    return a_NF, dy_ND.mul_(gate_N1)
+
+
 #: Rows per block of consecutive experts on the CPU path (a block holds at least one expert).
 BLOCK_ROWS = 2048
 
@@ -252,7 +260,7 @@ def _backward_in_blocks(grad_y_TD, x_TD, gate_N, token_ids_N, segments, activati
         if need_gate:
             torch.sum(_gate_gradient_terms(dout_nF, a_nF, dh_nH[:, : a_nF.shape[1]]), dim=1, out=grad_gate_n)
         if need_w2:
-            grouped_mm_weight_grad(a_nF, dy_nD.mul_(gate_n1), segs, out=grad_w2[experts])
+            grouped_mm_weight_grad(*_gated_w2_operands(a_nF, dy_nD, gate_n1), segs, out=grad_w2[experts])
         dh_nH = _activation_backward(activation, dout_nF.mul_(gate_n1), h_nH, silu_nF, dh_nH)
         if need_w1:  # x re-gathered instead of kept
             grouped_mm_weight_grad(blocks.gather(x_TD, ids_n), dh_nH, segs, out=grad_w1[experts])
@@ -270,12 +278,7 @@ def _backward_grouped(grad_y_TD, x_TD, gate_N, token_ids_N, segments, activation
     a_NF, silu_NF = _recomputed_activation(activation, h_NH)
     dh_NH = h_NH.new_empty(h_NH.shape)  # its first F columns hold scratch until dL/dh is written
     grad_gate_N = _gate_gradient_terms(dout_NF, a_NF, dh_NH[:, : a_NF.shape[1]]).sum(dim=1) if need_gate else None
-    grad_w2 = None
-    if need_w2:  # sum_n a_n^T gate_n dy_n; the gate scales the narrower of a and dy (dy's values are done after)
-        if a_NF.shape[1] <= dy_ND.shape[1]:
-            grad_w2 = grouped_mm_weight_grad(a_NF.mul_(gate_N1), dy_ND, segments)
-        else:
-            grad_w2 = grouped_mm_weight_grad(a_NF, dy_ND.mul_(gate_N1), segments)
+    grad_w2 = grouped_mm_weight_grad(*_gated_w2_operands(a_NF, dy_ND, gate_N1), segments) if need_w2 else None
     del a_NF
     dh_NH = _activation_backward(activation, dout_NF.mul_(gate_N1), h_NH, silu_NF, dh_NH)
     del dout_NF, silu_NF
