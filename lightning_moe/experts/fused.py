@@ -164,15 +164,17 @@ class GatherFFNCombine(torch.autograd.Function):
         output_sums: bool,
     ) -> tuple[Tensor, Tensor | None]:
         segments = Segments(tokens_per_expert_E, token_ids_N.shape[0])
+        # The gates multiply in the compute dtype; the output sums use them as routed (float32).
+        sums_gate_N, gate_N = (gate_N if output_sums else None), gate_N.to(x_TD.dtype)
         if _in_expert_blocks(x_TD):
             y_TD, sums_E2D, h_NH = _forward_in_blocks(x_TD, gate_N, token_ids_N, segments, activation, w1_EDH,
-                                                       w2_EFD, output_sums)
+                                                       w2_EFD, sums_gate_N)
         else:
             x_ND = _gather(x_TD, token_ids_N)
             h_NH = grouped_mm(x_ND, w1_EDH, segments)
             a_NF = activate(activation, h_NH, in_place=True)
             out_ND = grouped_mm(a_NF, w2_EFD, segments, out=x_ND)  # x_ND is done with
-            sums_E2D = _output_sums(out_ND, gate_N, tokens_per_expert_E) if output_sums else None
+            sums_E2D = None if sums_gate_N is None else _output_sums(out_ND, sums_gate_N, tokens_per_expert_E)
             y_TD = torch.zeros_like(x_TD).index_add_(0, token_ids_N, out_ND.mul_(gate_N[:, None]))
         ctx.save_for_backward(x_TD, gate_N, token_ids_N, segments.offsets(), w1_EDH, w2_EFD, h_NH)
         # Host-side segment sizes of the per-segment matmul (None on the grouped kernel): read once, reused.
@@ -199,21 +201,24 @@ class GatherFFNCombine(torch.autograd.Function):
         return grad_x, grad_gate_N, None, None, None, grad_w1, grad_w2, None
 
 
-def _forward_in_blocks(x_TD, gate_N, token_ids_N, segments, activation, w1_EDH, w2_EFD, output_sums):
-    """The forward of :class:`GatherFFNCombine`, a block of experts at a time: ``(y_TD, sums_E2D or None, h_NH)``."""
+def _forward_in_blocks(x_TD, gate_N, token_ids_N, segments, activation, w1_EDH, w2_EFD, sums_gate_N):
+    """The forward of :class:`GatherFFNCombine`, a block of experts at a time: ``(y_TD, sums_E2D or None, h_NH)``;
+    the output sums only with their gates ``sums_gate_N``."""
     blocks = _ExpertBlocks(segments, x_TD)
     h_NH = x_TD.new_empty(token_ids_N.shape[0], w1_EDH.shape[2])
+    output_sums = sums_gate_N is not None
     sums_E2D = x_TD.new_empty(w2_EFD.shape[0], 2, x_TD.shape[1], dtype=torch.float32) if output_sums else None
+    sums_gates = blocks.split(sums_gate_N) if output_sums else itertools.repeat(None)
     y_TD = torch.zeros_like(x_TD)
     per_block = zip(blocks.experts, blocks.segments, blocks.split(token_ids_N), blocks.split(gate_N),
                     blocks.split(h_NH))
-    for experts, segs, ids_n, gate_n, h_nH in per_block:
+    for (experts, segs, ids_n, gate_n, h_nH), sums_gate_n in zip(per_block, sums_gates):
         x_nD = blocks.gather(x_TD, ids_n)
         grouped_mm(x_nD, w1_EDH[experts], segs, out=h_nH)
         a_nF = activate(activation, h_nH, in_place=True)
         out_nD = grouped_mm(a_nF, w2_EFD[experts], segs, out=x_nD)  # x_nD is done with
         if output_sums:
-            _segment_output_sums(out_nD, gate_n, segs.sizes(), sums_E2D[experts])
+            _segment_output_sums(out_nD, sums_gate_n, segs.sizes(), sums_E2D[experts])
         y_TD.index_add_(0, ids_n, out_nD.mul_(gate_n[:, None]))
     return y_TD, sums_E2D, h_NH
 
@@ -225,7 +230,7 @@ def _segment_output_sums(out_nD: Tensor, gate_n: Tensor, sizes: list[int], sums_
     """
     for out_sD, gate_s, sums_2D in zip(out_nD.split(sizes), gate_n.split(sizes), sums_E2D):
         coefficients_2s = torch.stack([torch.ones_like(gate_s), gate_s])
-        if out_sD.dtype == torch.float32:
+        if out_sD.dtype == coefficients_2s.dtype == torch.float32:
             torch.mm(coefficients_2s, out_sD, out=sums_2D)
         else:
             sums_2D.copy_(coefficients_2s.float() @ out_sD.float())
@@ -303,9 +308,7 @@ def gather_ffn_combine(
 ) -> tuple[Tensor, Tensor | None]:
     """:class:`GatherFFNCombine` on pairs sorted by expert; ``weights`` = (w1, w2) in x's dtype."""
     w1, w2 = weights
-    return GatherFFNCombine.apply(
-        x_TD, gate_N.to(x_TD.dtype), token_ids_N, tokens_per_expert_E, activation, w1, w2, output_sums
-    )
+    return GatherFFNCombine.apply(x_TD, gate_N, token_ids_N, tokens_per_expert_E, activation, w1, w2, output_sums)
 
 
 def saved_activation_bytes(run: Callable[[], object], excluded: Iterable[Tensor] = ()) -> int:
