@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +99,27 @@ def _gated_w2_operands(a_NF: Tensor, dy_ND: Tensor, gate_N1: Tensor) -> tuple[Te
 BLOCK_ROWS = 2048
 
 
+class _BlockLayout(NamedTuple):
+    """Which consecutive experts each block holds, its row count and its segments (host-side only)."""
+
+    experts: list[slice]
+    row_counts: list[int]
+    segments: list[Segments]
+
+
+def _block_layout(sizes: list[int]) -> _BlockLayout:
+    """Consecutive experts grouped into blocks of at least :data:`BLOCK_ROWS` rows (the last may have fewer)."""
+    experts, row_counts = [], []
+    first = rows = 0
+    for e, count in enumerate(sizes):
+        rows += count
+        if rows >= BLOCK_ROWS or e == len(sizes) - 1:
+            experts.append(slice(first, e + 1))
+            row_counts.append(rows)
+            first, rows = e + 1, 0
+    return _BlockLayout(experts, row_counts, [Segments.of_sizes(sizes[block]) for block in experts])
+
+
 class _ExpertBlocks:
     """The sorted pairs' rows in blocks of consecutive experts, each block run through the whole chain at once.
 
@@ -108,18 +130,8 @@ class _ExpertBlocks:
     block the elementwise steps run as a few large operations, not one per small expert.
     """
 
-    def __init__(self, segments: Segments, x_TD: Tensor) -> None:
-        sizes = segments.sizes()
-        self.experts: list[slice] = []
-        self.row_counts: list[int] = []
-        first = rows = 0
-        for e, count in enumerate(sizes):
-            rows += count
-            if rows >= BLOCK_ROWS or e == len(sizes) - 1:
-                self.experts.append(slice(first, e + 1))
-                self.row_counts.append(rows)
-                first, rows = e + 1, 0
-        self.segments = [Segments.of_sizes(sizes[experts]) for experts in self.experts]
+    def __init__(self, layout: _BlockLayout, x_TD: Tensor) -> None:
+        self.experts, self.row_counts, self.segments = layout
         self.scratch_RD = x_TD.new_empty(max(self.row_counts, default=0), x_TD.shape[1])
 
     def split(self, tensor_N: Tensor) -> tuple[Tensor, ...]:
@@ -166,9 +178,12 @@ class GatherFFNCombine(torch.autograd.Function):
         segments = Segments(tokens_per_expert_E, token_ids_N.shape[0])
         # The gates multiply in the compute dtype; the output sums use them as routed (float32).
         sums_gate_N, gate_N = (gate_N if output_sums else None), gate_N.to(x_TD.dtype)
-        if _in_expert_blocks(x_TD):
-            y_TD, sums_E2D, h_NH = _forward_in_blocks(x_TD, gate_N, token_ids_N, segments, activation, w1_EDH,
-                                                       w2_EFD, sums_gate_N)
+        # Chosen once, kept for backward (host-side ints): the block layout, or None for all rows at once.
+        ctx.block_layout = _block_layout(segments.sizes()) if _in_expert_blocks(x_TD) else None
+        if ctx.block_layout is not None:
+            blocks = _ExpertBlocks(ctx.block_layout, x_TD)
+            y_TD, sums_E2D, h_NH = _forward_in_blocks(blocks, x_TD, gate_N, token_ids_N, activation, w1_EDH, w2_EFD,
+                                                       sums_gate_N)
         else:
             x_ND = _gather(x_TD, token_ids_N)
             h_NH = grouped_mm(x_ND, w1_EDH, segments)
@@ -188,23 +203,23 @@ class GatherFFNCombine(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y_TD: Tensor, _grad_sums: Tensor | None):
         x_TD, gate_N, token_ids_N, offsets_E, w1, w2, h_NH = ctx.saved_tensors
-        segments = Segments.known(offsets_E, token_ids_N.shape[0], ctx.sizes)
         needs = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[5], ctx.needs_input_grad[6]
         grad_y_TD = grad_y_TD.to(x_TD.dtype)
-        if _in_expert_blocks(x_TD):
-            grads = _backward_in_blocks(grad_y_TD, x_TD, gate_N, token_ids_N, segments, ctx.activation, w1, w2, h_NH,
+        if ctx.block_layout is not None:
+            blocks = _ExpertBlocks(ctx.block_layout, x_TD)
+            grads = _backward_in_blocks(blocks, grad_y_TD, x_TD, gate_N, token_ids_N, ctx.activation, w1, w2, h_NH,
                                          needs)
         else:
+            segments = Segments.known(offsets_E, token_ids_N.shape[0], ctx.sizes)
             grads = _backward_grouped(grad_y_TD, x_TD, gate_N, token_ids_N, segments, ctx.activation, w1, w2, h_NH,
                                       needs)
         grad_x, grad_gate_N, grad_w1, grad_w2 = grads
         return grad_x, grad_gate_N, None, None, None, grad_w1, grad_w2, None
 
 
-def _forward_in_blocks(x_TD, gate_N, token_ids_N, segments, activation, w1_EDH, w2_EFD, sums_gate_N):
+def _forward_in_blocks(blocks, x_TD, gate_N, token_ids_N, activation, w1_EDH, w2_EFD, sums_gate_N):
     """The forward of :class:`GatherFFNCombine`, a block of experts at a time: ``(y_TD, sums_E2D or None, h_NH)``;
     the output sums only with their gates ``sums_gate_N``."""
-    blocks = _ExpertBlocks(segments, x_TD)
     h_NH = x_TD.new_empty(token_ids_N.shape[0], w1_EDH.shape[2])
     output_sums = sums_gate_N is not None
     sums_E2D = x_TD.new_empty(w2_EFD.shape[0], 2, x_TD.shape[1], dtype=torch.float32) if output_sums else None
@@ -246,10 +261,9 @@ def _output_sums(out_ND: Tensor, gate_N: Tensor, tokens_per_expert_E: Tensor) ->
     return torch.stack(expert_output_sums(expert_ids_N, out_ND, gate_N, num_experts), dim=1)
 
 
-def _backward_in_blocks(grad_y_TD, x_TD, gate_N, token_ids_N, segments, activation, w1, w2, h_NH, needs):
+def _backward_in_blocks(blocks, grad_y_TD, x_TD, gate_N, token_ids_N, activation, w1, w2, h_NH, needs):
     """The backward of :class:`GatherFFNCombine`, a block of experts at a time (as :func:`_backward_grouped`)."""
     need_x, need_gate, need_w1, need_w2 = needs
-    blocks = _ExpertBlocks(segments, x_TD)
     grad_x = torch.zeros_like(x_TD) if need_x else None
     grad_gate_N = gate_N.new_empty(gate_N.shape) if need_gate else None
     grad_gates = blocks.split(grad_gate_N) if need_gate else itertools.repeat(None)

@@ -60,14 +60,10 @@ def combine_pairs(
     """Scatter the sorted pairs' expert outputs back to their tokens, each times its routing weight."""
     gate_N = weights_TK.reshape(-1)[pairs.order_N]
     y_TD = torch.zeros_like(x_TD).index_add(0, pairs.token_ids_N, out_ND * gate_N.to(out_ND.dtype)[:, None])
-    return y_TD, pair_stats(pairs, out_ND if return_output_sums else None, gate_N, num_experts)
-
-
-def pair_stats(pairs: SortedPairs, out_ND: Tensor | None, gate_N: Tensor, num_experts: int) -> ExpertStats:
-    """The routing's :class:`ExpertStats`, with the per-expert output sums when the outputs ``out_ND`` are given."""
-    if out_ND is None:
-        return ExpertStats(pairs.tokens_per_expert_E)
-    return ExpertStats(pairs.tokens_per_expert_E, *expert_output_sums(pairs.expert_ids_N, out_ND, gate_N, num_experts))
+    if not return_output_sums:
+        return y_TD, ExpertStats(pairs.tokens_per_expert_E)
+    sums = expert_output_sums(pairs.expert_ids_N, out_ND, gate_N, num_experts)
+    return y_TD, ExpertStats(pairs.tokens_per_expert_E, *sums)
 
 
 class GroupedDispatch:
