@@ -52,25 +52,9 @@ def load_chat_tokenizer(spec: str, chat_template: str | None = None) -> Any:
     """
     if not isinstance(spec, str) or not spec:
         raise ConfigError(f"data.tokenizer must be a tokenizer folder, tokenizer.json or Hub name, got {spec!r}")
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from lightning_moe.data.tokenizers import load_transformers_tokenizer
 
-    from lightning_moe.data.sources import first_line, honour_offline_env
-
-    path = os.path.expanduser(spec)
-    try:
-        if os.path.isfile(path):
-            tokenizer = PreTrainedTokenizerFast(tokenizer_file=path)
-        else:
-            with honour_offline_env():
-                tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as err:  # no such folder or name, offline, or not a tokenizer
-        raise ConfigError(
-            f"data.tokenizer={spec!r} cannot be loaded with transformers.AutoTokenizer"
-            f" ({type(err).__name__}: {first_line(err)});"
-            " pass a local tokenizer folder or tokenizer.json, or a Hub name (with network access or a cached copy)"
-        ) from None
-    if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError(f"data.tokenizer={spec!r} has no fast (Rust) tokenizer; use one with a tokenizer.json")
+    tokenizer = load_transformers_tokenizer(spec)
     if chat_template is not None:
         if not isinstance(chat_template, str) or not chat_template.strip():
             raise ConfigError(f"data.chat_template must be a Jinja template string or file, got {chat_template!r}")

@@ -183,11 +183,14 @@ def load_tokenizer(spec: str) -> Tokenizer:
 def _from_tokenizer_json(spec: str, file: str, folder: str) -> HFTokenizer:
     from tokenizers import Tokenizer as Backend
 
+    from lightning_moe.data.sources import first_line
+
     try:
         backend = Backend.from_file(file)
     except Exception as err:  # the Rust library raises a bare Exception for any parse error
         raise ConfigError(
-            f"data.tokenizer={spec!r}: {file!r} is not a Hugging Face tokenizer.json ({_first_line(err)})"
+            f"data.tokenizer={spec!r}: {file!r} is not a Hugging Face tokenizer.json"
+            f" ({type(err).__name__}: {first_line(err)})"
         ) from None
     specials = _config_specials(os.path.join(folder, "tokenizer_config.json"), backend)
     if specials is None:
@@ -219,29 +222,38 @@ def _first_token_id(backend: Any, names: tuple[str, ...]) -> int | None:
 
 
 def _from_transformers(spec: str) -> HFTokenizer:
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise ConfigError(
-            f"data.tokenizer={spec!r} is not a local tokenizer.json file or folder; loading it by name"
-            " needs the transformers package (pip install transformers)"
-        ) from None
-    from lightning_moe.data.sources import honour_offline_env
-
-    try:
-        with honour_offline_env():
-            tok = AutoTokenizer.from_pretrained(spec)
-    except Exception as err:  # offline, unknown name, or a folder without tokenizer files
-        raise ConfigError(
-            f"data.tokenizer={spec!r} cannot be loaded: no such tokenizer.json file or folder, and"
-            f" transformers.AutoTokenizer failed ({_first_line(err)}); pass 'bytes', a local"
-            " tokenizer.json / folder, or a Hub name with network access (or HF_HUB_OFFLINE=1 and a cached copy)"
-        ) from None
-    if not getattr(tok, "is_fast", False):
-        raise ConfigError(f"data.tokenizer={spec!r} has no fast (Rust) tokenizer; use a tokenizer with tokenizer.json")
+    tok = load_transformers_tokenizer(spec)
     return HFTokenizer(tok.backend_tokenizer, spec, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
 
 
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+def load_transformers_tokenizer(spec: str, field: str = "data.tokenizer") -> Any:
+    """A ``transformers`` fast tokenizer from a tokenizer.json file, a folder or a Hub name.
+
+    Anything that cannot be loaded, or has no fast (Rust) tokenizer, is a one-line
+    ``ConfigError`` naming ``field``. Hub names honour ``HF_HUB_OFFLINE``.
+    """
+    try:
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    except ImportError:
+        raise ConfigError(
+            f"{field}={spec!r} is not a local tokenizer.json file or folder; loading it by name"
+            " needs the transformers package (pip install transformers)"
+        ) from None
+    from lightning_moe.data.sources import first_line, honour_offline_env
+
+    path = os.path.expanduser(spec)
+    try:
+        if os.path.isfile(path):
+            tok = PreTrainedTokenizerFast(tokenizer_file=path)
+        else:
+            with honour_offline_env():
+                tok = AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # offline, unknown name, a folder without tokenizer files, or not a tokenizer
+        raise ConfigError(
+            f"{field}={spec!r} cannot be loaded with transformers.AutoTokenizer"
+            f" ({type(err).__name__}: {first_line(err)}); pass a local tokenizer.json or folder, or a Hub name"
+            " with network access (or HF_HUB_OFFLINE=1 and a cached copy)"
+        ) from None
+    if not getattr(tok, "is_fast", False):
+        raise ConfigError(f"{field}={spec!r} has no fast (Rust) tokenizer; use a tokenizer with tokenizer.json")
+    return tok

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_moe.data.tokenizers import load_transformers_tokenizer
 from lightning_moe.errors import ConfigError
 from lightning_moe.hf.convert import HFMoEBlock, from_hf, to_hf
 from lightning_moe.layer import moe_layers
@@ -224,9 +225,7 @@ class HFMoELanguageModel(CausalLMTraining):
                 f"max_new_tokens and temperature must be >= 0 and top_k None or >= 1, got {max_new_tokens},"
                 f" {temperature}, {top_k}"
             )
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_source)
+        tokenizer = load_transformers_tokenizer(self.tokenizer_source, field="tokenizer_source")
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(self.device)
         sampling = {"do_sample": False}  # temperature 0: greedy
         if temperature > 0:
@@ -258,9 +257,7 @@ def export_pretrained(module: HFMoELanguageModel, output: str, tokenizer: Any = 
     model.save_pretrained(output)
     source = module.tokenizer_source if tokenizer is None else tokenizer
     if isinstance(source, (str, os.PathLike)):
-        from transformers import AutoTokenizer
-
-        source = AutoTokenizer.from_pretrained(source)
+        source = load_transformers_tokenizer(os.fspath(source), field="tokenizer")
     if source is not None:
         source.save_pretrained(output)
     return output
