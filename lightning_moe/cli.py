@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import sys
 
+import lightning as L
 import torch
 from jsonargparse import CLI
 
@@ -50,22 +51,16 @@ def sample(
         top_k: sample only among the k most likely tokens (None: all).
         seed: random seed, for reproducible samples.
     """
-    hparams = check_checkpoint(checkpoint, "checkpoint")
+    cls = check_checkpoint(checkpoint, "checkpoint") or MoELanguageModel  # unchecked paths: the default model
     torch.manual_seed(seed)
-    if _is_hf(hparams):
-        from lightning_moe.hf.module import HFMoELanguageModel
-
-        with damaged_checkpoint_errors(checkpoint):
-            model = HFMoELanguageModel.load_from_checkpoint(checkpoint, map_location="cpu")
-    else:
-        with damaged_checkpoint_errors(checkpoint):
-            model = MoELanguageModel.load_from_checkpoint(checkpoint, map_location="cpu")
+    model = _load_model(checkpoint, cls)
     print(model.sample_text(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k))
 
 
-def _is_hf(hparams: dict | None) -> bool:
-    """Whether a checkpoint with ``hparams`` (:func:`check_checkpoint`'s) is of ``HFMoELanguageModel``."""
-    return "pretrained" in (hparams or {})
+def _load_model(checkpoint: str, cls: type[L.LightningModule]) -> L.LightningModule:
+    """The model of ``checkpoint`` (of class ``cls``, :func:`check_checkpoint`'s answer), on the CPU."""
+    with damaged_checkpoint_errors(checkpoint):
+        return cls.load_from_checkpoint(checkpoint, map_location="cpu")
 
 
 def export(checkpoint: str, output: str | None = None, tokenizer: str | None = None) -> None:
@@ -81,14 +76,11 @@ def export(checkpoint: str, output: str | None = None, tokenizer: str | None = N
     """
     if output is None:
         raise ConfigError("export needs --output DIR: the folder to write the Hugging Face model to")
-    hparams = check_checkpoint(checkpoint, "checkpoint")
     from lightning_moe.hf.module import HFMoELanguageModel, export_pretrained
 
-    if not _is_hf(hparams):
+    if check_checkpoint(checkpoint, "checkpoint") is not HFMoELanguageModel:
         raise ConfigError(f"checkpoint={checkpoint!r} is not of HFMoELanguageModel; only those export to Hugging Face")
-    with damaged_checkpoint_errors(checkpoint):
-        model = HFMoELanguageModel.load_from_checkpoint(checkpoint, map_location="cpu")
-    print(export_pretrained(model, output, tokenizer))
+    print(export_pretrained(_load_model(checkpoint, HFMoELanguageModel), output, tokenizer))
 
 
 # --------------------------------------------------------------------------- the command

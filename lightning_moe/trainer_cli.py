@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 import yaml
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -132,11 +132,11 @@ def use_step_progress_bar(trainer: Trainer) -> None:
 _SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 
 
-def check_checkpoint(path: str | None, field: str) -> dict | None:
+def check_checkpoint(path: str | None, field: str) -> type[LightningModule] | None:
     """Refuse ``path`` unless it is a readable checkpoint of :class:`MoELanguageModel` or ``HFMoELanguageModel``.
 
-    Returns the checkpoint's hyperparameters (which tell the two classes apart), or None for a
-    path passed unchecked.
+    Returns the class whose constructor takes the checkpoint's hyperparameters, or None for
+    a path passed unchecked.
 
     Missing files, folders, files that are not ``torch.save`` archives and checkpoints of
     another LightningModule raise :class:`ConfigError`; a damaged archive raises
@@ -164,20 +164,16 @@ def check_checkpoint(path: str | None, field: str) -> dict | None:
     hparams.pop("_class_path", None)  # recorded by LightningCLI for a model named by class_path
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ConfigError(f"{field}={path!r} is not a Lightning checkpoint (it has no state_dict)")
-    if not hparams or not any(hparams.keys() <= accepted for accepted in _model_arguments()):
-        raise ConfigError(
-            f"{field}={path!r} is a checkpoint of another model"
-            f" (hyperparameters: {', '.join(sorted(hparams)) or 'none'}),"
-            " not of lightning-moe's MoELanguageModel or HFMoELanguageModel; give a .ckpt written by lightning-moe fit"
-        )
-    return hparams
-
-
-def _model_arguments() -> list[set[str]]:
-    """The constructor arguments of each model class whose checkpoints lightning-moe reads."""
     from lightning_moe.hf.module import HFMoELanguageModel
 
-    return [set(inspect.signature(cls.__init__).parameters) for cls in (MoELanguageModel, HFMoELanguageModel)]
+    for cls in (MoELanguageModel, HFMoELanguageModel):
+        if hparams and hparams.keys() <= set(inspect.signature(cls.__init__).parameters):
+            return cls
+    raise ConfigError(
+        f"{field}={path!r} is a checkpoint of another model"
+        f" (hyperparameters: {', '.join(sorted(hparams)) or 'none'}),"
+        " not of lightning-moe's MoELanguageModel or HFMoELanguageModel; give a .ckpt written by lightning-moe fit"
+    )
 
 
 # --------------------------------------------------------------------------- running a subcommand
