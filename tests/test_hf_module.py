@@ -165,6 +165,7 @@ def test_activation_checkpointing_keeps_the_gradients(tmp_path):
     grads = []
     for mode in (False, "non_reentrant", "reentrant"):
         module = make_module(estimator="densemixer", activation_checkpointing=mode)
+        assert module.model.is_gradient_checkpointing == bool(mode)
         module.train()
         module._token_loss(batch)[0].backward()
         grads.append({n: p.grad for n, p in module.named_parameters()})

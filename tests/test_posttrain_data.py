@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning_moe.data.chat import synthetic_chat  # noqa: E402
 from lightning_moe.data.posttrain import PostTrainDataModule, pack  # noqa: E402
 from lightning_moe.errors import ConfigError  # noqa: E402
+from lightning_moe.lm_training import CausalLMTraining  # noqa: E402
 from lightning_moe.hf.tiny import build_tokenizer  # noqa: E402
 
 IGNORE = -100
@@ -94,8 +95,14 @@ def test_sft_targets_are_the_assistant_tokens_and_the_loss_their_mean(tmp_path, 
 
     torch.manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Embedding(dm.vocab_size, 16), torch.nn.Linear(16, dm.vocab_size))
+
+    class Module(CausalLMTraining):  # the language models' own loss, over this batch
+        def logits(self, batch):
+            return model(batch[0])
+
+    loss, num_tokens = Module()._token_loss((inputs[None], targets[None]))
+    assert num_tokens == len(assistant_ids)
     logits = model(inputs[None])[0]
-    loss = F.cross_entropy(logits, targets, ignore_index=IGNORE)
     terms = []
     for position in range(n):  # positions whose next token is an assistant token
         if labelled[position + 1]:
