@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import warnings
 from typing import Any
@@ -16,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_moe.data.chat import NoAssistantTurn, load_chat_tokenizer, messages_of, synthetic_chat, tokenize_chat
 from lightning_moe.data.loading import eval_loader, resumable_train_loader
 from lightning_moe.data.module import _check_int
+from lightning_moe.data.sources import HubSource, resolve_source
 from lightning_moe.errors import ConfigError
 from lightning_moe.lm_training import IGNORE_INDEX
 
@@ -219,8 +219,8 @@ class PostTrainDataModule(lightning.LightningDataModule):
                 if builder is not None:
                     ds = datasets.load_dataset(builder, data_files=files, split="train")
                 else:
-                    name, _, config = self.source.partition(":")
-                    ds = datasets.load_dataset(name, config or None, split=split)
+                    hub = resolve_source(self.source, hf_split=split, hf_text_field="text")  # name[:config]
+                    ds = datasets.load_dataset(hub.name, hub.config, split=split)
         except (ConnectionError, OSError) as err:
             raise ConfigError(
                 f"data.source={self.source!r}: no such local file or folder, and the Hugging Face dataset could not"
@@ -348,18 +348,24 @@ def pad(
 
 
 def _local_files(source: str) -> tuple[str | None, list[str] | None]:
-    """The ``datasets`` builder and files of a local source; ``(None, None)`` for a Hub name."""
-    path = os.path.expanduser(source)
-    if os.path.isdir(path):
-        files = sorted(
-            os.path.join(d, f) for d, _, names in os.walk(path) for f in names if os.path.splitext(f)[1] in _BUILDERS
-        )
-    elif os.path.isfile(path) or any(ch in source for ch in "*?["):
-        files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
-    elif path.endswith(tuple(_BUILDERS)) or path.startswith((".", "~", os.sep)):
-        raise ConfigError(f"data.source={source!r}: no such file or folder: {os.path.abspath(path)!r}")
-    else:
+    """The ``datasets`` builder and files of a local source; ``(None, None)`` for a Hub name.
+
+    What is a file, folder, glob or Hub name is decided as for ``TextDataModule``
+    (:func:`~lightning_moe.data.sources.resolve_source`); a folder contributes its
+    .jsonl / .json / .parquet files, a file or glob must hold only those.
+    """
+    try:
+        resolved = resolve_source(source, hf_split="train", hf_text_field="text")
+    except ConfigError:  # its hint names TextDataModule's sources
+        raise ConfigError(
+            f"data.source={source!r}: no such file or folder: {os.path.abspath(os.path.expanduser(source))!r};"
+            f" pass a .jsonl/.json/.parquet file, folder or glob, {SYNTHETIC_CHAT!r}, or a Hub dataset name"
+        ) from None
+    if isinstance(resolved, HubSource):
         return None, None
+    files = [path for path, _ in resolved.files]
+    if resolved.kind == "folder":
+        files = [f for f in files if os.path.splitext(f)[1] in _BUILDERS]
     extensions = {os.path.splitext(f)[1] for f in files}
     builders = {_BUILDERS.get(extension) for extension in extensions}
     if not files or None in builders or len(builders) > 1:
