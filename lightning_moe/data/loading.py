@@ -6,6 +6,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import lightning
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -182,3 +183,41 @@ def eval_loader(dataset: Dataset, *, batch_size: int, seed: int, num_workers: in
         persistent_workers=num_workers > 0,
         collate_fn=_collate,
     )
+
+
+class ResumableLoaders(lightning.LightningDataModule):
+    """The loaders of this library's data modules: :func:`resumable_train_loader` over
+    ``train_dataset`` and :func:`eval_loader` over ``val_dataset`` (both set in ``setup``).
+
+    A subclass has ``batch_size``, ``seed`` and ``num_workers`` attributes and says, in
+    :meth:`too_few_rows`, what to do when its training split has fewer rows than ranks.
+    """
+
+    train_dataset: Dataset | None = None
+    val_dataset: Dataset | None = None
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches of this rank's data-parallel share, resumable mid-epoch.
+
+        The order depends only on ``seed`` and the epoch (:class:`ResumableSampler`); under
+        a data-parallel strategy each rank takes its share itself, and ``fit(ckpt_path=...)``
+        continues an epoch after the batches already trained on (:class:`ResumableDataLoader`).
+        """
+        return resumable_train_loader(
+            self._require(self.train_dataset), self.trainer, batch_size=self.batch_size, seed=self.seed,
+            num_workers=self.num_workers, too_few=self.too_few_rows,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return eval_loader(
+            self._require(self.val_dataset), batch_size=self.batch_size, seed=self.seed, num_workers=self.num_workers
+        )
+
+    def too_few_rows(self, rows: int, ranks: int) -> str:
+        """The one-line error for a training split of ``rows`` rows under ``ranks`` data-parallel ranks."""
+        raise NotImplementedError
+
+    def _require(self, value: Any) -> Any:
+        if value is None:
+            raise RuntimeError(f"{type(self).__name__}: call prepare_data() and setup() first")
+        return value

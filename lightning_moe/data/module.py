@@ -12,7 +12,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import lightning
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
@@ -26,7 +25,7 @@ from lightning_moe.data.cache import (
     build_cache,
     open_cache,
 )
-from lightning_moe.data.loading import TokenChunkDataset, eval_loader, resumable_train_loader
+from lightning_moe.data.loading import ResumableLoaders, TokenChunkDataset
 from lightning_moe.data.sources import FileSource, capped, resolve_source
 from lightning_moe.data.tokenizers import Tokenizer, load_tokenizer
 from lightning_moe.errors import ConfigError
@@ -35,7 +34,7 @@ from lightning_moe.testbed import TestbedSource, domain_labels, parse_testbed_so
 _CACHE_ENV = "LIGHTNING_MOE_CACHE"
 
 
-class TextDataModule(lightning.LightningDataModule):
+class TextDataModule(ResumableLoaders):
     """Language-modelling batches from a text corpus, tokenised once into a memory-mapped cache.
 
     Args:
@@ -166,29 +165,11 @@ class TextDataModule(lightning.LightningDataModule):
             " (the loss of a model that ignores context; val/loss should end well below it)."
         )
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches of this rank's data-parallel share, resumable mid-epoch.
-
-        The order depends only on ``seed`` and the epoch (:class:`ResumableSampler`); under
-        a data-parallel strategy each rank takes its share itself, and ``fit(ckpt_path=...)``
-        continues an epoch after the batches already trained on (:class:`ResumableDataLoader`).
-        """
-        return resumable_train_loader(
-            self._require(self.train_dataset),
-            self.trainer,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            num_workers=self.num_workers,
-            too_few=lambda rows, ranks: (
-                f"data.source={self.source!r}: the training split has {rows} sequences of"
-                f" data.seq_len={self.seq_len}, fewer than the {ranks} data-parallel ranks;"
-                " use more text or a smaller seq_len"
-            ),
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return eval_loader(
-            self._require(self.val_dataset), batch_size=self.batch_size, seed=self.seed, num_workers=self.num_workers
+    def too_few_rows(self, rows: int, ranks: int) -> str:
+        return (
+            f"data.source={self.source!r}: the training split has {rows} sequences of"
+            f" data.seq_len={self.seq_len}, fewer than the {ranks} data-parallel ranks;"
+            " use more text or a smaller seq_len"
         )
 
     def test_dataloader(self) -> DataLoader:
@@ -236,11 +217,6 @@ class TextDataModule(lightning.LightningDataModule):
         return float(-(p * np.log(p)).sum())
 
     # ----------------------------------------------------------------- internals
-
-    def _require(self, value: Any) -> Any:
-        if value is None:
-            raise RuntimeError("TextDataModule: call prepare_data() and setup() first")
-        return value
 
     def _resolved_cache_dir(self) -> str:
         if self.cache_dir is not None:

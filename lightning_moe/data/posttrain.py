@@ -6,14 +6,13 @@ import os
 import warnings
 from typing import Any
 
-import lightning
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from lightning_moe.data.chat import NoAssistantTurn, load_chat_tokenizer, messages_of, synthetic_chat, tokenize_chat
-from lightning_moe.data.loading import eval_loader, resumable_train_loader
+from lightning_moe.data.loading import ResumableLoaders
 from lightning_moe.data.module import _check_int
 from lightning_moe.data.sources import HubSource, resolve_source
 from lightning_moe.errors import ConfigError
@@ -39,7 +38,7 @@ class RowDataset(Dataset):
                 torch.from_numpy(self.targets_NT[index].astype(np.int64)))
 
 
-class PostTrainDataModule(lightning.LightningDataModule):
+class PostTrainDataModule(ResumableLoaders):
     """Chat (supervised fine-tuning) or plain-text batches tokenised with the model's own tokenizer.
 
     Args:
@@ -157,23 +156,10 @@ class PostTrainDataModule(lightning.LightningDataModule):
             f" of {self.seq_len} tokens ({fmt}, {'packed' if self.packing else 'padded'}) from {self.source!r}"
         )
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled batches of this rank's share, resumable mid-epoch (as ``TextDataModule``'s)."""
-        return resumable_train_loader(
-            self._require(self.train_dataset),
-            self.trainer,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            num_workers=self.num_workers,
-            too_few=lambda rows, ranks: (
-                f"data.source={self.source!r}: {rows} training rows of data.seq_len={self.seq_len}, fewer than"
-                f" the {ranks} data-parallel ranks; use more examples or a smaller seq_len"
-            ),
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return eval_loader(
-            self._require(self.val_dataset), batch_size=self.batch_size, seed=self.seed, num_workers=self.num_workers
+    def too_few_rows(self, rows: int, ranks: int) -> str:
+        return (
+            f"data.source={self.source!r}: {rows} training rows of data.seq_len={self.seq_len}, fewer than"
+            f" the {ranks} data-parallel ranks; use more examples or a smaller seq_len"
         )
 
     # ----------------------------------------------------------------- reading
@@ -312,11 +298,6 @@ class PostTrainDataModule(lightning.LightningDataModule):
         if pad_id is None:
             raise ConfigError("data.packing=false pads rows, but data.tokenizer has neither a pad nor an EOS token")
         return int(pad_id)
-
-    def _require(self, value: Any) -> Any:
-        if value is None:
-            raise RuntimeError("PostTrainDataModule: call setup() first")
-        return value
 
 
 def pack(tokens: list[np.ndarray], masks: list[np.ndarray], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
