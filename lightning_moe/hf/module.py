@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_moe.data.sources import first_line
 from lightning_moe.data.tokenizers import load_transformers_tokenizer
 from lightning_moe.errors import ConfigError
 from lightning_moe.hf.convert import HFMoEBlock, from_hf, to_hf
@@ -58,9 +59,10 @@ def load_causal_lm(
         try:
             return transformers.AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch_dtype, **kwargs)
         except OSError as err:  # missing folder, unknown Hub name, no network
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             local = "" if os.path.isdir(pretrained) else "; there is no local folder of that name either"
-            raise ConfigError(f"`pretrained`={pretrained!r} could not be loaded: {first}{local}") from err
+            raise ConfigError(
+                f"`pretrained`={pretrained!r} could not be loaded: {type(err).__name__}: {first_line(err)}{local}"
+            ) from err
     fields = dict(config)
     model_type = fields.pop("model_type", None)
     if model_type is None:
