@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import types
+import typing
 from typing import Any, Callable
 
 from lightning_moe.errors import ConfigError
@@ -11,16 +13,75 @@ from lightning_moe.estimators.base import Estimator
 
 
 def _construct(name: str, cls: type[Estimator], kwargs: dict[str, Any]) -> Estimator:
-    """``cls(**kwargs)``, or a :class:`ConfigError` naming the arguments ``cls`` does not take."""
-    try:
-        inspect.signature(cls).bind(**kwargs)
-    except TypeError as err:
-        accepted = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+    """``cls(**kwargs)``, or a one-line :class:`ConfigError` naming the estimator and the bad argument.
+
+    The one place estimator arguments are checked: unknown names and wrong types here, from
+    the constructor's signature and annotations (so a new estimator gets the checks by
+    annotating its arguments), and the range checks each constructor makes, prefixed here
+    with the estimator's name. A wrong type would otherwise surface as a ``TypeError`` deep
+    inside the constructor (``0.0 <= '0.1'``), or not at all.
+    """
+    prefix = f"estimator_args for estimator={name!r}"
+    parameters = {
+        arg: param
+        for arg, param in inspect.signature(cls).parameters.items()
+        if param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)  # nn.Module's own (*args, **kwargs)
+    }
+    unknown = sorted(set(kwargs) - set(parameters))
+    if unknown:
         raise ConfigError(
-            f"estimator_args for estimator={name!r}: {err};"
-            f" {cls.__name__} takes {', '.join(accepted) or 'no arguments'}"
-        ) from None
-    return cls(**kwargs)
+            f"{prefix}: {cls.__name__} takes no argument {', '.join(unknown)};"
+            f" it takes {', '.join(parameters) or 'no arguments'}"
+        )
+    hints = typing.get_type_hints(cls.__init__)
+    for arg, value in kwargs.items():
+        expected = hints.get(arg, Any)
+        if not _is_instance(value, expected):
+            raise ConfigError(f"{prefix}: {arg} must be {_type_words(expected)}, got {_value_words(value)}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # a constructor's range check: say which estimator it is about
+        raise ConfigError(f"{prefix}: {err}") from None
+
+
+def _is_instance(value: Any, expected: Any) -> bool:
+    """Whether ``value`` fits the annotation ``expected`` (a YAML/JSON value: no implicit conversions).
+
+    An ``int`` is a ``float`` (``0`` for ``0.0``); a ``bool`` is neither an ``int`` nor a ``float``.
+    """
+    origin = typing.get_origin(expected)
+    if expected is Any:
+        return True
+    if expected is None or expected is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_instance(value, option) for option in typing.get_args(expected))
+    if origin is typing.Literal:
+        return value in typing.get_args(expected)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    cls = origin or expected
+    return not isinstance(cls, type) or isinstance(value, cls)
+
+
+def _type_words(expected: Any) -> str:
+    words = {float: "a number", int: "an integer", bool: "true or false", str: "a string", type(None): "null"}
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_words(option) for option in typing.get_args(expected))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(option) for option in typing.get_args(expected))
+    if expected in words:
+        return words[expected]
+    return f"a {getattr(origin or expected, '__name__', expected)}"
+
+
+def _value_words(value: Any) -> str:
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    return f"{value!r} (a {type(value).__name__})"
 
 
 class EstimatorRegistry(dict):
