@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-import torch._dynamo
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
@@ -42,12 +41,15 @@ class RoutingStats:
     """Running sums (no grad) over the training forwards of one optimizer step.
 
     Callbacks read these in ``on_before_optimizer_step`` and then call
-    :meth:`MoELayer.finish_step`; the next training forward starts a fresh record.
-    Tensors stay on the device, so recording never synchronises with the host.
+    :meth:`MoELayer.finish_step`; the next training forward starts a fresh record
+    (every field ``None`` until then). Tensors stay on the device, so recording never
+    synchronises with the host. The two counters are int64 tensors rather than Python
+    ints: a compiled layer would otherwise treat them as constants of the graph and
+    compile again on every step as they grow.
     """
 
-    num_forwards: int = 0
-    num_tokens: int = 0
+    num_forwards: Tensor | None = None  # [] int64 training forwards recorded
+    num_tokens: Tensor | None = None  # [] int64 tokens routed by them
     tokens_per_expert: Tensor | None = None  # [E] (token, slot) pairs per expert
     probs_sum: Tensor | None = None  # [E] sum over tokens of the plain softmax
     token_entropy_sum: Tensor | None = None  # [] sum over tokens of H(softmax)
@@ -62,6 +64,8 @@ class RoutingStats:
         probs_TE = routing.probs.detach()
         entropy = -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum()
         values = {
+            "num_forwards": probs_TE.new_ones((), dtype=torch.int64),  # filled on the device, no host copy
+            "num_tokens": probs_TE.new_full((), logits_TE.shape[0], dtype=torch.int64),
             "tokens_per_expert": tokens_per_expert_E.detach().float(),
             "probs_sum": probs_TE.sum(dim=0),
             "token_entropy_sum": entropy,
@@ -75,8 +79,6 @@ class RoutingStats:
             for name, value in new.items():
                 value = value.detach().float()
                 store[name] = store[name] + value if name in store else value
-        self.num_forwards += 1
-        self.num_tokens += logits_TE.shape[0]
 
     def add_label_counts(self, labels_T: Tensor, indices_TK: Tensor, num_labels: int, num_experts: int) -> None:
         """Count the (token, slot) pairs per (token label, expert), e.g. (domain, expert)."""
@@ -184,7 +186,6 @@ class MoELayer(Float32Buffers):
 
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.input_jitter = input_jitter
-        dynamic_step_counters()  # also for a layer compiled by torch.compile(...) rather than .compile()
         self.router = Router(d_model, num_experts)
         self.estimator = self._build_estimator(estimator, estimator_args or {})
         self.estimator.bind(num_experts=num_experts, top_k=top_k, d_model=d_model)
@@ -322,20 +323,6 @@ class MoELayer(Float32Buffers):
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, input_jitter={self.input_jitter}"
-
-
-def dynamic_step_counters() -> None:
-    """Let compiled MoE layers count forwards and tokens in :class:`RoutingStats` without recompiling.
-
-    Dynamo treats int attributes reached from an ``nn.Module`` as constants and guards on
-    their values, so ``num_forwards`` and ``num_tokens`` (which grow until a callback
-    calls :meth:`MoELayer.finish_step`) would compile the layer again on every step. This
-    sets ``torch._dynamo.config.allow_unspec_int_on_nn_module`` (process-wide) so they are
-    traced as dynamic ints instead. Every :class:`MoELayer` calls it when it is built, so
-    however it is compiled (``layer.compile()``, ``torch.compile(model)``), its counters
-    are dynamic.
-    """
-    torch._dynamo.config.allow_unspec_int_on_nn_module = True
 
 
 def moe_layers(module: nn.Module) -> list[tuple[str, MoELayer]]:

@@ -83,10 +83,9 @@ def test_varying_token_counts_do_not_recompile_every_step():
     assert frames[3:] == [frames[2]] * 3, frames
 
 
-def test_a_layer_compiled_with_torch_compile_itself_does_not_recompile_as_its_step_counters_grow(monkeypatch):
+def test_a_layer_compiled_with_torch_compile_itself_does_not_recompile_as_its_step_counters_grow():
     """``torch.compile(layer)`` (not ``layer.compile``) gets the same dynamic step counters."""
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "allow_unspec_int_on_nn_module", False)  # as in a fresh process
     layer = make_layer("topk")
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(layer, backend=counter, dynamic=True)
@@ -116,3 +115,16 @@ def test_model_flag_compiles_each_block_and_matches_eager():
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(q.grad, p.grad, **TOL, msg=name)
     assert all(block._compiled_call_impl is not None for block in compiled.blocks)
+
+
+def test_building_a_layer_changes_no_process_wide_dynamo_setting():
+    """The step counters are dynamic by being tensors, not by flipping a flag for every model in the process."""
+    config = torch._dynamo.config
+    original = config.allow_unspec_int_on_nn_module
+    config.allow_unspec_int_on_nn_module = False  # torch's default, whatever ran before in this process
+    try:
+        before = dict(config.get_config_copy())
+        make_layer("topk")
+        assert config.get_config_copy() == before
+    finally:
+        config.allow_unspec_int_on_nn_module = original

@@ -91,7 +91,7 @@ class AuxLossCallback(L.Callback):
         total = 0.0
         for tag, layer in layer_tags(pl_module):
             stats = layer.routing_stats
-            if self.name not in stats.aux_losses or stats.num_forwards == 0:
+            if self.name not in stats.aux_losses or stats.num_forwards is None:
                 continue
             value = stats.aux_losses[self.name] / stats.num_forwards
             pl_module.log(f"moe/{tag}/{self.name}", value, on_step=True, on_epoch=False)

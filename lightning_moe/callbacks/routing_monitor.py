@@ -38,7 +38,7 @@ class StepStatsReader:
 
     def read(self, tag: str, layer: MoELayer) -> RoutingStats | None:
         stats = layer.routing_stats
-        if stats.num_forwards == 0 or self._last.get(tag) is stats:
+        if stats.num_forwards is None or self._last.get(tag) is stats:
             return None
         self._last[tag] = stats
         return stats
@@ -75,7 +75,7 @@ class LayerRoutingMetric(Metric):
         self.telemetry_names: list[str] = []
 
     def update(self, stats: RoutingStats | None) -> None:
-        if stats is None or stats.num_forwards == 0:
+        if stats is None or stats.num_forwards is None:
             return
         self.num_forwards += stats.num_forwards
         self.num_tokens += stats.num_tokens
