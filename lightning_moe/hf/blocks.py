@@ -6,10 +6,12 @@ Current ``transformers`` MoE families share one block shape: a child ``experts``
 ``gate_up_proj`` [E, 2F, D] and ``down_proj`` [E, D, F] (SiLU-gated, gate rows first), and
 a top-k router child with ``weight`` [E, D] that returns ``(logits, weights [T, K],
 indices [T, K])``. Blocks are found by that structure, not by class name, so a sibling
-family built from the same parts converts too. What differs is the routing function,
-read from the router's attributes and then checked by running the router itself on a
-random probe (:func:`check_router`): a block whose router computes anything else is
-refused, never converted approximately.
+family built from the same parts converts too. What differs is the routing function: it
+is decided by running the router itself on a random probe against each routing
+``MoELayer`` represents exactly (:func:`routing_of`), not by attribute names, which
+families spell differently or not at all (Jamba has no ``norm_topk_prob`` and does not
+renormalise). A block whose router computes anything else, or fails to run, is refused,
+never converted approximately.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_moe.data.sources import first_line
 from lightning_moe.estimators import ESTIMATOR_REGISTRY, Estimator
 
 #: Children a convertible block may have besides its router and ``experts``.
@@ -57,14 +60,23 @@ class BlockSpec:
 
     def native_estimator(self) -> tuple[str, dict]:
         """The registered estimator (and its arguments) that reproduces the family's own routing."""
-        if self.routing == "sparsemixer":
-            return "sparsemixer_v2", {"jitter_eps": self.sparsemixer_eps}
-        return "topk", {"renormalize": self.renormalize}
+        return native_estimator(self.routing, self.renormalize, self.sparsemixer_eps)
 
     def describe(self) -> str:
-        if self.routing == "sparsemixer":
-            return f"SparseMixer-v2 top-{self.top_k} with jitter eps {self.sparsemixer_eps}"
-        return f"softmax top-{self.top_k}" + (" renormalised" if self.renormalize else "")
+        return describe_routing(self.routing, self.renormalize, self.sparsemixer_eps, self.top_k)
+
+
+def native_estimator(routing: str, renormalize: bool, sparsemixer_eps: float) -> tuple[str, dict]:
+    """The registered estimator (and its arguments) that computes one routing function exactly."""
+    if routing == "sparsemixer":
+        return "sparsemixer_v2", {"jitter_eps": sparsemixer_eps}
+    return "topk", {"renormalize": renormalize}
+
+
+def describe_routing(routing: str, renormalize: bool, sparsemixer_eps: float, top_k: int | str = "k") -> str:
+    if routing == "sparsemixer":
+        return f"SparseMixer-v2 top-{top_k} with jitter eps {sparsemixer_eps}"
+    return f"softmax top-{top_k}" + (" renormalised" if renormalize else "")
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -117,8 +129,11 @@ def check_expert_function(experts: nn.Module, ffn_hidden: int) -> None:
     with torch.no_grad():
         try:
             theirs = experts(x_TD, index_T1, torch.ones_like(index_T1, dtype=x_TD.dtype)).float()
-        except TypeError as err:
-            raise UnsupportedBlock(f"experts whose forward is not (hidden, top_k_index, top_k_weights) ({err})")
+        except Exception as err:  # foreign experts: whatever they raise is the reason for refusal
+            raise UnsupportedBlock(
+                f"experts that do not run as experts(hidden, top_k_index, top_k_weights)"
+                f" ({type(err).__name__}: {first_line(err)})"
+            ) from err
         gate, up, out = (w.float() for w in (gate_up[0, :ffn_hidden], gate_up[0, ffn_hidden:], down[0]))
         x_TD = x_TD.float()
         ours = (F.silu(x_TD @ gate.T) * (x_TD @ up.T)) @ out.T
@@ -130,8 +145,55 @@ def check_expert_function(experts: nn.Module, ffn_hidden: int) -> None:
         )
 
 
-def _routing_of(router: nn.Module) -> tuple[str, bool, float]:
-    """(routing, renormalize, sparsemixer eps) from the router's attributes."""
+def _routing_candidates(router: nn.Module) -> list[tuple[str, bool, float]]:
+    """Every routing ``MoELayer`` represents exactly, as ``(routing, renormalize, sparsemixer eps)``.
+
+    Mixtral's softmax over the chosen logits is softmax top-k renormalised, written
+    differently. SparseMixer-v2's eps is a parameter the probe cannot be expected to pin
+    down, so it is read from the router (PhiMoE: ``router_jitter_noise``); whether the
+    router runs SparseMixer-v2 at all is still the probe's to say.
+    """
+    candidates = [("softmax_topk", True, 0.0), ("softmax_topk", False, 0.0)]
+    eps = getattr(router, "router_jitter_noise", None)
+    if isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0:
+        candidates.append(("sparsemixer", False, float(eps)))
+    return candidates
+
+
+def run_router_probe(router: nn.Module) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """The logits [T, E] and the (weights, indices) [T, K] (sorted by expert) that a float32 copy of
+    ``router`` computes in eval on a random probe, with random weights.
+
+    Random weights, not the router's own: what is decided is the routing *function*, and a
+    router freshly built with zeros would show ties and nothing else. Logits of spread about 2 give every candidate distinct weights: some tokens keep
+    several experts under SparseMixer's jitter mask, others one.
+    """
+    num_experts, d_model = router.weight.shape
+    reference = copy.deepcopy(router).float().eval()
+    weight_ED = torch.randn(num_experts, d_model, generator=torch.Generator().manual_seed(1)) * (2 / d_model**0.5)
+    reference.weight = nn.Parameter(weight_ED, requires_grad=False)
+    x_TD = probe_inputs(d_model)
+    try:
+        with torch.no_grad():
+            out = reference(x_TD.clone())  # a copy: some routers scale their input in place
+    except Exception as err:  # a foreign router: whatever it raises is the reason for refusal
+        raise UnsupportedBlock(
+            f"a router that does not run as router(hidden_states) ({type(err).__name__}: {first_line(err)})"
+        ) from err
+    if not (isinstance(out, tuple) and len(out) == 3 and all(isinstance(t, Tensor) for t in out)):
+        raise UnsupportedBlock("a router that returns (logits, weights, indices)")
+    logits_TE, weights_TK, indices_TK = out
+    expected_TE = x_TD @ weight_ED.T
+    if logits_TE.shape != expected_TE.shape or not torch.allclose(logits_TE.float(), expected_TE, rtol=1e-5, atol=1e-5):
+        raise UnsupportedBlock("a router whose logits are not hidden_states @ weight.T")
+    if weights_TK.shape != indices_TK.shape or weights_TK.dim() != 2 or weights_TK.shape[0] != x_TD.shape[0]:
+        raise UnsupportedBlock("a router whose weights and indices are not both [tokens, top_k]")
+    return logits_TE.float(), _sorted_by_expert(weights_TK.float(), indices_TK.long())
+
+
+def routing_of(router: nn.Module) -> tuple[str, bool, float, int]:
+    """``(routing, renormalize, sparsemixer eps, top_k)`` of ``router``: the first candidate routing
+    that computes, from the probe's logits, exactly the weights and experts the router itself chose."""
     grouped = [a for a in GROUPED_ROUTING_ATTRIBUTES if hasattr(router, a)]
     if grouped:
         raise UnsupportedBlock(
@@ -139,11 +201,15 @@ def _routing_of(router: nn.Module) -> tuple[str, bool, float]:
         )
     if getattr(router, "bias", None) is not None:
         raise UnsupportedBlock("a router bias")
-    if hasattr(router, "router_jitter_noise"):  # PhiMoE: GRIN's sparsemixer, eps = router_jitter_noise
-        return "sparsemixer", False, float(router.router_jitter_noise)
-    if hasattr(router, "norm_topk_prob"):
-        return "softmax_topk", bool(router.norm_topk_prob), 0.0
-    return "softmax_topk", True, 0.0  # Mixtral: the softmax over the chosen logits (check_router confirms)
+    logits_TE, theirs = run_router_probe(router)
+    top_k = theirs[1].shape[1]
+    candidates = _routing_candidates(router)
+    for routing, renormalize, eps in candidates:
+        name, args = native_estimator(routing, renormalize, eps)
+        if routings_agree(eval_routing(build_estimator(name, args), logits_TE, top_k), theirs):
+            return routing, renormalize, eps, top_k
+    tried = ", ".join(describe_routing(*candidate, top_k) for candidate in candidates)
+    raise UnsupportedBlock(f"a router whose output is none of {tried} of its logits")
 
 
 def _check_children(block: nn.Module, router_name: str) -> bool:
@@ -152,6 +218,9 @@ def _check_children(block: nn.Module, router_name: str) -> bool:
     if extra:
         kinds = ", ".join(f"{name} ({type(getattr(block, name)).__name__})" for name in extra)
         raise UnsupportedBlock(f"extra submodules {kinds} (only a shared expert with a sigmoid gate is supported)")
+    own = [name for name, _ in (*block.named_parameters(recurse=False), *block.named_buffers(recurse=False))]
+    if own:  # the conversion keeps only the children's tensors
+        raise UnsupportedBlock(f"tensors of its own ({', '.join(own)})")
     has_shared = hasattr(block, SHARED_EXPERT)
     if has_shared != hasattr(block, SHARED_EXPERT_GATE):
         raise UnsupportedBlock("a shared expert without its sigmoid gate")
@@ -170,18 +239,15 @@ def inspect_block(block: nn.Module) -> BlockSpec:
         except UnsupportedBlock as err:
             missing.append(str(err))
 
-    routing = attempt(_routing_of, router)
+    routing = attempt(routing_of, router)
     ffn_hidden = attempt(_check_experts, block.experts, num_experts, d_model)
     has_shared = attempt(_check_children, block, router_name)
-    top_k = getattr(router, "top_k", getattr(block, "top_k", None))
-    if not isinstance(top_k, int):
-        missing.append("a top_k attribute on the router or the block")
     if missing:
         raise UnsupportedBlock(" and ".join(missing))
-    spec = BlockSpec(
+    return BlockSpec(
         router_name=router_name,
         num_experts=num_experts,
-        top_k=top_k,
+        top_k=routing[3],
         d_model=d_model,
         ffn_hidden=ffn_hidden,
         routing=routing[0],
@@ -190,8 +256,6 @@ def inspect_block(block: nn.Module) -> BlockSpec:
         input_jitter=float(getattr(block, "jitter_noise", 0.0) or getattr(block, "input_jitter_noise", 0.0) or 0.0),
         shared_expert=has_shared,
     )
-    check_router(router, spec)
-    return spec
 
 
 def build_estimator(name: str, args: dict) -> Estimator:
@@ -221,20 +285,3 @@ def routings_agree(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> bool:
 
 def probe_inputs(d_model: int, num_tokens: int = 64) -> Tensor:
     return torch.randn(num_tokens, d_model, generator=torch.Generator().manual_seed(0))
-
-
-def check_router(router: nn.Module, spec: BlockSpec) -> None:
-    """Run a float32 copy of the block's own router in eval on a random probe and compare its
-    weights and chosen experts with what ``spec``'s native estimator computes from the same logits."""
-    reference = copy.deepcopy(router).float().eval()
-    x_TD = probe_inputs(spec.d_model)
-    with torch.no_grad():
-        out = reference(x_TD)
-    if not (isinstance(out, tuple) and len(out) == 3):
-        raise UnsupportedBlock("a router that returns (logits, weights, indices)")
-    logits_TE = x_TD @ reference.weight.T
-    theirs = _sorted_by_expert(out[1].float(), out[2].long())
-    name, args = spec.native_estimator()
-    ours = eval_routing(build_estimator(name, args), logits_TE, spec.top_k)
-    if not routings_agree(ours, theirs):
-        raise UnsupportedBlock(f"a router whose output is not {spec.describe()} of its logits")

@@ -36,9 +36,8 @@ from lightning_moe.hf.blocks import (
     probe_inputs,
     routings_agree,
 )
+from lightning_moe.hf.router_records import hooks_installed, install_record_hooks, recording_owner, router_records
 from lightning_moe.layer import MoELayer, moe_layers
-
-_SAVED_ROUTER_LOGITS = "_lightning_moe_output_router_logits"
 
 
 class HFMoEBlock(nn.Module):
@@ -49,15 +48,29 @@ class HFMoEBlock(nn.Module):
     shared_expert(x)``; the shared expert and its gate are the original modules, moved
     here. The original block, emptied of its parameters, is kept (outside the module
     tree, so it is in no ``state_dict``) for :func:`to_hf` to refill.
+
+    ``records``: the ``(key, index)`` outputs ``transformers`` records from the family's
+    router (``router_logits`` at index 0), recorded from ``moe.router``'s logits instead
+    (:mod:`lightning_moe.hf.router_records`); ``router_hooked``: whether the family's router
+    already carries those recording hooks.
     """
 
-    def __init__(self, moe: MoELayer, spec: BlockSpec, shell: nn.Module) -> None:
+    def __init__(
+        self,
+        moe: MoELayer,
+        spec: BlockSpec,
+        shell: nn.Module,
+        records: tuple[tuple[str, int], ...] = (),
+        router_hooked: bool = False,
+    ) -> None:
         super().__init__()
         self.moe = moe
         self.spec = spec
         self.shared_expert = getattr(shell, SHARED_EXPERT) if spec.shared_expert else None
         self.shared_expert_gate = getattr(shell, SHARED_EXPERT_GATE) if spec.shared_expert else None
         object.__setattr__(self, "hf_shell", shell)  # not a submodule: no parameters, not saved
+        self.records, self.router_hooked = tuple(records), router_hooked
+        install_record_hooks(moe.router, list(self.records))
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         out = self.moe(hidden_states)
@@ -124,7 +137,13 @@ def _new_layer(spec: BlockSpec, estimator: str | Estimator, args: dict, backend:
 
 
 def _convert_block(
-    block: nn.Module, spec: BlockSpec, estimator: str | Estimator, args: dict, backend: str
+    block: nn.Module,
+    spec: BlockSpec,
+    estimator: str | Estimator,
+    args: dict,
+    backend: str,
+    records: list[tuple[str, int]],
+    router_hooked: bool,
 ) -> HFMoEBlock:
     experts = block.experts
     layer = _new_layer(spec, estimator, args, backend, experts.gate_up_proj.device)
@@ -140,7 +159,7 @@ def _convert_block(
     meta = [name for name, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
     if meta:
         raise RuntimeError(f"MoELayer tensors left unconverted: {meta}")
-    converted = HFMoEBlock(layer, spec, block)
+    converted = HFMoEBlock(layer, spec, block, tuple(records), router_hooked)
     if spec.shared_expert:  # now owned by the converted block
         setattr(block, SHARED_EXPERT, None)
         setattr(block, SHARED_EXPERT_GATE, None)
@@ -178,9 +197,10 @@ def from_hf(
     evaluation routing differs from the family's is allowed, with a warning.
 
     Nothing is changed when a block cannot be represented exactly: one :class:`ConfigError`
-    names the family and what is missing. ``config.output_router_logits`` is switched off
-    (the routers it records are gone; balancing losses come from this library's callbacks)
-    and restored by :func:`to_hf`.
+    names the family and what is missing. ``output_router_logits`` keeps working: the
+    router logits ``transformers`` records come from each ``MoELayer``'s router, so the
+    family's own load-balancing loss (``aux_loss``, and ``router_aux_loss_coef`` times it in
+    ``loss``) is what the original model computes, with this library's estimators routing.
     """
     if importlib.util.find_spec("transformers") is None:
         raise ImportError("lightning_moe.hf needs the `transformers` package: pip install 'lightning-moe[hf]'")
@@ -193,10 +213,11 @@ def from_hf(
             f"{family} has no sparse-MoE block to convert: expected modules with an `experts` child holding"
             " gate_up_proj [E, 2F, D] and down_proj [E, D, F] (transformers >= 5 layout)"
         )
-    specs, problems = [], {}
+    specs, records, problems = [], [], {}
     for name, block in blocks:
         try:
             specs.append(inspect_block(block))
+            records.append(_router_records(model, name, block, specs[-1]))
         except UnsupportedBlock as missing:
             problems.setdefault(str(missing), type(block).__name__)
     if problems:
@@ -210,16 +231,25 @@ def from_hf(
         except (ValueError, TypeError) as err:
             raise ConfigError(f"estimator={name!r} cannot run {family} ({spec.describe()}): {err}") from err
 
-    for i, ((name, block), spec, (chosen, args)) in enumerate(zip(blocks, specs, choices)):
-        converted = _convert_block(block, spec, chosen, args, backend)
+    for i, ((name, block), spec, (chosen, args), (owner, kept)) in enumerate(zip(blocks, specs, choices, records)):
+        converted = _convert_block(block, spec, chosen, args, backend, kept, hooks_installed(owner))
         model.set_submodule(name, converted)
         if i == 0:  # one warning per model, from its first block
             _warn_if_eval_routing_differs(converted.moe, spec, family)
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "output_router_logits"):
-        setattr(model, _SAVED_ROUTER_LOGITS, config.output_router_logits)
-        config.output_router_logits = False
     return model
+
+
+def _router_records(
+    model: nn.Module, name: str, block: nn.Module, spec: BlockSpec
+) -> tuple[nn.Module | None, list[tuple[str, int]]]:
+    """The model that records ``block``'s router outputs, and which outputs it records; refused
+    where one is not the logits (the one output of the router a converted block has)."""
+    owner = recording_owner(model, name)
+    records = router_records(owner, getattr(block, spec.router_name), f"{name}.{spec.router_name}")
+    others = sorted({f"{key} (output {index})" for key, index in records if index != 0})
+    if others:
+        raise UnsupportedBlock(f"router outputs other than its logits recorded by transformers: {', '.join(others)}")
+    return owner, records
 
 
 def _restore_block(block: HFMoEBlock) -> nn.Module:
@@ -262,8 +292,9 @@ def to_hf(model: nn.Module) -> nn.Module:
     if dropped:
         warnings.warn(f"{family} has no place for {' and '.join(sorted(dropped))}; not exported", stacklevel=2)
     for name, block in blocks:
-        model.set_submodule(name, _restore_block(block))
-    if hasattr(model, _SAVED_ROUTER_LOGITS):
-        model.config.output_router_logits = getattr(model, _SAVED_ROUTER_LOGITS)
-        delattr(model, _SAVED_ROUTER_LOGITS)
+        shell = _restore_block(block)
+        model.set_submodule(name, shell)
+        if not block.router_hooked and hooks_installed(recording_owner(model, name)):
+            # The model installed its recording hooks while converted, on our routers only.
+            install_record_hooks(getattr(shell, block.spec.router_name), list(block.records))
     return model
