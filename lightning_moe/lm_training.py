@@ -20,10 +20,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
+from lightning_moe.data.loading import IGNORE_INDEX
 from lightning_moe.errors import ConfigError
 from lightning_moe.layer import add_missing_layer_state, moe_layers
-
-IGNORE_INDEX = -100
 
 
 def warmup_cosine_factor(

@@ -1,9 +1,9 @@
-"""A multi-domain testbed corpus with ground-truth domains, and routing/domain mutual information.
+"""A multi-domain testbed corpus with ground-truth domains.
 
 ``TextDataModule(source="testbed")`` (or ``"testbed:<domains>"``) trains on a mixture of
 several synthetic "languages", generated deterministically from the data seed, with the
 domain of every token known. Routing specialisation can then be measured against ground
-truth: :func:`mutual_information` of the (domain, chosen expert) counts that
+truth: :func:`~lightning_moe.callbacks.routing_monitor.mutual_information` of the (domain, chosen expert) counts that
 :class:`~lightning_moe.callbacks.RoutingMonitor` logs as ``moe/layer_XX/domain_expert_mi``.
 
 Each language has its own letter inventory (drawn from one shared alphabet, so single
@@ -12,7 +12,6 @@ first-order word grammar (each word prefers a few successors), word separators,
 sentence terminators and capitalisation. A document is written in one language; the
 domains are equally likely.
 
-Shape legend: L labels (domains), E experts.
 """
 
 from __future__ import annotations
@@ -23,8 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from lightning_moe.errors import ConfigError
 
@@ -168,17 +165,3 @@ class TestbedSource:
 
     def documents(self, max_bytes: int | None) -> Iterator[tuple[str, bytes]]:
         return testbed_documents(self.num_domains, self.seed, DEFAULT_NUM_BYTES if max_bytes is None else max_bytes)
-
-
-def mutual_information(counts_LE: Tensor) -> Tensor:
-    """Mutual information (nats) between label and expert of a joint count table [L, E].
-
-    ``I = sum p(l, e) log(p(l, e) / (p(l) p(e)))`` of the empirical distribution. 0 when
-    the expert does not depend on the label; ``H(label)`` (``log L`` for equally
-    frequent labels) when the label determines which experts are chosen and no expert
-    serves two labels.
-    """
-    joint_LE = counts_LE.double() / counts_LE.sum().clamp_min(1.0)
-    outer_LE = joint_LE.sum(dim=1, keepdim=True) * joint_LE.sum(dim=0, keepdim=True)
-    terms_LE = joint_LE * (joint_LE / outer_LE.clamp_min(torch.finfo(torch.float64).tiny)).clamp_min(1e-300).log()
-    return torch.where(joint_LE > 0, terms_LE, 0.0).sum().to(counts_LE.dtype)

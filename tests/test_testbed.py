@@ -9,11 +9,11 @@ import torch
 
 from lightning_moe import MoELayer, testbed
 from lightning_moe.callbacks import RoutingMonitor
-from lightning_moe.callbacks.routing_monitor import LayerRoutingMetric
+from lightning_moe.callbacks.routing_monitor import LayerRoutingMetric, mutual_information
 from lightning_moe.data import BOS_ID, TextDataModule
 from lightning_moe.layer import labelled_tokens
 from lightning_moe.module import MoELanguageModel
-from lightning_moe.testbed import document_domain, domain_labels, mutual_information, parse_testbed_source
+from lightning_moe.testbed import document_domain, domain_labels, parse_testbed_source
 
 D, E, K, DOMAINS = 16, 8, 2, 4
 

@@ -1,6 +1,6 @@
 """Routing telemetry: entropy, load balance, dead experts, and TensorBoard load pictures.
 
-Shape legend: E experts, L MoE layers.
+Shape legend: E experts, L MoE layers (in :func:`mutual_information`: L token labels).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from lightning_moe.callbacks.aux_loss import layer_tags
 from lightning_moe.distributed import all_gather_objects
 from lightning_moe.errors import ConfigError
 from lightning_moe.layer import MoELayer, RoutingStats
-from lightning_moe.testbed import mutual_information
 
 _SCALAR_SUMS = ("num_forwards", "num_tokens", "token_entropy_sum", "gate_sum", "logit_norm_sum")
 _EXPERT_SUMS = ("tokens_per_expert", "probs_sum")
@@ -50,6 +49,20 @@ class StepStatsReader:
 def entropy(probs_E: Tensor) -> Tensor:
     """Shannon entropy in nats of a probability vector (0 log 0 = 0)."""
     return -(probs_E * probs_E.clamp_min(1e-30).log()).sum()
+
+
+def mutual_information(counts_LE: Tensor) -> Tensor:
+    """Mutual information (nats) between label and expert of a joint count table [L, E].
+
+    ``I = sum p(l, e) log(p(l, e) / (p(l) p(e)))`` of the empirical distribution. 0 when
+    the expert does not depend on the label; ``H(label)`` (``log L`` for equally
+    frequent labels) when the label determines which experts are chosen and no expert
+    serves two labels.
+    """
+    joint_LE = counts_LE.double() / counts_LE.sum().clamp_min(1.0)
+    outer_LE = joint_LE.sum(dim=1, keepdim=True) * joint_LE.sum(dim=0, keepdim=True)
+    terms_LE = joint_LE * (joint_LE / outer_LE.clamp_min(torch.finfo(torch.float64).tiny)).clamp_min(1e-300).log()
+    return torch.where(joint_LE > 0, terms_LE, 0.0).sum().to(counts_LE.dtype)
 
 
 class LayerRoutingMetric(Metric):

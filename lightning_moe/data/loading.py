@@ -13,6 +13,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_moe.errors import ConfigError
 
+#: The target of a position no loss falls on (a prompt, padding, another example's tokens):
+#: the data writes it, the models' loss skips it (PyTorch's and transformers' default, -100).
+IGNORE_INDEX = -100
+
 
 class TokenChunkDataset(Dataset):
     """Consecutive windows of ``seq_len + 1`` tokens over one token stream.

@@ -12,11 +12,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.data import Dataset
 
 from lightning_moe.data.chat import NoAssistantTurn, load_chat_tokenizer, messages_of, synthetic_chat, tokenize_chat
-from lightning_moe.data.loading import ResumableLoaders
+from lightning_moe.data.loading import IGNORE_INDEX, ResumableLoaders
 from lightning_moe.data.module import _check_int
 from lightning_moe.data.sources import HubSource, resolve_source
 from lightning_moe.errors import ConfigError
-from lightning_moe.lm_training import IGNORE_INDEX
 
 SYNTHETIC_CHAT = "synthetic:chat"
 FORMATS = ("auto", "chat", "text")
