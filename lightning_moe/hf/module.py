@@ -75,6 +75,28 @@ def load_causal_lm(
     return model if torch_dtype == "auto" else model.to(torch_dtype)
 
 
+def family_aux_loss_weight(config: Any, router_aux_loss: bool | None, router_aux_loss_coef: float | None) -> float | None:
+    """The weight of the family's own load-balancing loss in training, ``None`` when it is off
+    (see :class:`HFMoELanguageModel`'s ``router_aux_loss`` and ``router_aux_loss_coef``)."""
+    coef = router_aux_loss_coef
+    if coef is not None and (isinstance(coef, bool) or not isinstance(coef, (int, float)) or not coef >= 0):
+        raise ConfigError(f"`router_aux_loss_coef` must be a number >= 0 (or null: the config's), got {coef!r}")
+    if router_aux_loss not in (None, True, False):
+        raise ConfigError(f"`router_aux_loss` must be true, false or null (the config's), got {router_aux_loss!r}")
+    if not (getattr(config, "output_router_logits", False) if router_aux_loss is None else router_aux_loss):
+        return None
+    family = getattr(config, "model_type", type(config).__name__)
+    if not hasattr(config, "output_router_logits"):
+        raise ConfigError(
+            f"`router_aux_loss`: {family} has no load-balancing loss of its own (no output_router_logits);"
+            " use the LoadBalancingLoss callback"
+        )
+    coef = getattr(config, "router_aux_loss_coef", None) if coef is None else coef
+    if coef is None:
+        raise ConfigError(f"`router_aux_loss_coef`: {family}'s config has none; give one")
+    return float(coef)
+
+
 def _router_parameters(model: nn.Module) -> set[int]:
     return {id(p) for _, layer in moe_layers(model) for p in layer.router.parameters()}
 
@@ -126,6 +148,13 @@ class HFMoELanguageModel(CausalLMTraining):
         attn_implementation: passed to ``transformers`` (``None``: its default).
         activation_checkpointing: ``False``, ``"non_reentrant"`` (or ``True``) or
             ``"reentrant"``: ``transformers``' gradient checkpointing of each decoder layer.
+        router_aux_loss: train with the family's own load-balancing loss (``transformers``'
+            ``output_router_logits``: Switch's loss over all layers together, from our routers'
+            logits): the training loss is the task loss plus ``router_aux_loss_coef`` times it
+            (logged as ``train/router_aux_loss``). ``None``: on where the model's config has
+            ``output_router_logits`` on. This library's ``LoadBalancingLoss`` callback is the
+            per-layer alternative; using both adds both.
+        router_aux_loss_coef: its weight; ``None``: the config's ``router_aux_loss_coef``.
         learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW and the
             warmup + cosine schedule, as :class:`~lightning_moe.MoELanguageModel`.
 
@@ -146,6 +175,8 @@ class HFMoELanguageModel(CausalLMTraining):
         dtype: str = "auto",
         attn_implementation: str | None = None,
         activation_checkpointing: bool | str = False,
+        router_aux_loss: bool | None = None,
+        router_aux_loss_coef: float | None = None,
         learning_rate: float = 1e-5,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -163,6 +194,8 @@ class HFMoELanguageModel(CausalLMTraining):
             raise ConfigError(f"`trainable` must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
         self.save_hyperparameters()
         model = load_causal_lm(pretrained, config, dtype, attn_implementation)
+        self._router_aux_loss_weight = family_aux_loss_weight(model.config, router_aux_loss, router_aux_loss_coef)
+        self._router_aux_loss: Tensor | None = None  # of the last training forward (see logits)
         self.model = from_hf(model, estimator=estimator, backend=backend, **(estimator_args or {}))
         self.model.config.use_cache = False  # training: no key/value cache
         # from_pretrained returns the model in eval mode, and Lightning keeps each submodule's
@@ -191,7 +224,20 @@ class HFMoELanguageModel(CausalLMTraining):
         return self.model(input_ids=input_ids, use_cache=False).logits
 
     def logits(self, batch: tuple[Tensor, ...]) -> Tensor:
-        return self(batch[0])
+        # The family's aux loss comes out of the same forward as the logits; training_step adds
+        # it to the loss it returns, so Lightning scales it as the task loss (accumulation, AMP).
+        wanted = self.training and self._router_aux_loss_weight is not None
+        out = self.model(input_ids=batch[0], use_cache=False, output_router_logits=wanted)
+        self._router_aux_loss = out.aux_loss if wanted else None
+        return out.logits
+
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        aux, self._router_aux_loss = self._router_aux_loss, None
+        if aux is None:
+            return loss
+        self.log("train/router_aux_loss", aux.detach(), batch_size=batch[0].shape[0])
+        return loss + self._router_aux_loss_weight * aux
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self._trainer, "datamodule", None)
