@@ -13,7 +13,8 @@ A cache is a folder (named after a hash of the source, tokenizer and split setti
   and CRC-32, checked each time the cache is opened.
 
 It is written under a temporary name and renamed when complete, so a killed build leaves
-nothing a later run trusts. Training reads the shards through ``np.memmap``: the corpus is
+nothing a later run trusts; builders sharing the folder (processes, containers, hosts) take
+turns under :class:`~lightning_moe.data.build_lock.BuildLock`. Training reads the shards through ``np.memmap``: the corpus is
 never held in memory whole, and :class:`TokenStream` shows the documents of one split as
 one stream without copying them.
 
@@ -36,7 +37,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import uuid
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_moe.data.build_lock import BuildLock
 from lightning_moe.data.tokenizers import Tokenizer
 
 # Bump whenever the cached files would change for the same inputs.
@@ -269,81 +270,87 @@ def build_cache(
 ) -> Corpus:
     """Tokenise ``documents`` into the cache folder ``path`` and open it.
 
+    Builders of one cache, in any process or on any host sharing the folder, take turns
+    (:class:`~lightning_moe.data.build_lock.BuildLock`): one whose turn comes after another
+    finished the cache opens that instead of building, so the documents are tokenised once
+    and a finished cache is never removed or replaced (unless it fails its checks).
     ``num_proc`` processes tokenise batches of documents in parallel; the result does not
     depend on it. ``max_tokens`` stops after that many tokens (the last document is cut).
     Returns the opened corpus; an empty corpus (no bytes) raises :class:`EmptyCorpus` and
     writes nothing.
     """
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    _remove_stale_builds(path)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    try:
-        writer = _Writer(tmp, tokenizer, shard_tokens, max_tokens, seed)
-        docs, single = _peek_single(documents, val_fraction)
-        with _Tokenize(tokenizer, num_proc) as tokenize:
-            for names, sizes, token_lists in tokenize(_batches(docs)):
-                if not writer.add(names, sizes, token_lists):
-                    break
-        written = writer.close()
-        if written["total_bytes"] == 0:
-            raise EmptyCorpus("no text")
-        sizes = np.asarray(writer.sizes, dtype=np.int64)
-        if single:
-            split = np.arange(len(sizes)) > 0  # the cut document: head trains, tail validates
-        else:
-            split = choose_validation(np.asarray(writer.scores, dtype=np.uint64), sizes, val_fraction)
-        arrays = {
-            "shard": np.asarray(writer.shard, dtype=np.int32),
-            "offset": np.asarray(writer.offset, dtype=np.int64),
-            "length": np.asarray(writer.length, dtype=np.int64),
-            "split": split.astype(np.uint8),
-        }
-        # Stored so that opening the cache never has to scan it: the counts of all tokens,
-        # less those of the (small) validation split.
-        val = _streams(tmp, writer.shard_names, tokenizer.dtype, *arrays.values())[1]
-        counts = writer.counts.copy()
-        for chunk in val.chunks():
-            counts -= np.bincount(chunk, minlength=len(counts))
-        index = os.path.join(tmp, "index.npz")
-        np.savez(index, bytes=sizes, train_counts=counts, **arrays)
-        files = dict(writer.files, **{"index.npz": _record(index)})
-        full_meta = dict(meta, dtype=np.dtype(tokenizer.dtype).name, shards=writer.shard_names, files=files, **written)
-        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as fh:
-            json.dump(full_meta, fh)
-        if os.path.isdir(path):  # a damaged cache being replaced
-            shutil.rmtree(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with BuildLock(path) as lock:
+        if os.path.isdir(path):
+            try:
+                return open_cache(path, {"key": meta["key"]})  # finished by the builder this one waited for
+            except CacheDamaged:
+                lock.set_aside(path)  # checked under the lock: no builder is writing it
+        lock.remove_abandoned()
+        tmp = lock.new_folder()
         try:
-            os.rename(tmp, path)
-        except OSError:
-            if not os.path.isdir(path):
-                raise
-            shutil.rmtree(tmp)  # another process finished the same cache first; use theirs
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            _write(tmp, documents, tokenizer, meta, val_fraction, seed, num_proc, max_tokens, shard_tokens)
+            lock.finish(tmp)
+            try:
+                # Onto a name nothing holds: a rename never replaces a non-empty folder.
+                os.rename(tmp, path)
+            except OSError:
+                if not os.path.isdir(path):
+                    raise
+                # A builder whose lock was taken over as stale while it was still running
+                # finished first; keep its cache.
+                shutil.rmtree(tmp)
+                return open_cache(path, {"key": meta["key"]})
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return open_cache(path, {"key": meta["key"]}, verify=False)  # just written: no need to read it back
 
 
-def _remove_stale_builds(path: str) -> None:
-    """Delete temporary folders of this cache left by builds whose process is gone (killed)."""
-    parent, base = os.path.split(os.path.abspath(path))
-    for entry in os.listdir(parent):
-        if entry.startswith(f".{base}.tmp-"):
-            pid = int(entry.rsplit(".tmp-", 1)[1].split("-")[0])
-            if not _process_alive(pid):
-                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _write(
+    folder: str,
+    documents: Iterable[tuple[str, bytes]],
+    tokenizer: Tokenizer,
+    meta: dict[str, Any],
+    val_fraction: float,
+    seed: int,
+    num_proc: int,
+    max_tokens: int | None,
+    shard_tokens: int,
+) -> None:
+    """Write every file of a cache into ``folder`` (the arguments are :func:`build_cache`'s)."""
+    writer = _Writer(folder, tokenizer, shard_tokens, max_tokens, seed)
+    docs, single = _peek_single(documents, val_fraction)
+    with _Tokenize(tokenizer, num_proc) as tokenize:
+        for names, sizes, token_lists in tokenize(_batches(docs)):
+            if not writer.add(names, sizes, token_lists):
+                break
+    written = writer.close()
+    if written["total_bytes"] == 0:
+        raise EmptyCorpus("no text")
+    sizes = np.asarray(writer.sizes, dtype=np.int64)
+    if single:
+        split = np.arange(len(sizes)) > 0  # the cut document: head trains, tail validates
+    else:
+        split = choose_validation(np.asarray(writer.scores, dtype=np.uint64), sizes, val_fraction)
+    arrays = {
+        "shard": np.asarray(writer.shard, dtype=np.int32),
+        "offset": np.asarray(writer.offset, dtype=np.int64),
+        "length": np.asarray(writer.length, dtype=np.int64),
+        "split": split.astype(np.uint8),
+    }
+    # Stored so that opening the cache never has to scan it: the counts of all tokens,
+    # less those of the (small) validation split.
+    val = _streams(folder, writer.shard_names, tokenizer.dtype, *arrays.values())[1]
+    counts = writer.counts.copy()
+    for chunk in val.chunks():
+        counts -= np.bincount(chunk, minlength=len(counts))
+    index = os.path.join(folder, "index.npz")
+    np.savez(index, bytes=sizes, train_counts=counts, **arrays)
+    files = dict(writer.files, **{"index.npz": _record(index)})
+    full_meta = dict(meta, dtype=np.dtype(tokenizer.dtype).name, shards=writer.shard_names, files=files, **written)
+    with open(os.path.join(folder, "meta.json"), "w", encoding="utf-8") as fh:
+        json.dump(full_meta, fh)
 
 
 def _peek_single(documents: Iterable[tuple[str, bytes]], val_fraction: float) -> tuple[Iterator, bool]:

@@ -1,0 +1,231 @@
+"""Several builders of one token cache at once: processes, another host, another PID namespace, crashes.
+
+Every builder here is a real process (forked, so it starts in milliseconds with the modules
+already imported). A builder "on another host" is a forked child that reports another
+hostname and a process id that names no live process here, which is what a builder on
+another machine sharing the cache folder looks like. The PID-namespace test puts a builder
+in a real second PID namespace (skipped where the kernel refuses one).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+import socket
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lightning_moe.data.cache import CacheDamaged, build_cache, open_cache
+from lightning_moe.data.tokenizers import load_tokenizer
+from lightning_moe.errors import ConfigError
+
+TEXTS = {f"doc_{i:02d}.txt": f"document {i}: " + "shared folders need one builder. " * (2 + i % 5) for i in range(24)}
+DELAY = 0.04  # seconds to read one document: a build takes about a second
+FORK = multiprocessing.get_context("fork")
+
+
+def slow_documents(log: Path, delay: float = DELAY):
+    """The corpus, one document every ``delay`` seconds; a build that starts reading adds a line to ``log``."""
+    with open(log, "a") as fh:
+        fh.write(f"{os.getpid()}\n")
+    for name in sorted(TEXTS):
+        time.sleep(delay)
+        yield name, TEXTS[name].encode()
+
+
+def build(path: Path, log: Path):
+    return build_cache(str(path), slow_documents(log), load_tokenizer("bytes"), meta={"key": "k"}, val_fraction=0.2,
+                       seed=0)
+
+
+def reference_files(tmp_path: Path) -> dict[str, bytes]:
+    """The files a single builder writes, alone, into a folder of its own."""
+    build(tmp_path / "reference" / "cache", tmp_path / "reference.log")
+    return cache_files(tmp_path / "reference" / "cache")
+
+
+def cache_files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def builds(log: Path) -> int:
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited (and been reaped): no live process here has it."""
+    child = FORK.Process(target=lambda: None)
+    child.start()
+    child.join()
+    return child.pid
+
+
+def _builder(path, log, start=None, host=None, pid=None):
+    if host is not None:  # a builder on another machine: another hostname, a pid that means nothing here
+        socket.gethostname = lambda: host
+        os.getpid = lambda: pid
+    if start is not None:
+        start.wait()
+    build(path, log)
+
+
+def start_builder(path, log, **kwargs):
+    child = FORK.Process(target=_builder, args=(path, log), kwargs=kwargs)
+    child.start()
+    return child
+
+
+def wait_for(condition, what, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def in_progress(path: Path) -> list[Path]:
+    return list(path.parent.glob(f".{path.name}.tmp-*/documents.jsonl"))
+
+
+def test_builders_started_together_build_once_and_readers_never_see_the_cache_replaced(tmp_path):
+    expected = reference_files(tmp_path)
+    path, log = tmp_path / "shared" / "cache", tmp_path / "builds.log"
+    start = FORK.Event()
+    children = [start_builder(path, log, start=start) for _ in range(3)]
+    start.set()
+    # This process reads the cache as soon as it appears and for as long as a builder runs.
+    seen, errors = set(), []
+    while any(c.is_alive() for c in children):
+        if path.is_dir():
+            try:
+                seen.add(os.stat(path).st_ino)
+                open_cache(str(path), {"key": "k"}, verify=False)
+            except (CacheDamaged, OSError) as err:
+                errors.append(repr(err))
+        time.sleep(0.002)
+    assert [c.exitcode for c in children] == [0, 0, 0]
+    assert errors == [] and len(seen) == 1  # the finished cache was never removed or replaced
+    assert builds(log) == 1  # one builder built; the others waited and opened its cache
+    assert cache_files(path) == expected
+    assert sorted(p.name for p in path.parent.iterdir()) == ["cache"]  # no lock or temporary folder left
+
+
+def test_builder_on_another_host_keeps_its_folder_and_the_local_builder_waits_for_it(tmp_path):
+    expected = reference_files(tmp_path)
+    path, log = tmp_path / "shared" / "cache", tmp_path / "builds.log"
+    remote = start_builder(path, log, host="node-b", pid=dead_pid())
+    wait_for(lambda: in_progress(path), "the other host's build to start")
+    local = build(path, log)  # must neither delete the other host's folder nor build a second copy
+    remote.join()
+    assert remote.exitcode == 0  # its folder was left alone
+    assert builds(log) == 1
+    assert cache_files(path) == expected and cache_files(Path(local.path)) == expected
+
+
+def _unshare_pid_namespace() -> bool:
+    libc = ctypes.CDLL(None, use_errno=True)
+    clone_newpid, clone_newuser = 0x20000000, 0x10000000
+    return libc.unshare(clone_newpid) == 0 or libc.unshare(clone_newpid | clone_newuser) == 0
+
+
+def _first_free_pid() -> int:
+    """The lowest process id no process of this namespace has."""
+    return next(pid for pid in range(2, 1 << 22) if not os.path.exists(f"/proc/{pid}"))
+
+
+def _namespaced_builder(path, log, report):
+    """Build in a new PID namespace, as a pid that no process here has (when that is cheap to reach)."""
+    target = min(_first_free_pid(), 5000)
+    if not _unshare_pid_namespace():
+        os._exit(77)
+    init = os.fork()  # pid 1 of the new namespace
+    if init == 0:
+        while True:  # processes get consecutive ids in a new namespace: use up those below target
+            pid = os.fork()
+            if pid == 0:
+                code = 0
+                if os.getpid() >= target:
+                    report.write_text(f"{os.getpid()} {os.readlink('/proc/self/ns/pid')}")
+                    try:
+                        build(path, log)
+                    except BaseException:
+                        traceback.print_exc()
+                        code = 1
+                os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            if pid >= target:
+                os._exit(os.waitstatus_to_exitcode(status))
+    _, status = os.waitpid(init, 0)
+    os._exit(os.waitstatus_to_exitcode(status))
+
+
+def test_builder_in_another_pid_namespace_keeps_its_folder(tmp_path):
+    expected = reference_files(tmp_path)
+    path, log, report = tmp_path / "shared" / "cache", tmp_path / "builds.log", tmp_path / "namespaced.txt"
+    other = FORK.Process(target=_namespaced_builder, args=(path, log, report))
+    other.start()
+    wait_for(lambda: in_progress(path) or not other.is_alive(), "the namespaced build to start")
+    if not other.is_alive() and other.exitcode == 77:
+        pytest.skip("this kernel or container refuses a new PID namespace")
+    pid, namespace = report.read_text().split()
+    assert namespace != os.readlink("/proc/self/ns/pid")
+    local = build(path, log)
+    other.join()
+    assert other.exitcode == 0, f"the builder in the other namespace (pid {pid} there) failed"
+    assert builds(log) == 1
+    assert cache_files(Path(local.path)) == expected
+
+
+def test_killed_builder_on_another_host_is_taken_over_once_its_heartbeat_is_stale(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("LIGHTNING_MOE_CACHE_STALE_AFTER", "1.5")
+    expected = reference_files(tmp_path)
+    path, log = tmp_path / "shared" / "cache", tmp_path / "builds.log"
+    remote = start_builder(path, log, host="node-b", pid=dead_pid())
+    wait_for(lambda: in_progress(path), "the other host's build to start")
+    os.kill(remote.pid, signal.SIGKILL)
+    remote.join()
+    capfd.readouterr()
+    build(path, log)
+    err = capfd.readouterr().err
+    # Its process cannot be checked from here: only the stopped heartbeat shows it is gone.
+    assert "waiting" in err and "node-b" in err
+    assert "no heartbeat" in err
+    assert builds(log) == 2
+    assert cache_files(path) == expected
+    assert sorted(p.name for p in path.parent.iterdir()) == ["cache"]  # its temporary folder and lock removed
+
+
+def test_waiting_gives_up_after_the_timeout_naming_the_builder(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_MOE_CACHE_LOCK_TIMEOUT", "0.3")
+    path, log = tmp_path / "shared" / "cache", tmp_path / "builds.log"
+    remote = start_builder(path, log, host="node-b", pid=dead_pid())
+    wait_for(lambda: in_progress(path), "the other host's build to start")
+    with pytest.raises(TimeoutError, match=r"node-b.*LIGHTNING_MOE_CACHE_LOCK_TIMEOUT") as caught:
+        build(path, log)
+    assert "\n" not in str(caught.value)
+    remote.join()
+    assert remote.exitcode == 0 and builds(log) == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == ["cache"]  # the waiter left nothing behind
+
+
+@pytest.mark.parametrize("variable", ["LIGHTNING_MOE_CACHE_LOCK_TIMEOUT", "LIGHTNING_MOE_CACHE_STALE_AFTER"])
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "nan"])
+def test_bad_lock_setting_is_one_line_naming_the_variable(tmp_path, monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=rf"^{variable}={value!r} must be a number of seconds > 0[^\n]*$"):
+        build(tmp_path / "cache", tmp_path / "builds.log")
+    assert builds(tmp_path / "builds.log") == 0
+
+
+def test_a_build_finds_the_cache_another_finished_while_it_waited(tmp_path):
+    path, log = tmp_path / "shared" / "cache", tmp_path / "builds.log"
+    first = build(path, log)
+    inode = os.stat(path).st_ino
+    again = build(path, log)  # as a builder that saw no cache before the first one finished
+    assert builds(log) == 1 and os.stat(path).st_ino == inode
+    assert np.array_equal(np.asarray(again.train), np.asarray(first.train))
