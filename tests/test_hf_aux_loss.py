@@ -7,11 +7,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from test_hf_convert import COMMON, DETERMINISTIC_TRAINING, FAMILIES, VOCAB, input_ids, make_model  # noqa: E402
+
 from lightning_moe.errors import ConfigError  # noqa: E402
 from lightning_moe.hf import from_hf, to_hf  # noqa: E402
 from lightning_moe.hf.module import HFMoELanguageModel  # noqa: E402
-
-from test_hf_convert import COMMON, DETERMINISTIC_TRAINING, FAMILIES, SEQ, VOCAB, input_ids, make_model  # noqa: E402
 
 
 def run(model, ids, training, **kwargs):
@@ -119,7 +119,8 @@ def test_training_gradient_is_the_task_loss_plus_the_weighted_family_aux_loss(kw
     module.train(), reference.train()
     ids, targets = batch()
     with pytest.warns(UserWarning, match="self.log"):  # no trainer attached: logging is skipped
-        module.training_step((ids, targets), 0).backward()
+        loss = module.training_step((ids, targets), 0)
+    loss.backward()
     out = reference(input_ids=ids, labels=ids, use_cache=False, output_router_logits=True)
     task = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
     (task + coef * out.aux_loss).backward()  # explicitly, whatever the config's coefficient
@@ -134,9 +135,10 @@ def test_without_the_aux_loss_the_gradient_is_the_task_losss_alone():
     module = make_module(config={**MODULE_CONFIG, "output_router_logits": True}, router_aux_loss=False)
     plain = make_module()
     module.train(), plain.train()
-    with pytest.warns(UserWarning, match="self.log"):
-        module.training_step(batch(), 0).backward()
-        plain.training_step(batch(), 0).backward()
+    for model in (module, plain):
+        with pytest.warns(UserWarning, match="self.log"):
+            loss = model.training_step(batch(), 0)
+        loss.backward()
     for (name, a), (_, b) in zip(module.named_parameters(), plain.named_parameters()):
         assert torch.equal(a.grad, b.grad), name
 
@@ -144,3 +146,14 @@ def test_without_the_aux_loss_the_gradient_is_the_task_losss_alone():
 def test_a_negative_aux_loss_coefficient_is_refused():
     with pytest.raises(ConfigError, match="router_aux_loss_coef.*>= 0"):
         make_module(router_aux_loss=True, router_aux_loss_coef=-1.0)
+
+
+def test_the_cli_refuses_a_negative_coefficient_in_one_line(tmp_path, monkeypatch):
+    from test_bad_inputs import ROOT, run_in_process
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    code, stderr = run_in_process(["fit", "--config", "recipes/posttrain_tiny_offline.yaml", "--model.router_aux_loss_coef", "-1"])
+    assert code == 2 and stderr.splitlines() == [
+        "error: `router_aux_loss_coef` must be a number >= 0 (or null: the config's), got -1.0"
+    ], stderr

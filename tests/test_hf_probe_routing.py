@@ -8,11 +8,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from test_hf_convert import COMMON, eval_logits, hf_layout_grads, input_ids, make_model  # noqa: E402
+
 from lightning_moe import MoELayer  # noqa: E402
 from lightning_moe.errors import ConfigError  # noqa: E402
 from lightning_moe.hf import HFMoEBlock, from_hf, to_hf  # noqa: E402
-
-from test_hf_convert import COMMON, VOCAB, eval_logits, hf_layout_grads, input_ids, make_model  # noqa: E402
 
 # Jamba: softmax top-k WITHOUT renormalisation, and no norm_topk_prob attribute to say so. Its
 # Mamba layers run transformers' reference PyTorch scan on CPU. Layers 1 and 3 are MoE blocks.
@@ -149,3 +149,22 @@ def test_a_router_computing_something_else_is_refused():
     router.forward = types.MethodType(tempered, router)
     message = unchanged_after_refusal(model)
     assert message.startswith("cannot convert olmoe: OlmoeSparseMoeBlock has a router whose output is none of"), message
+
+
+MINIMAX_CONFIG = (
+    '{"model_type": "minimax_m2", "vocab_size": 512, "hidden_size": 32, "intermediate_size": 16, "num_hidden_layers": 1,'
+    ' "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 4, "bos_token_id": 0,'
+    ' "eos_token_id": 1}'
+)
+
+
+def test_the_cli_refuses_an_unsupported_family_in_one_line(tmp_path, monkeypatch):
+    from test_bad_inputs import ROOT, run_in_process
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    args = ["fit", "--config", "recipes/posttrain_tiny_offline.yaml", "--model.pretrained", "null",
+            "--model.config", MINIMAX_CONFIG]
+    code, stderr = run_in_process(args)
+    assert code == 2 and len(stderr.splitlines()) == 1, stderr
+    assert stderr.startswith("error: cannot convert minimax_m2: MiniMaxM2SparseMoeBlock has a router"), stderr

@@ -75,14 +75,19 @@ def load_causal_lm(
     return model if torch_dtype == "auto" else model.to(torch_dtype)
 
 
-def family_aux_loss_weight(config: Any, router_aux_loss: bool | None, router_aux_loss_coef: float | None) -> float | None:
-    """The weight of the family's own load-balancing loss in training, ``None`` when it is off
-    (see :class:`HFMoELanguageModel`'s ``router_aux_loss`` and ``router_aux_loss_coef``)."""
+def check_router_aux_loss_args(router_aux_loss: bool | None, router_aux_loss_coef: float | None) -> None:
     coef = router_aux_loss_coef
     if coef is not None and (isinstance(coef, bool) or not isinstance(coef, (int, float)) or not coef >= 0):
         raise ConfigError(f"`router_aux_loss_coef` must be a number >= 0 (or null: the config's), got {coef!r}")
     if router_aux_loss not in (None, True, False):
         raise ConfigError(f"`router_aux_loss` must be true, false or null (the config's), got {router_aux_loss!r}")
+
+
+def family_aux_loss_weight(config: Any, router_aux_loss: bool | None, router_aux_loss_coef: float | None) -> float | None:
+    """The weight of the family's own load-balancing loss in training, ``None`` when it is off
+    (see :class:`HFMoELanguageModel`'s ``router_aux_loss`` and ``router_aux_loss_coef``, checked
+    by :func:`check_router_aux_loss_args` before the model is loaded)."""
+    coef = router_aux_loss_coef
     if not (getattr(config, "output_router_logits", False) if router_aux_loss is None else router_aux_loss):
         return None
     family = getattr(config, "model_type", type(config).__name__)
@@ -192,6 +197,7 @@ class HFMoELanguageModel(CausalLMTraining):
             )
         if trainable not in TRAINABLE:
             raise ConfigError(f"`trainable` must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
+        check_router_aux_loss_args(router_aux_loss, router_aux_loss_coef)  # before the model loads
         self.save_hyperparameters()
         model = load_causal_lm(pretrained, config, dtype, attn_implementation)
         self._router_aux_loss_weight = family_aux_loss_weight(model.config, router_aux_loss, router_aux_loss_coef)
