@@ -217,6 +217,8 @@ class CausalLMTraining(L.LightningModule):
             total_steps=total_steps,
             min_lr_ratio=self.hparams.min_lr_ratio,
         )
+        # This run's settings; a resume's optimizer state brings the checkpoint's (see on_train_start).
+        self._optimizer_settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -224,10 +226,12 @@ class CausalLMTraining(L.LightningModule):
         """Bring an older checkpoint to this version, then refuse one of another architecture with one
         error listing what differs."""
         from lightning_moe.checkpointing import check_checkpoint_matches
+        from lightning_moe.run_identity import adapt_estimator_state
 
         if isinstance(checkpoint.get("state_dict"), dict):  # older checkpoints: other layouts, fewer switches
             self.merge_old_expert_optimizer_state(checkpoint)
             add_missing_layer_state(self, checkpoint["state_dict"])
+            adapt_estimator_state(self, checkpoint)  # a resume that switches the estimator
         check_checkpoint_matches(self, checkpoint, hparams=self.hparams, strict=self.strict_loading)
 
     def merge_old_expert_optimizer_state(self, checkpoint: dict) -> None:
@@ -276,10 +280,17 @@ class CausalLMTraining(L.LightningModule):
         # A resumed run builds its schedule for its own length (estimated_stepping_batches), but the
         # optimizer state brings the rate the checkpoint's schedule set for this step; with a new
         # max_steps they differ, so set this run's rate from its first step on (a no-op otherwise).
+        # It also brings the checkpoint's peak rate, weight decay and betas: this run's apply
+        # (lightning-moe reports them as changed on resume).
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
                 # LambdaLR's own formula (get_lr), which warns when called outside step().
                 groups = scheduler.optimizer.param_groups
+                settings = getattr(self, "_optimizer_settings", None)
+                if settings is not None and len(settings) == len(groups):
+                    for group, own in zip(groups, settings):
+                        group.update(own, initial_lr=own["lr"])
+                    scheduler.base_lrs = [own["lr"] for own in settings]
                 for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
                     group["lr"] = base * factor(scheduler.last_epoch)

@@ -1,17 +1,35 @@
-"""Before ``lightning-moe fit`` trains: the checkpoint ``--ckpt_path last`` means, and folders it can write.
+"""Before ``lightning-moe`` runs a subcommand: which checkpoint ``--ckpt_path`` means, the settings a
+resume keeps and changes, the folders it writes, and that they can be written.
 
-``fit --ckpt_path last`` finds the newest checkpoint of the same run and continues in its folder.
+**A run's identity.** A run is its model and data configuration (estimator included;
+:mod:`lightning_moe.run_identity` says which settings count and which are training settings
+only). ``--ckpt_path last`` means the newest ``last*.ckpt`` of a run *of the same
+configuration*: Lightning itself would take the newest one in the new run's own (empty)
+``version_N/checkpoints`` folder, or, once found, whatever run wrote it. Here the candidates
+are the checkpoint folders of every earlier version of the run's logger
+(``<save_dir>/<name>/version_*/checkpoints``, Lightning's default logger too), of a logger with a
+fixed ``version`` or no logger, and of ``ModelCheckpoint`` callbacks with a fixed ``dirpath``;
+each candidate's saved ``hyper_parameters`` and ``datamodule_hyper_parameters`` are compared
+with the new configuration, and the newest that matches wins. When checkpoints exist but none
+matches, :class:`~lightning_moe.errors.ConfigError` names what differs and the folder of the
+newest, and says how to resume a specific run (``--ckpt_path PATH``) or start a new one; with
+no checkpoint at all it says where it looked. A run never starts over silently and never
+continues in another configuration's folder. ``validate``/``test``/``predict --ckpt_path last``
+choose the same way.
 
-Lightning looks for ``last`` in the folders of the new run's ``ModelCheckpoint`` callbacks. A
-recipe that logs with a ``TensorBoardLogger`` or ``CSVLogger`` gives every run a new
-``<save_dir>/<name>/version_N/`` folder, and its checkpoints go to ``version_N/checkpoints/``,
-so the new run looks in its own empty folder, warns and trains from step 0. Here ``last``
-is resolved on the run's configuration before anything is built: the newest ``last*.ckpt``
-among the checkpoint folders of every earlier version (and of ``ModelCheckpoint`` callbacks
-with a fixed ``dirpath``) becomes ``ckpt_path``, and the logger is pointed at that checkpoint's
-version, so logs and checkpoints continue in the same folder. When there is nothing to
-resume, :class:`~lightning_moe.errors.ConfigError` says where it looked; a run never starts
-over silently.
+**Overrides on resume.** Lightning reloads the checkpoint's model hyperparameters over the parsed
+ones, so a ``--model.*`` flag given with ``--ckpt_path`` used to vanish. Here
+(:func:`resume_settings`) the checkpoint's model and data settings are the base and every
+setting given explicitly (recipe or command line) goes on top: a training setting or the
+estimator (an intended switch, which ``last`` would not choose) is applied and reported in one
+line; a different architecture is refused in one line naming the field.
+
+**Folders.** ``fit`` resuming a run's newest last checkpoint (by ``last`` or by its path)
+continues in that run's ``version_N`` folder; from an older checkpoint it starts a new version
+folder, so nothing of the run is overwritten. The configuration is saved without overwriting
+(:class:`RunConfigSaver`): ``config.yaml`` for the first run in a folder, ``config-resume-1.yaml``,
+``-2``, ... for each resume. ``validate``/``test``/``predict`` write no version folder and no
+configuration (:func:`evaluate_without_run_folder`): their metrics are printed.
 
 :func:`check_writable_folders` refuses log, checkpoint and cache folders that cannot be written
 (read-only disk, no permission, a file in the way) with a :class:`ConfigError` naming the
@@ -29,13 +47,26 @@ import re
 import tempfile
 from typing import Any
 
+import torch
 from jsonargparse import Namespace
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_moe.checkpointing import damaged_checkpoint_errors
 from lightning_moe.errors import ConfigError
+from lightning_moe.run_identity import config_differences, describe, plain_settings, saved_config
 
-__all__ = ["check_writable_folders", "resolve_last_checkpoint"]
+__all__ = [
+    "RunConfigSaver",
+    "check_writable_folders",
+    "continue_in_run_folder",
+    "evaluate_without_run_folder",
+    "resolve_last_checkpoint",
+    "resume_settings",
+]
 
 #: What Lightning takes for a last checkpoint: ``last.ckpt``, ``last-v1.ckpt``, ...
 _LAST = re.compile(r"^last.*\.ckpt$")
@@ -85,21 +116,24 @@ def _default_logger(save_dir: str, version: str) -> Namespace:
     )
 
 
-def resolve_last_checkpoint(config: Any) -> None:
-    """Replace ``ckpt_path="last"`` in a parsed ``fit`` configuration by the run's newest last checkpoint.
+def _first_logger(trainer: Any) -> Any:
+    loggers = trainer.get("logger")
+    return (loggers[0] if loggers else False) if isinstance(loggers, list) else loggers
 
-    ``config`` is LightningCLI's namespace of the subcommand (``ckpt_path``, ``trainer``, ...).
-    Folders searched: the ``dirpath`` of every ``ModelCheckpoint`` that sets one; for those
-    that do not, ``<save_dir>/<name>/version_*/checkpoints`` of the first logger (TensorBoard
-    or CSV without a fixed ``version``, or Lightning's default logger), or the checkpoint
-    folder of a logger with a fixed version or of a run without a logger. The newest file (by
-    modification time, as Lightning chooses) wins; when it lies in a version folder, the
-    logger's ``version`` is set to it. Other loggers and remote folders are left to Lightning.
-    Raises :class:`ConfigError` when there is no checkpoint to resume.
-    """
-    if config.get("ckpt_path") != "last":
-        return
-    trainer = config.trainer
+
+def _use_version(trainer: Any, version: str) -> None:
+    """Point the first logger of a parsed trainer configuration at ``version`` (Lightning's default logger too)."""
+    first, loggers = _first_logger(trainer), trainer.get("logger")
+    if hasattr(first, "class_path"):
+        first.init_args.version = version
+    else:
+        logger = _default_logger(os.fspath(trainer.get("default_root_dir") or os.getcwd()), version)
+        trainer.logger = [logger, *loggers[1:]] if isinstance(loggers, list) else logger
+
+
+def _checkpoint_folders(trainer: Any) -> tuple[list[tuple[str, str | None]], list[str]] | None:
+    """The folders a run's last checkpoints are in, ``[(folder, logger version or None)]``, and the
+    patterns searched (for messages); None when a logger or folder is left to Lightning."""
     default_root = os.fspath(trainer.get("default_root_dir") or os.getcwd())
     callbacks = [
         cb
@@ -107,14 +141,12 @@ def resolve_last_checkpoint(config: Any) -> None:
         if hasattr(cb, "class_path") and issubclass(_class(cb.class_path) or object, ModelCheckpoint)
     ]
     fixed = [os.fspath(cb.init_args.dirpath) for cb in callbacks if cb.init_args.get("dirpath")]
-    folders: list[tuple[str, str | None]] = [(folder, None) for folder in fixed]  # (folder, logger version)
+    folders: list[tuple[str, str | None]] = [(folder, None) for folder in fixed]
     searched = list(fixed)
-    loggers = trainer.get("logger")
-    first = (loggers[0] if loggers else False) if isinstance(loggers, list) else loggers
     if len(fixed) < len(callbacks) or (not callbacks and trainer.get("enable_checkpointing") is not False):
-        where = _log_folder(first, default_root)
+        where = _log_folder(_first_logger(trainer), default_root)
         if where is None:
-            return
+            return None
         kind, folder = where
         if kind == "fixed":
             folders.append((os.path.join(folder, "checkpoints"), None))
@@ -124,23 +156,172 @@ def resolve_last_checkpoint(config: Any) -> None:
             folders += [(os.path.join(folder, v, "checkpoints"), v) for v in versions]
             searched.append(os.path.join(folder, "version_*", "checkpoints"))
     if any("://" in folder for folder in searched):
+        return None
+    return folders, searched
+
+
+def _saved(path: str) -> dict[str, dict[str, Any]]:
+    """The model and data settings of checkpoint ``path`` (memory-mapped: little of it is read)."""
+    with damaged_checkpoint_errors(path):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return saved_config(checkpoint if isinstance(checkpoint, dict) else {})
+
+
+def _run_config(config: Any) -> dict[str, Any]:
+    return {section: config.get(section) for section in ("model", "data")}
+
+
+def resolve_last_checkpoint(config: Any, subcommand: str = "fit") -> None:
+    """Replace ``ckpt_path="last"`` in a parsed configuration by the newest last checkpoint of a run of the same configuration.
+
+    ``config`` is LightningCLI's namespace of the subcommand (``ckpt_path``, ``model``, ``data``,
+    ``trainer``). Folders searched: the ``dirpath`` of every ``ModelCheckpoint`` that sets one;
+    for those that do not, ``<save_dir>/<name>/version_*/checkpoints`` of the first logger
+    (TensorBoard or CSV without a fixed ``version``, or Lightning's default logger), or the
+    checkpoint folder of a logger with a fixed version or of a run without a logger. Among the
+    checkpoints whose model and data settings match ``config``'s on every identity setting
+    (:mod:`lightning_moe.run_identity`), the newest by modification time (as Lightning chooses)
+    wins; for ``fit``, when it lies in a version folder, the logger's ``version`` is set to it.
+    Other loggers and remote folders are left to Lightning. Raises :class:`ConfigError` when
+    there is no checkpoint, or none of this configuration.
+    """
+    if config.get("ckpt_path") != "last":
         return
-    found = {path: version for folder, version in folders for path in _last_checkpoints(folder)}
-    if not found:
+    found = _checkpoint_folders(config.trainer)
+    if found is None:
+        return
+    folders, searched = found
+    candidates = {path: version for folder, version in folders for path in _last_checkpoints(folder)}
+    if not candidates:
         raise ConfigError(
             f"ckpt_path='last': no checkpoint to resume; no last*.ckpt in {', '.join(searched)}"
             " (a ModelCheckpoint with save_last: true writes one). Run without --ckpt_path to start a new run,"
             " or give a checkpoint's path."
         )
-    newest = max(found, key=os.path.getmtime)
-    config.ckpt_path = newest
-    version = found[newest]
-    if version is not None:
-        if hasattr(first, "class_path"):
-            first.init_args.version = version
-        else:
-            logger = _default_logger(default_root, version)
-            trainer.logger = [logger, *loggers[1:]] if isinstance(loggers, list) else logger
+    ours = _run_config(config)
+    newest_first = sorted(candidates, key=os.path.getmtime, reverse=True)
+    for path in newest_first:
+        differences = [d for d in config_differences(_saved(path), ours) if d[0] != "training"]
+        if not differences:
+            break
+        if path == newest_first[0]:
+            first_differences = differences
+    else:
+        newest = newest_first[0]
+        others = f" (and {len(newest_first) - 1} more, none of this configuration)" if len(newest_first) > 1 else ""
+        raise ConfigError(
+            f"ckpt_path='last': no run of this configuration to resume; the newest checkpoint, {newest}{others},"
+            f" is of another one: {describe(first_differences, here='this configuration')}. Resume a specific run"
+            " with --ckpt_path PATH (its estimator and training settings may differ), or start a new run: leave"
+            " out --ckpt_path, or give it a folder of its own with --trainer.logger.init_args.version NAME"
+        )
+    config.ckpt_path = path
+    if subcommand == "fit" and candidates[path] is not None:
+        _use_version(config.trainer, candidates[path])
+
+
+def continue_in_run_folder(config: Any) -> None:
+    """For ``fit --ckpt_path PATH``: continue in PATH's version folder when PATH is that run's newest last checkpoint.
+
+    Only a version folder of the run's own logger counts (``<save_dir>/<name>/version_N/checkpoints``);
+    a checkpoint elsewhere, or an older one of the run (a branch), leaves the logger to start a new
+    version folder, so no checkpoint of the run is overwritten.
+    """
+    path = config.get("ckpt_path")
+    found = _checkpoint_folders(config.trainer) if path and os.path.isfile(path) else None
+    if found is None:
+        return
+    for folder, version in found[0]:
+        lasts = _last_checkpoints(folder)
+        if version is not None and lasts and os.path.samefile(max(lasts, key=os.path.getmtime), path):
+            _use_version(config.trainer, version)
+            return
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        both_dicts = isinstance(merged.get(key), dict) and isinstance(value, dict) and key != "estimator_args"
+        merged[key] = _merge(merged[key], value) if both_dicts else value
+    return merged
+
+
+def _as_parsed(settings: dict[str, Any], like: Any) -> dict[str, Any]:
+    """Settings in the shape the parser holds them: ``{class_path, init_args}`` when ``like`` has a class path."""
+    if "class_path" not in settings and not (hasattr(like, "get") and like.get("class_path")):
+        return settings
+    settings = dict(settings)
+    class_path = settings.pop("class_path", None) or like.get("class_path")
+    return {"class_path": class_path, "init_args": settings}
+
+
+def resume_settings(config: Any, explicit: Any) -> dict[str, dict[str, Any]]:
+    """The model and data settings a run resumed from ``config.ckpt_path`` (a file) builds with.
+
+    The checkpoint's settings, with every setting given explicitly (``explicit``: the subcommand's
+    namespace parsed without defaults, i.e. the recipe and the command line) on top. A different
+    model architecture raises :class:`ConfigError` naming the fields; other changes (training
+    settings, the estimator, the data) are applied and reported in one line. Returns
+    ``{"model": ..., "data": ...}`` to parse over ``config`` (sections the checkpoint has no
+    settings for are left out).
+    """
+    path = os.fspath(config.ckpt_path)
+    saved = _saved(path)
+    settings, changes = {}, []
+    for section in ("model", "data"):
+        if not saved[section]:
+            continue
+        given = plain_settings(explicit.get(section))
+        merged = _merge(saved[section], given)
+        changes += config_differences({section: saved[section]}, {section: merged})
+        settings[section] = _as_parsed(merged, config.get(section))
+    refused = [change for change in changes if change[0] == "identity" and change[1].startswith("model.")]
+    if refused:
+        raise ConfigError(
+            f"ckpt_path={path!r}: {describe(refused, here='this configuration')}; a run's architecture cannot"
+            " change on resume (its training settings and estimator can): drop these settings to resume it,"
+            " or leave out --ckpt_path to start a new run"
+        )
+    if changes:
+        rank_zero_info(f"Resuming {path} with settings changed: {describe(changes, here='this run')}")
+    return settings
+
+
+def evaluate_without_run_folder(config: Any) -> None:
+    """For ``validate``/``test``/``predict``: drop loggers that would create a new ``version_N`` run folder.
+
+    Those are TensorBoard and CSV loggers without a fixed ``version`` and Lightning's default
+    logger; their metrics are printed instead. Loggers with a fixed folder and others are kept.
+    """
+    trainer = config.trainer
+    loggers = trainer.get("logger")
+    kept = [
+        logger
+        for logger in (loggers if isinstance(loggers, list) else [loggers])
+        if logger is not False and (_log_folder(logger, "") or ("fixed",))[0] != "versions"
+    ]
+    trainer.logger = kept if isinstance(loggers, list) else (kept[0] if kept else False)
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Saves a fit's configuration into its run folder without overwriting an earlier one.
+
+    The first run in a folder writes ``config.yaml``; a run that continues in it (a resume)
+    writes ``config-resume-1.yaml``, ``config-resume-2.yaml``, ..., so the folder keeps every
+    configuration it was trained with, in order.
+    """
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if not self.already_saved and self.save_to_log_dir:
+            log_dir = trainer.log_dir  # broadcast by Lightning
+            name = "config.yaml"
+            if trainer.is_global_zero:
+                fs, n = get_filesystem(log_dir), 0
+                while fs.exists(os.path.join(log_dir, name)):
+                    n += 1
+                    name = f"config-resume-{n}.yaml"
+            self.config_filename = trainer.strategy.broadcast(name)
+        super().setup(trainer, pl_module, stage)
 
 
 def _write_error(folder: str) -> OSError | None:

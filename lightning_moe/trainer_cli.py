@@ -26,7 +26,14 @@ from lightning_moe.checkpointing import CheckpointError, damaged_checkpoint_erro
 from lightning_moe.data import TextDataModule
 from lightning_moe.errors import ConfigError
 from lightning_moe.module import MoELanguageModel
-from lightning_moe.resume import check_writable_folders, resolve_last_checkpoint
+from lightning_moe.resume import (
+    RunConfigSaver,
+    check_writable_folders,
+    continue_in_run_folder,
+    evaluate_without_run_folder,
+    resolve_last_checkpoint,
+    resume_settings,
+)
 
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -46,16 +53,36 @@ class MoECLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
+        self._args = args  # parsed again without defaults when a checkpoint is resumed
         # Before Lightning reads the checkpoint's hyperparameters or creates a run folder.
+
+    def _parse_ckpt_path(self) -> None:
+        """Choose the checkpoint ``--ckpt_path`` means and the settings the run resumes with (:mod:`lightning_moe.resume`).
+
+        Replaces LightningCLI's step of the same name, which puts the checkpoint's model
+        hyperparameters over the parsed ones, dropping every ``--model.*`` override. Runs before
+        any class is built, so before the logger picks a new version folder.
+        """
         subcommand = self.config.get("subcommand")
-        if subcommand:
-            check_checkpoint(self.config[subcommand].get("ckpt_path"), "ckpt_path")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        resolve_last_checkpoint(config, subcommand)  # "last": the newest checkpoint of this configuration
+        check_checkpoint(config.get("ckpt_path"), "ckpt_path")
+        if not (config.get("ckpt_path") and os.path.isfile(config.ckpt_path)):
+            return
+        if subcommand == "fit":
+            continue_in_run_folder(config)
+        explicit = self.parser.parse_args(self._args, defaults=False)[subcommand]
+        self.config = self.parser.parse_object({subcommand: resume_settings(config, explicit)}, self.config)
 
     def before_instantiate_classes(self) -> None:
         # ``fit --ckpt_path last`` continues the newest checkpoint of the run, in its own version
         # folder, or stops with an error; fixed before the logger picks a new version folder.
-        if self.subcommand == "fit":
-            resolve_last_checkpoint(self.config["fit"])
+        # Evaluating a checkpoint is not a training run: no new version folder, no saved configuration.
+        if self.subcommand != "fit":
+            evaluate_without_run_folder(self.config[self.subcommand])
+            self.save_config_callback = None
 
     def before_fit(self) -> None:
         # An unwritable log, checkpoint or cache folder fails now, not at the first log or checkpoint.
@@ -188,7 +215,7 @@ def run(argv: list[str]) -> None:
         cli = MoECLI(
             *classes,
             seed_everything_default=0,
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=RunConfigSaver,  # never over an earlier run's config.yaml
             # Raise parse errors (for lightning-moe to print in one line) instead of printing the full usage.
             parser_kwargs={"exit_on_error": False, **{c: {"exit_on_error": False} for c in TRAINER_SUBCOMMANDS}},
             args=argv,
