@@ -63,24 +63,27 @@ def _load_model(checkpoint: str, cls: type[L.LightningModule]) -> L.LightningMod
         return cls.load_from_checkpoint(checkpoint, map_location="cpu")
 
 
-def export(checkpoint: str, output: str | None = None, tokenizer: str | None = None) -> None:
+def export(checkpoint: str, output: str | None = None, tokenizer: str | None = None, overwrite: bool = False) -> None:
     """Write a post-trained Hugging Face model's checkpoint as an ordinary Hugging Face folder.
 
     The folder (weights, config, tokenizer) loads with ``AutoModelForCausalLM.from_pretrained``
-    and ``AutoTokenizer.from_pretrained`` without lightning-moe.
+    and ``AutoTokenizer.from_pretrained`` without lightning-moe. The checkpoint carries the
+    model's config and tokenizer, so the base model is not needed (it may have moved).
 
     Args:
         checkpoint: a ``.ckpt`` of ``HFMoELanguageModel`` written by ``lightning-moe fit``.
-        output: the folder to write (required).
+        output: the folder to write (required): new or empty, unless --overwrite; never the
+            base model's folder. It is written beside and renamed into place when complete.
         tokenizer: where the tokenizer to save comes from (default: the model's own).
+        overwrite: replace a non-empty output folder, everything in it.
     """
     if output is None:
         raise ConfigError("export needs --output DIR: the folder to write the Hugging Face model to")
-    from lightning_moe.hf.module import HFMoELanguageModel, export_pretrained
+    from lightning_moe.hf.module import HFMoELanguageModel, export_checkpoint
 
     if check_checkpoint(checkpoint, "checkpoint") is not HFMoELanguageModel:
         raise ConfigError(f"checkpoint={checkpoint!r} is not of HFMoELanguageModel; only those export to Hugging Face")
-    print(export_pretrained(_load_model(checkpoint, HFMoELanguageModel), output, tokenizer))
+    print(export_checkpoint(checkpoint, output, tokenizer, overwrite=overwrite))
 
 
 # --------------------------------------------------------------------------- the command
@@ -113,6 +116,23 @@ HELP = "\n".join(
 )
 
 
+#: Boolean options of sample / export that also work bare (``--overwrite`` for ``--overwrite true``).
+SWITCHES = ("--overwrite",)
+_BOOL_WORDS = {"true", "false", "yes", "no", "1", "0", "on", "off"}
+
+
+def _bare_switches(args: list[str]) -> list[str]:
+    """``args`` with a bare switch (not followed by a true/false value) spelled ``--switch=true``.
+
+    jsonargparse wants a value after every boolean option of a function's command line.
+    """
+    following = [*args[1:], None]
+    return [
+        f"{arg}=true" if arg in SWITCHES and (nxt is None or nxt.lower() not in _BOOL_WORDS) else arg
+        for arg, nxt in zip(args, following)
+    ]
+
+
 def run(argv: list[str]) -> None:
     """Run ``lightning-moe ARGV``; errors propagate as raised (:func:`main` turns the user's into one line)."""
     if not argv or argv[0] in ("-h", "--help"):
@@ -124,7 +144,7 @@ def run(argv: list[str]) -> None:
     if command == "sample":
         CLI(sample, args=argv[1:], exit_on_error=False)
     elif command == "export":
-        CLI(export, args=argv[1:], exit_on_error=False)
+        CLI(export, args=_bare_switches(argv[1:]), exit_on_error=False)
     elif command == "compare":
         from lightning_moe.study import main as compare
 

@@ -157,3 +157,18 @@ def test_the_cli_refuses_a_negative_coefficient_in_one_line(tmp_path, monkeypatc
     assert code == 2 and stderr.splitlines() == [
         "error: `router_aux_loss_coef` must be a number >= 0 (or null: the config's), got -1.0"
     ], stderr
+
+
+def test_aux_loss_gradient_is_kept_under_non_reentrant_checkpointing_and_reentrant_is_refused():
+    grads = []
+    for checkpointing in (False, "non_reentrant"):
+        module = make_module(router_aux_loss=True, router_aux_loss_coef=10.0, activation_checkpointing=checkpointing)
+        module.train()
+        with pytest.warns(UserWarning, match="self.log"):
+            loss = module.training_step(batch(), 0)
+        loss.backward()
+        grads.append({name: p.grad for name, p in module.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-6, atol=1e-8, msg=name)
+    with pytest.raises(ConfigError, match="`router_aux_loss` needs `activation_checkpointing` false or 'non_reentrant'"):
+        make_module(config={**MODULE_CONFIG, "output_router_logits": True}, activation_checkpointing="reentrant")

@@ -134,7 +134,7 @@ class HFMoELanguageModel(CausalLMTraining):
     """A Hugging Face MoE causal LM post-trained with any estimator of this library.
 
     Supported families (by structure, :func:`~lightning_moe.hf.from_hf`): Mixtral, PhiMoE
-    (GRIN MoE), OLMoE, Qwen2-MoE, Qwen3-MoE and siblings built from the same blocks.
+    (GRIN MoE), OLMoE, Qwen2-MoE, Qwen3-MoE, Jamba and siblings built from the same blocks.
 
     Args:
         pretrained: a Hub name or a local folder, loaded with
@@ -201,6 +201,11 @@ class HFMoELanguageModel(CausalLMTraining):
         self.save_hyperparameters()
         model = load_causal_lm(pretrained, config, dtype, attn_implementation)
         self._router_aux_loss_weight = family_aux_loss_weight(model.config, router_aux_loss, router_aux_loss_coef)
+        if self._router_aux_loss_weight is not None and activation_checkpointing == "reentrant":
+            raise ConfigError(
+                "`router_aux_loss` needs `activation_checkpointing` false or 'non_reentrant', not 'reentrant': the"
+                " router logits would be recorded in its no-grad forward and the loss would not reach the routers"
+            )
         self._router_aux_loss: Tensor | None = None  # of the last training forward (see logits)
         self.model = from_hf(model, estimator=estimator, backend=backend, **(estimator_args or {}))
         self.model.config.use_cache = False  # training: no key/value cache
