@@ -132,7 +132,7 @@ def test_the_hugging_face_cache_is_never_written(tmp_path, trained, capsys, monk
 
 
 def test_a_failed_export_leaves_no_half_written_folder(tmp_path, trained, capsys, monkeypatch):
-    checkpoint, _, logits = trained
+    checkpoint, _, _ = trained
     output = tmp_path / "out"
     err = exit_line(capsys, checkpoint, "--output", output, "--tokenizer", tmp_path / "no-such-tokenizer")
     assert "tokenizer" in err
