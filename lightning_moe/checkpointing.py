@@ -38,6 +38,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from lightning_moe.distributed import all_gather_objects
+from lightning_moe.lightning_versions import require_tested_lightning
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -363,6 +364,9 @@ class ResumableEpochEnd(L.Callback):
     ``on_train_epoch_end``; a checkpoint saved in that hook misses that step, with or
     without this callback.) ``MoELanguageModel`` adds it itself.
     """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        require_tested_lightning("ResumableEpochEnd (it rewrites the fit loop's counters in checkpoints)")
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         epoch = trainer.fit_loop.epoch_progress.current

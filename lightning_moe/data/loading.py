@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_moe.errors import ConfigError
+from lightning_moe.lightning_versions import require_tested_lightning
 
 #: The target of a position no loss falls on (a prompt, padding, another example's tokens):
 #: the data writes it, the models' loss skips it (PyTorch's and transformers' default, -100).
@@ -146,6 +147,8 @@ def resumable_train_loader(
     ``fit(ckpt_path=...)`` continues an epoch after the batches already trained on. A
     dataset with fewer rows than ranks raises ``ConfigError(too_few(rows, ranks))``.
     """
+    if trainer is not None:
+        require_tested_lightning("resuming mid-epoch (the loader skips the batches already trained on)")
     sharding = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer is not None else None
     num_replicas, rank = (sharding["num_replicas"], sharding["rank"]) if sharding else (1, 0)
     if len(dataset) < num_replicas:
