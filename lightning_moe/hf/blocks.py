@@ -165,8 +165,9 @@ def run_router_probe(router: nn.Module) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     ``router`` computes in eval on a random probe, with random weights.
 
     Random weights, not the router's own: what is decided is the routing *function*, and a
-    router freshly built with zeros would show ties and nothing else. Logits of spread about 2 give every candidate distinct weights: some tokens keep
-    several experts under SparseMixer's jitter mask, others one.
+    router freshly built with zeros would show ties and nothing else. Logits of spread about
+    2 give every candidate distinct weights: some tokens keep several experts under
+    SparseMixer's jitter mask, others one.
     """
     num_experts, d_model = router.weight.shape
     reference = copy.deepcopy(router).float().eval()
