@@ -1,6 +1,7 @@
 """The family's own load-balancing loss (``output_router_logits``) after conversion, against the original model."""
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -172,3 +173,11 @@ def test_aux_loss_gradient_is_kept_under_non_reentrant_checkpointing_and_reentra
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-6, atol=1e-8, msg=name)
     with pytest.raises(ConfigError, match="`router_aux_loss` needs `activation_checkpointing` false or 'non_reentrant'"):
         make_module(config={**MODULE_CONFIG, "output_router_logits": True}, activation_checkpointing="reentrant")
+
+
+def test_a_converted_model_still_pickles():
+    """torch.save(model) and spawned processes pickle the model; a closure as hook would not."""
+    original = make_model("qwen2_moe")
+    model = pickle.loads(pickle.dumps(from_hf(copy.deepcopy(original))))
+    ids = input_ids(9)
+    assert_same(run(model, ids, False, output_router_logits=True), run(original, ids, False, output_router_logits=True))

@@ -9,16 +9,17 @@ load-balancing loss (``load_balancing_loss_func``) is computed from what those h
 A converted block's router is this library's :class:`~lightning_moe.routing.Router`, of no
 class the model lists, so nothing would be recorded. Matching by class cannot be arranged
 without pretending to be the family's router, and it would not help where the hooks were
-installed before conversion. So the same recording hook is installed explicitly: on our
-router when a block is converted (it returns the logits themselves, which is what index 0
-of the family's router output is), and on the family's router when :func:`~lightning_moe.hf.to_hf`
-restores it, if the model installed its hooks while converted. Every block then records
-exactly once, whenever the hooks were installed.
+installed before conversion. So a hook recording the same way (:class:`RecordOutput`) is
+installed explicitly: on our router when a block is converted (it returns the logits
+themselves, which is what index 0 of the family's router output is), and on the family's
+router when :func:`~lightning_moe.hf.to_hf` restores it, if the model installed its hooks
+while converted. Every block then records exactly once, whenever the hooks were installed.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 from torch import nn
 
@@ -69,20 +70,42 @@ def hooks_installed(owner: nn.Module | None) -> bool:
     return bool(getattr(owner, _INSTALLED, False))
 
 
+class RecordOutput:
+    """A forward hook that does what ``transformers``' recording hook does for ``key``: append the
+    module's output (``output[index]`` of a tuple) to the outputs the running forward collects.
+
+    A class rather than ``transformers``' own hook (a closure), so a converted model still
+    pickles (``torch.save(model)``, spawned worker processes) as it did before conversion.
+    """
+
+    def __init__(self, key: str, index: int) -> None:
+        self.key, self.index = key, index
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        from transformers.utils.output_capturing import _active_collector
+
+        collected = _active_collector.get()  # None outside a forward that records
+        if collected is None or self.key not in collected:
+            return
+        value = output[self.index] if isinstance(output, tuple) else output
+        if value is not None:
+            collected[self.key].append(value)
+
+
 def install_record_hooks(module: nn.Module, records: list[tuple[str, int]]) -> None:
     """Make ``module``'s output recorded under each key of ``records``, as ``transformers``' own hook does."""
     if not records:
         return
     try:
-        from transformers.utils.output_capturing import install_output_capuring_hook as install
-    except ImportError:  # the hook's home in transformers 5.25; another version may keep it elsewhere
+        from transformers.utils.output_capturing import _active_collector  # noqa: F401
+    except ImportError:  # where transformers 5.25 collects; another version may collect elsewhere
         import transformers
 
         warnings.warn(
-            f"transformers {transformers.__version__} has no output_capturing hook to install: a converted model's"
+            f"transformers {transformers.__version__} has no output_capturing collector: a converted model's"
             " output_router_logits (and the family's aux loss) will record no router",
             stacklevel=3,
         )
         return
     for key, index in records:
-        install(module, key, index)
+        module.register_forward_hook(RecordOutput(key, index))
