@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import os
 import sys
+from argparse import ArgumentError
+from typing import TYPE_CHECKING
 
-import lightning as L
-import torch
-from jsonargparse import CLI
-
-from lightning_moe import trainer_cli
-from lightning_moe.checkpointing import damaged_checkpoint_errors
 from lightning_moe.errors import ConfigError
-from lightning_moe.module import MoELanguageModel
-from lightning_moe.trainer_cli import TRAINER_SUBCOMMANDS, check_checkpoint, user_error
+
+if TYPE_CHECKING:
+    import lightning as L
+
+# torch, Lightning and jsonargparse are imported by the subcommands that use them, not here:
+# ``lightning-moe --help`` and ``lightning-moe fit --help`` answer without them (Lightning
+# alone takes seconds to import), and so does a mistyped subcommand.
 
 
 def sample(
@@ -51,14 +52,27 @@ def sample(
         top_k: sample only among the k most likely tokens (None: all).
         seed: random seed, for reproducible samples.
     """
+    import torch
+
+    from lightning_moe.module import MoELanguageModel
+
     cls = check_checkpoint(checkpoint, "checkpoint") or MoELanguageModel  # unchecked paths: the default model
     torch.manual_seed(seed)
     model = _load_model(checkpoint, cls)
     print(model.sample_text(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k))
 
 
+def check_checkpoint(path: str | None, field: str) -> type[L.LightningModule] | None:
+    """:func:`lightning_moe.trainer_cli.check_checkpoint`, imported when a subcommand needs it."""
+    from lightning_moe.trainer_cli import check_checkpoint as check
+
+    return check(path, field)
+
+
 def _load_model(checkpoint: str, cls: type[L.LightningModule]) -> L.LightningModule:
     """The model of ``checkpoint`` (of class ``cls``, :func:`check_checkpoint`'s answer), on the CPU."""
+    from lightning_moe.checkpointing import damaged_checkpoint_errors
+
     with damaged_checkpoint_errors(checkpoint):
         return cls.load_from_checkpoint(checkpoint, map_location="cpu")
 
@@ -115,6 +129,56 @@ HELP = "\n".join(
     ]
 )
 
+#: ``fit --help``: the options most runs change, described. LightningCLI's own help lists
+#: every field of the model, data module and trainer (~700 lines) and needs Lightning
+#: imported first, so it is one flag further (``--help=full``). A test passes every option
+#: here to the real parser and checks the estimator names against the registry.
+FIT_HELP = """\
+usage: lightning-moe fit --config RECIPE [--SECTION.FIELD VALUE ...] [--print_config] [--debug]
+
+Train a model with Lightning's LightningCLI: MoELanguageModel on a TextDataModule, or, when
+the recipe's model names a class_path (recipes/posttrain_*.yaml), the classes it names. Any
+field of the recipe can be overridden as --SECTION.FIELD VALUE; these are the common ones.
+
+recipe:
+  --config RECIPE               a YAML recipe, e.g. recipes/quickstart.yaml
+  --ckpt_path PATH              continue training from a checkpoint (last: the run's newest)
+
+model (every recipe):
+  --model.estimator NAME        router gradient estimator: topk, sparsemixer, sparsemixer_v2,
+                                default_moe, densemixer, straight_through (or a class path)
+  --model.estimator_args JSON   the estimator's arguments, e.g. '{"jitter_eps": 0.01}'
+
+model (MoELanguageModel, the byte-level and BPE recipes):
+  --model.d_model N             residual stream width
+  --model.n_layers N            number of transformer blocks
+  --model.n_heads N             attention heads
+  --model.max_seq_len N         longest sequence the model handles
+  --model.moe.num_experts N     experts per MoE layer
+  --model.moe.top_k K           experts each token is sent to
+  --model.moe.ffn_hidden N      hidden width of one expert
+  --model.moe.backend NAME      expert kernels: auto, torch, loop, megablocks
+  --model.learning_rate LR      peak learning rate (AdamW, linear warmup then cosine decay)
+  --model.warmup_steps N        optimizer steps of linear warmup
+
+data (TextDataModule):
+  --data.source SOURCE          stdlib, a text file, folder or glob, or a Hugging Face dataset
+  --data.seq_len N              tokens per training sequence
+  --data.batch_size N           sequences per batch
+
+trainer (Lightning's Trainer):
+  --trainer.max_steps N         optimizer steps to train for
+  --trainer.val_check_interval N  validate every N training batches
+  --trainer.accelerator NAME    cpu, gpu or auto
+  --trainer.devices N           devices to train on
+  --trainer.precision P         32-true, bf16-mixed, bf16-true, ...
+
+other:
+  -h, --help                    show this message
+  --help=full                   every option of fit with its description and default (long)
+  --print_config                print the resolved recipe, overrides applied, as YAML and exit
+  --debug                       show the full traceback of configuration errors"""
+
 
 #: Boolean options of sample / export that also work bare (``--overwrite`` for ``--overwrite true``).
 SWITCHES = ("--overwrite",)
@@ -141,19 +205,44 @@ def run(argv: list[str]) -> None:
             raise ConfigError(f"give a subcommand: {', '.join(SUBCOMMANDS)} (lightning-moe --help)")
         return
     command = argv[0]
-    if command == "sample":
-        CLI(sample, args=argv[1:], exit_on_error=False)
-    elif command == "export":
-        CLI(export, args=_bare_switches(argv[1:]), exit_on_error=False)
+    if command == "fit" and any(arg in ("-h", "--help") for arg in argv[1:]):
+        print(FIT_HELP)
+        return
+    argv = ["--help" if arg == "--help=full" else arg for arg in argv]
+    if command in ("sample", "export"):
+        from jsonargparse import CLI
+
+        function = sample if command == "sample" else export
+        CLI(function, args=_bare_switches(argv[1:]), exit_on_error=False, prog=f"lightning-moe {command}")
     elif command == "compare":
         from lightning_moe.study import main as compare
 
         compare(argv[1:])
-    elif command in TRAINER_SUBCOMMANDS or command.startswith("-"):
-        trainer_cli.run(argv)
+    elif command in SUBCOMMANDS or command.startswith("-"):  # fit, validate, test, predict
+        _run_trainer(argv)
     else:
         choices = ", ".join(SUBCOMMANDS)
         raise ConfigError(f"unknown subcommand {command!r}; choose one of {choices} (lightning-moe --help)")
+
+
+def _run_trainer(argv: list[str]) -> None:
+    """:func:`lightning_moe.trainer_cli.run`, with the estimator's spelling pointed out when it is wrong.
+
+    Every recipe takes the estimator as ``--model.estimator``; ``--model.moe.estimator`` is
+    MoELanguageModel's alias, unknown to a model named by ``class_path`` (``HFMoELanguageModel``),
+    where jsonargparse's error would list every union subtype it tried.
+    """
+    from lightning_moe import trainer_cli
+
+    try:
+        trainer_cli.run(argv)
+    except ArgumentError as err:
+        if "moe.estimator" in str(err):
+            raise ConfigError(
+                "model.moe.estimator / model.moe.estimator_args: this recipe's model (given by class_path) has no"
+                " `moe`; give the estimator as --model.estimator NAME and its arguments as --model.estimator_args"
+            ) from err
+        raise
 
 
 def main(args: list[str] | None = None) -> None:
@@ -168,11 +257,20 @@ def main(args: list[str] | None = None) -> None:
     try:
         run(argv)
     except Exception as err:
-        message = None if debug else user_error(err)
+        message = None if debug else _user_error(err)
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def _user_error(err: BaseException) -> str | None:
+    """:func:`lightning_moe.trainer_cli.user_error`; a plain :class:`ConfigError` needs no Lightning imported to say."""
+    if isinstance(err, ConfigError) and "lightning_moe.trainer_cli" not in sys.modules:
+        return str(err)
+    from lightning_moe.trainer_cli import user_error
+
+    return user_error(err)
 
 
 if __name__ == "__main__":

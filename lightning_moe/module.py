@@ -24,17 +24,76 @@ from lightning_moe.model import MoEConfig, MoETransformer, TransformerConfig
 __all__ = ["IGNORE_INDEX", "MoELanguageModel", "warmup_cosine_factor"]
 
 
+def _with_estimator(moe: MoEConfig | None, estimator: str | None, estimator_args: dict | None) -> MoEConfig | None:
+    """``moe`` with the top-level ``estimator`` / ``estimator_args`` of :class:`MoELanguageModel`, where given."""
+    if estimator is None and estimator_args is None:
+        return moe
+    if moe is None:
+        raise ConfigError(
+            f"model.estimator={estimator!r} / model.estimator_args={estimator_args!r} need MoE layers, but"
+            " model.moe is null (a dense model); remove them or give model.moe"
+        )
+    changes = {"estimator": estimator} if estimator is not None else {}
+    if estimator_args is not None:
+        changes["estimator_args"] = dict(estimator_args)
+    return dataclasses.replace(moe, **changes)
+
+
+#: Command-line flags of ``moe.estimator`` / ``moe.estimator_args`` and the top-level flags they stand for.
+_ESTIMATOR_FLAG_ALIASES = {"--model.moe.estimator": "--model.estimator", "--model.moe.estimator_args": "--model.estimator_args"}
+
+
+def canonical_estimator_flags(argv: list[str]) -> list[str]:
+    """``argv`` with ``--model.moe.estimator[_args]`` spelt ``--model.estimator[_args]``.
+
+    The alias is rewritten on the command line rather than resolved in ``__init__``: a
+    recipe sets the top-level ``estimator`` (which replaces ``moe.estimator``), so a
+    ``--model.moe.estimator`` override left as it is would be silently outvoted by the
+    recipe it overrides.
+    """
+    out = []
+    for arg in argv:
+        flag, sep, value = arg.partition("=")
+        out.append(_ESTIMATOR_FLAG_ALIASES.get(flag, flag) + sep + value)
+    return out
+
+
 class MoELanguageModel(CausalLMTraining):
     """A decoder-only MoE language model with AdamW and warmup + cosine schedule.
 
     The architecture arguments are those of :class:`~lightning_moe.model.TransformerConfig`,
     flat so a LightningCLI config reads
-    ``model: {d_model: 256, moe: {num_experts: 8, top_k: 2, estimator: topk}}``.
+    ``model: {d_model: 256, estimator: topk, moe: {num_experts: 8, top_k: 2}}``.
     ``moe`` fields not given keep their :class:`~lightning_moe.model.MoEConfig` defaults;
     ``moe: null`` (``moe=None``) builds a fully dense model. A ``dict`` of ``MoEConfig``
     fields is accepted too; ``hparams.moe`` holds that dict form.
 
+    The estimator is chosen by ``estimator`` and ``estimator_args`` at the top level, the
+    spelling :class:`~lightning_moe.hf.HFMoELanguageModel` uses too, so every recipe takes
+    ``--model.estimator``. ``moe.estimator`` / ``moe.estimator_args`` still work (older
+    recipes and checkpoints; on the command line ``lightning-moe`` reads ``--model.moe.estimator``
+    as ``--model.estimator``, :func:`canonical_estimator_flags`); the top-level value, when
+    given, replaces them, and both are saved as the estimator that was built.
+
     Args:
+        vocab_size: number of token ids; ``lightning-moe fit`` sets it from the data's tokenizer.
+        d_model: residual stream width.
+        n_layers: number of transformer blocks.
+        n_heads: attention heads (``d_model / n_heads`` must be even).
+        max_seq_len: longest sequence the model handles (RoPE tables).
+        ffn_hidden: dense feed-forward hidden width (default: ``8/3 * d_model`` rounded up to
+            a multiple of 64 for ``swiglu``, ``4 * d_model`` for ``gelu``).
+        activation: feed-forward activation, ``swiglu`` or ``gelu``.
+        tie_embeddings: share the token embedding matrix with the output head.
+        rope_base: RoPE frequency base (theta).
+        moe: the MoE layers (:class:`~lightning_moe.model.MoEConfig`: ``num_experts``, ``top_k``,
+            ``ffn_hidden`` of one expert, ``backend``, ``every_n_layers``, ...); ``null``: a
+            dense model.
+        estimator: the router gradient estimator (``topk``, ``sparsemixer``,
+            ``sparsemixer_v2``, ``default_moe``, ``densemixer``, ``straight_through``, or a
+            dotted path to an ``Estimator`` subclass); default: ``moe.estimator`` (``topk``).
+        estimator_args: the estimator's arguments, e.g. ``{jitter_eps: 0.01}``; default:
+            ``moe.estimator_args``.
         learning_rate: peak learning rate, reached at the end of warmup.
         weight_decay: AdamW decoupled weight decay for matrices; norms, biases,
             embeddings (and the head tied to them) are not decayed.
@@ -61,6 +120,8 @@ class MoELanguageModel(CausalLMTraining):
         tie_embeddings: bool = True,
         rope_base: float = 10000.0,
         moe: MoEConfig | None = MoEConfig(),
+        estimator: str | None = None,
+        estimator_args: dict | None = None,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -72,10 +133,18 @@ class MoELanguageModel(CausalLMTraining):
         super().__init__()
         check_optimizer_args(learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio)
         moe_config = MoEConfig(**moe) if isinstance(moe, dict) else copy.deepcopy(moe)
-        # Saved as a plain dict so checkpoints load with `weights_only=True` and
-        # hparams.yaml stays readable; `__init__` accepts the dict back.
-        moe = None if moe_config is None else dataclasses.asdict(moe_config)
+        moe_config = _with_estimator(moe_config, estimator, estimator_args)
         self.save_hyperparameters()
+        # Saved as a plain dict so checkpoints load with `weights_only=True` and
+        # hparams.yaml stays readable; `__init__` accepts the dict back. The estimator is
+        # saved in both spellings as the one built, so the two never disagree on loading.
+        # Set after `save_hyperparameters`, which under LightningCLI records the config as given.
+        if moe_config is not None:
+            self.hparams.update(
+                moe=dataclasses.asdict(moe_config),
+                estimator=moe_config.estimator,
+                estimator_args=dict(moe_config.estimator_args),
+            )
         self.model = MoETransformer(
             TransformerConfig(
                 vocab_size=vocab_size,

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_moe.checkpointing import CheckpointError, damaged_checkpoint_errors, use_atomic_checkpoint_io
 from lightning_moe.data import TextDataModule
 from lightning_moe.errors import ConfigError
-from lightning_moe.module import MoELanguageModel
+from lightning_moe.module import MoELanguageModel, canonical_estimator_flags
 from lightning_moe.resume import (
     RunConfigSaver,
     check_writable_folders,
@@ -34,6 +34,7 @@ from lightning_moe.resume import (
     resolve_last_checkpoint,
     resume_settings,
 )
+from lightning_moe.strategies import ExpertParallelStrategy  # noqa: F401 - registers "moe_expert_parallel" for recipes
 
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -208,7 +209,10 @@ def check_checkpoint(path: str | None, field: str) -> type[LightningModule] | No
 
 def run(argv: list[str]) -> None:
     """Run ``lightning-moe ARGV`` for a trainer subcommand (``ARGV[0]``, or options only); errors propagate as raised."""
-    classes = (None, None) if names_classes(argv) else (MoELanguageModel, TextDataModule)
+    if names_classes(argv):
+        classes = (None, None)
+    else:
+        classes, argv = (MoELanguageModel, TextDataModule), canonical_estimator_flags(argv)
     with warnings.catch_warnings():
         # The args given here are sys.argv's own (less --debug); Lightning warns when given both.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")

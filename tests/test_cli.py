@@ -152,3 +152,103 @@ def test_progress_bar_counts_steps_of_max_steps(bar_class, tmp_path):
     assert seen[-1] == ("Steps", 6, 6) and len(seen) == 12
     assert [completed for _, completed, _ in seen] == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
     assert "v_num" not in metrics
+
+
+# ---- one spelling of the estimator for every recipe: --model.estimator ---------------------
+
+TINY_MOE = {"num_experts": 4, "top_k": 2, "backend": "loop"}
+
+
+def test_top_level_estimator_replaces_the_moe_one_and_hparams_agree():
+    from lightning_moe.estimators.sparsemixer_v2 import SparseMixerV2
+    from lightning_moe.layer import moe_layers
+
+    model = MoELanguageModel(
+        d_model=32, n_heads=2, n_layers=2, moe={**TINY_MOE, "estimator": "topk"},
+        estimator="sparsemixer_v2", estimator_args={"jitter_eps": 0.05},
+    )
+    layers = [layer for _, layer in moe_layers(model)]
+    assert len(layers) == 2
+    assert all(isinstance(layer.estimator, SparseMixerV2) and layer.estimator.jitter_eps == 0.05 for layer in layers)
+    assert model.hparams.estimator == model.hparams.moe["estimator"] == "sparsemixer_v2"
+    assert model.hparams.estimator_args == model.hparams.moe["estimator_args"] == {"jitter_eps": 0.05}
+
+
+def test_moe_estimator_is_still_accepted_and_saved_in_both_spellings():
+    from lightning_moe.estimators.default_moe import DefaultMoE
+    from lightning_moe.layer import moe_layers
+
+    model = MoELanguageModel(
+        d_model=32, n_heads=2, n_layers=1, moe={**TINY_MOE, "estimator": "default_moe", "estimator_args": {"beta": 0.5}}
+    )
+    (_, layer), = moe_layers(model)
+    assert isinstance(layer.estimator, DefaultMoE) and layer.estimator.beta == 0.5
+    assert model.hparams.estimator == "default_moe" and model.hparams.estimator_args == {"beta": 0.5}
+
+
+def test_a_checkpoint_from_before_the_top_level_estimator_loads_with_its_estimator(tmp_path):
+    import torch
+
+    from lightning_moe.estimators.default_moe import DefaultMoE
+    from lightning_moe.layer import moe_layers
+
+    model = MoELanguageModel(d_model=32, n_heads=2, n_layers=1, moe={**TINY_MOE, "estimator": "default_moe"})
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.strategy.connect(model)
+    path = tmp_path / "old.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["hyper_parameters"]["estimator"], checkpoint["hyper_parameters"]["estimator_args"]
+    torch.save(checkpoint, path)  # as written before `estimator` was a top-level argument
+    loaded = MoELanguageModel.load_from_checkpoint(path)
+    (_, layer), = moe_layers(loaded)
+    assert isinstance(layer.estimator, DefaultMoE)
+    assert loaded.hparams.estimator == "default_moe"
+
+
+def test_estimator_without_moe_layers_is_one_line():
+    with pytest.raises(ValueError, match=r"model.estimator='topk'.*model.moe is null"):
+        MoELanguageModel(d_model=32, n_heads=2, n_layers=1, moe=None, estimator="topk")
+
+
+def test_both_recipe_kinds_take_model_estimator(capsys):
+    byte_level = next(p for p in RECIPES if p.name == "quickstart.yaml")
+    posttrain = next(p for p in RECIPES if p.name == "posttrain_tiny_offline.yaml")
+    for recipe in (byte_level, posttrain):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(recipe), "--model.estimator=densemixer", "--print_config"])
+        assert exit_info.value.code == 0
+        assert re.search(r"^ +estimator: densemixer$", capsys.readouterr().out, re.M), recipe.name
+
+
+def test_moe_estimator_on_a_class_path_model_is_one_line_pointing_at_model_estimator(capsys):
+    posttrain = next(p for p in RECIPES if p.name == "posttrain_tiny_offline.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(posttrain), "--model.moe.estimator=topk", "--print_config"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: model\.moe\.estimator.* --model\.estimator NAME .*\n", err), err
+
+
+def test_recipes_and_readme_use_the_canonical_estimator_spelling():
+    root = Path(__file__).parents[1]
+    for path in [*(root / "recipes").glob("*.yaml"), root / "README.md"]:
+        text = path.read_text()
+        assert "moe.estimator" not in text or "alias" in text, path.name
+        assert not re.search(r"^\s+moe:(\n\s+\w+:.*)*\n\s+estimator", text, re.M), path.name
+
+
+def test_the_moe_estimator_flag_overrides_a_recipe_that_sets_the_top_level_estimator(tmp_path):
+    from lightning_moe.estimators.topk import TopK
+    from lightning_moe.layer import moe_layers
+    from lightning_moe.module import canonical_estimator_flags
+
+    grin = next(p for p in RECIPES if p.name == "grin.yaml")
+    assert "\n  estimator: sparsemixer_v2\n" in grin.read_text()
+    args = ["--config", str(grin), "--model.moe.estimator", "topk", "--model.moe.estimator_args={}"]
+    args += ["--model.d_model=32", "--model.n_heads=2", "--model.n_layers=1", "--trainer.logger=false"]
+    cli = LightningCLI(MoELanguageModel, TextDataModule, run=False, args=canonical_estimator_flags(args))
+    assert all(type(layer.estimator) is TopK for _, layer in moe_layers(cli.model))
+    # Under LightningCLI too, the checkpoint's hyperparameters name the estimator built, in both spellings.
+    assert cli.model.hparams.estimator == cli.model.hparams.moe["estimator"] == "topk"
+    assert cli.model.hparams.estimator_args == cli.model.hparams.moe["estimator_args"] == {}

@@ -252,10 +252,8 @@ def test_every_configuration_of_a_study_recipe_builds(study, tmp_path):
         args = run_arguments(str(base), tmp_path / "run", 0, Configuration(**configuration), common)
         cli = LightningCLI(MoELanguageModel, TextDataModule, run=False, args=args[1:])
         assert cli.trainer.max_steps == spec["steps"]
-        estimator = configuration.get("overrides", {}).get(
-            "model.moe.estimator", spec["base"]["model"]["moe"]["estimator"]
-        )
-        assert cli.model.hparams.moe["estimator"] == estimator
+        estimator = configuration.get("overrides", {}).get("model.estimator", spec["base"]["model"]["estimator"])
+        assert cli.model.hparams.estimator == cli.model.hparams.moe["estimator"] == estimator
 
 
 # ----------------------------------------------------------------------------- one run per device

@@ -36,7 +36,7 @@ from lightning_moe.testbed import parse_testbed_source
 
 
 def compare(
-    configurations: list[Configuration],
+    configurations: list[Configuration] | None = None,
     base: str | dict = "recipes/quickstart.yaml",
     seeds: list[int] = [0, 1, 2],  # noqa: B006 - jsonargparse shows this default
     steps: int | None = None,
@@ -54,7 +54,9 @@ def compare(
     """Train ``base`` with every configuration and seed, then write the comparison report.
 
     Args:
-        configurations: the arms of the study, each a name and the recipe keys it overrides.
+        configurations: the arms of the study, each a name and the recipe keys it overrides
+            (required; optional in the signature only so that the usage line shows it as the
+            option a study file gives, not as a positional ``[ITEM,...]``).
         base: a ``lightning-moe fit`` recipe: a YAML path, or the recipe itself inline.
         seeds: ``seed_everything`` of the runs; every configuration runs every seed, so
             differences can be paired by seed.
@@ -227,4 +229,4 @@ def main(args: list[str] | None = None) -> None:
     """``lightning-moe compare ...`` (``--config study.yaml`` reads the arguments from a file)."""
     from jsonargparse import CLI
 
-    CLI(compare, args=args, exit_on_error=False)  # a bad flag raises, for lightning-moe to print in one line
+    CLI(compare, args=args, exit_on_error=False, prog="lightning-moe compare")  # a bad flag raises, for one line
