@@ -172,7 +172,7 @@ def _run_config(config: Any) -> dict[str, Any]:
 
 
 def resolve_last_checkpoint(config: Any, subcommand: str = "fit") -> None:
-    """Replace ``ckpt_path="last"`` in a parsed configuration by the newest last checkpoint of a run of the same configuration.
+    """Replace ``ckpt_path="last"`` by the newest last checkpoint of a run of the same configuration.
 
     ``config`` is LightningCLI's namespace of the subcommand (``ckpt_path``, ``model``, ``data``,
     ``trainer``). Folders searched: the ``dirpath`` of every ``ModelCheckpoint`` that sets one;
@@ -278,9 +278,9 @@ def resume_settings(config: Any, explicit: Any) -> dict[str, dict[str, Any]]:
     refused = [change for change in changes if change[0] == "identity" and change[1].startswith("model.")]
     if refused:
         raise ConfigError(
-            f"ckpt_path={path!r}: {describe(refused, here='this configuration')}; a run's architecture cannot"
-            " change on resume (its training settings and estimator can): drop these settings to resume it,"
-            " or leave out --ckpt_path to start a new run"
+            f"ckpt_path={path!r}: {describe(refused, here='this configuration')}; a run's model (architecture,"
+            " pretrained weights, trainable parameters) cannot change on resume, only its training settings and"
+            " estimator: drop these settings to resume it, or leave out --ckpt_path to start a new run"
         )
     if changes:
         rank_zero_info(f"Resuming {path} with settings changed: {describe(changes, here='this run')}")

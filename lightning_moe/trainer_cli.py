@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import yaml
+from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -74,7 +75,9 @@ class MoECLI(LightningCLI):
             return
         if subcommand == "fit":
             continue_in_run_folder(config)
-        explicit = self.parser.parse_args(self._args, defaults=False)[subcommand]
+        # What the recipe and command line set, without defaults: those settings override the checkpoint's.
+        parse = self.parser.parse_object if isinstance(self._args, (dict, Namespace)) else self.parser.parse_args
+        explicit = parse(self._args, defaults=False)[subcommand]
         self.config = self.parser.parse_object({subcommand: resume_settings(config, explicit)}, self.config)
 
     def before_instantiate_classes(self) -> None:

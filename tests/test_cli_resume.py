@@ -147,9 +147,13 @@ def fit_config(tmp_path, logger, callbacks=()):
     return Namespace(ckpt_path="last", trainer=trainer)
 
 
-def touch(path, mtime):
+def touch(path, mtime, model=None, data=None):
+    """A checkpoint file at ``path`` with modification time ``mtime`` and these saved settings."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    open(path, "wb").close()
+    checkpoint = {"state_dict": {}, "hyper_parameters": model or {}}
+    if data is not None:
+        checkpoint["datamodule_hyper_parameters"] = data
+    torch.save(checkpoint, path)
     os.utime(path, (mtime, mtime))
     return path
 

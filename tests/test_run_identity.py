@@ -1,8 +1,9 @@
 """A run's identity for ``--ckpt_path last``, overrides on resume, and folders a resume writes.
 
-Every run is the real entry point (``lightning_moe.cli.main``) on the quickstart recipe shrunk
-to a tiny model and a few KB of text (see ``test_cli_resume.py``), so each fit takes seconds.
-What a run did is read back from its checkpoints and folders, never from the code's own answer.
+The end-to-end tests run the real entry point (``lightning_moe.cli.main``) on the quickstart recipe
+shrunk to a tiny model and a few KB of text (see ``test_cli_resume.py``), so each fit takes seconds;
+what a run did is read back from its checkpoints and folders. The rules themselves are checked on
+hand-made checkpoints and tiny models.
 """
 
 import glob
@@ -11,13 +12,17 @@ import os
 
 import pytest
 import torch
-from test_cli_resume import SMALL, RECIPES
+from jsonargparse import Namespace
+from test_cli_resume import RECIPES, SMALL
 
 from lightning_moe.cli import main
+from lightning_moe.errors import ConfigError
 from lightning_moe.module import MoELanguageModel
+from lightning_moe.resume import resolve_last_checkpoint
 
 # The estimator's flag: top level where the model takes it there, else inside ``moe``.
-ESTIMATOR = "--model.estimator" if "estimator" in inspect.signature(MoELanguageModel).parameters else "--model.moe.estimator"
+TOP_LEVEL = "estimator" in inspect.signature(MoELanguageModel).parameters
+ESTIMATOR = "--model.estimator" if TOP_LEVEL else "--model.moe.estimator"
 
 
 def fit(tmp_path, max_steps, *extra, subcommand="fit"):
@@ -126,3 +131,89 @@ def test_validate_and_test_with_last_evaluate_that_run_and_write_no_run_folder(t
         assert version_folders(tmp_path) == ["version_0", "version_1"]
         assert sorted(os.listdir(tmp_path)) == before
         assert not glob.glob(str(tmp_path / "runs" / "quickstart" / "version_*" / "config-*.yaml"))
+
+
+# --------------------------------------------------------------------------- the rules, without training
+
+
+def checkpoint_file(path, mtime, model, data):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"state_dict": {}, "hyper_parameters": model, "datamodule_hyper_parameters": data}, path)
+    os.utime(path, (mtime, mtime))
+    return str(path)
+
+
+def test_last_compares_identity_settings_and_ignores_training_settings(tmp_path):
+    moe = {"num_experts": 8, "estimator": "densemixer"}
+    model = {"d_model": 32, "learning_rate": 2e-3, "betas": [0.9, 0.95], "moe": moe}
+    data = {"source": "stdlib", "seq_len": 32, "batch_size": 4, "cache_dir": "/elsewhere"}
+    versions = tmp_path / "lightning_logs"
+    densemixer = checkpoint_file(versions / "version_0" / "checkpoints" / "last.ckpt", 1000, model, data)
+    topk = {**model, "moe": {"num_experts": 8, "estimator": "topk"}}
+    checkpoint_file(versions / "version_1" / "checkpoints" / "last.ckpt", 2000, topk, data)
+
+    def config(**changes):
+        """A parsed ``fit`` configuration: the saved one with training settings changed, and ``changes``."""
+        ours = {"model": {**model, "learning_rate": 1e-3, "betas": (0.8, 0.9)}, "data": {**data, "batch_size": 8}}
+        for key, value in changes.items():
+            section, _, name = key.partition("__")
+            ours[section] = {**ours[section], name: value}
+        trainer = Namespace(default_root_dir=str(tmp_path), logger=None, callbacks=[])
+        parsed_model, parsed_data = Namespace(**ours["model"]), Namespace(**ours["data"])
+        return Namespace(ckpt_path="last", trainer=trainer, model=parsed_model, data=parsed_data)
+
+    chosen = config()
+    resolve_last_checkpoint(chosen)
+    assert chosen.ckpt_path == densemixer and chosen.trainer.logger.init_args.version == "version_0"
+    chosen = config(model__moe={"num_experts": 8, "estimator": "topk"})
+    resolve_last_checkpoint(chosen)
+    assert chosen.ckpt_path == str(versions / "version_1" / "checkpoints" / "last.ckpt")
+    # Other text is another run, as is another architecture.
+    for change, field in (({"data__seq_len": 64}, "data.seq_len 32"), ({"model__d_model": 64}, "model.d_model 32")):
+        with pytest.raises(ConfigError) as caught:
+            resolve_last_checkpoint(config(**change))
+        assert field in str(caught.value) and "version_1" in str(caught.value)
+    # validate/test/predict choose alike but leave the logger alone.
+    chosen = config()
+    resolve_last_checkpoint(chosen, "validate")
+    assert chosen.ckpt_path == densemixer and chosen.trainer.logger is None
+
+
+def tiny_model(estimator, **estimator_args):
+    moe = {"num_experts": 4, "top_k": 1, "ffn_hidden": 16, "estimator": estimator, "estimator_args": estimator_args}
+    return MoELanguageModel(vocab_size=64, d_model=16, n_heads=2, n_layers=1, max_seq_len=8, moe=moe)
+
+
+def checkpoint_of(model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return {
+        "state_dict": {key: value.clone() for key, value in model.state_dict().items()},
+        "hyper_parameters": dict(model.hparams),
+        "optimizer_states": [{"state": {}, "param_groups": [{"params": list(range(len(params)))}]}],
+    }
+
+
+def test_switching_the_estimator_on_resume_loads_strictly_with_fresh_estimator_state():
+    torch.manual_seed(0)
+    default_moe = tiny_model("default_moe")
+    default_moe.model.blocks[0].ffn.estimator.default_outputs.normal_()  # as if trained
+    default_moe.model.blocks[0].ffn.estimator.default_initialised.fill_(True)
+    topk = tiny_model("topk")
+    checkpoint = checkpoint_of(default_moe)
+    topk.on_load_checkpoint(checkpoint)
+    topk.load_state_dict(checkpoint["state_dict"], strict=True)  # the EMA buffers were dropped
+    for key, value in topk.state_dict().items():
+        assert torch.equal(value, default_moe.state_dict()[key]), key
+
+    back = tiny_model("default_moe")
+    checkpoint = checkpoint_of(topk)
+    back.on_load_checkpoint(checkpoint)
+    back.load_state_dict(checkpoint["state_dict"], strict=True)
+    estimator = back.model.blocks[0].ffn.estimator
+    assert not estimator.default_initialised.any() and not estimator.default_outputs.any()  # starts afresh
+
+    # SparseMixer's learnable omega is a parameter the optimizer state has no entry for, and back.
+    with pytest.raises(ConfigError, match="estimator parameters"):
+        tiny_model("sparsemixer", learnable_omega=True).on_load_checkpoint(checkpoint_of(topk))
+    with pytest.raises(ConfigError, match="estimator parameters"):
+        tiny_model("topk").on_load_checkpoint(checkpoint_of(tiny_model("sparsemixer", learnable_omega=True)))
