@@ -54,9 +54,8 @@ class MoECLI(LightningCLI):
             parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        super().parse_arguments(parser, args)
         self._args = args  # parsed again without defaults when a checkpoint is resumed
-        # Before Lightning reads the checkpoint's hyperparameters or creates a run folder.
+        super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
         """Choose the checkpoint ``--ckpt_path`` means and the settings the run resumes with (:mod:`lightning_moe.resume`).
@@ -81,8 +80,6 @@ class MoECLI(LightningCLI):
         self.config = self.parser.parse_object({subcommand: resume_settings(config, explicit)}, self.config)
 
     def before_instantiate_classes(self) -> None:
-        # ``fit --ckpt_path last`` continues the newest checkpoint of the run, in its own version
-        # folder, or stops with an error; fixed before the logger picks a new version folder.
         # Evaluating a checkpoint is not a training run: no new version folder, no saved configuration.
         if self.subcommand != "fit":
             evaluate_without_run_folder(self.config[self.subcommand])
