@@ -18,8 +18,7 @@ from typing import Any
 import torch
 import yaml
 from jsonargparse import Namespace
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -27,6 +26,7 @@ from lightning_moe.checkpointing import CheckpointError, damaged_checkpoint_erro
 from lightning_moe.data import TextDataModule
 from lightning_moe.errors import ConfigError
 from lightning_moe.module import MoELanguageModel, canonical_estimator_flags
+from lightning_moe.progress import choose_progress_display
 from lightning_moe.resume import (
     RunConfigSaver,
     check_writable_folders,
@@ -90,68 +90,19 @@ class MoECLI(LightningCLI):
         check_writable_folders(self.trainer, self.datamodule)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        # A progress bar among the recipe's callbacks is the user's; Lightning's default one may be
+        # replaced. Listed now: the Trainer appends its default bar to this very list.
+        chosen = self._get(self.config_init, "trainer", default={}).get("callbacks")
+        chosen = list(chosen) if isinstance(chosen, list) else [chosen]
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except (ValueError, MisconfigurationException) as err:  # Trainer(...) only checks its arguments
             raise ConfigError(f"trainer: {err}") from err
         use_atomic_checkpoint_io(trainer)
-        use_step_progress_bar(trainer)
+        choose_progress_display(trainer, chosen)
+        self.summary = FitSummary()
+        trainer.callbacks.append(self.summary)
         return trainer
-
-
-class _StepCount:
-    """A training progress bar that counts optimizer steps of ``max_steps`` when the run has a step budget.
-
-    Lightning's bars count batches of the current epoch, which for a run stopped by
-    ``max_steps`` (``max_epochs`` unset, shown as -1) reads ``Epoch 0/-2``; the logger's
-    version (``v_num``) is left out too, since the run folder is printed when ``fit`` ends.
-    """
-
-    def _counts_steps(self) -> bool:
-        trainer = self.trainer
-        return trainer.max_steps is not None and trainer.max_steps > 0 and trainer.max_epochs in (None, -1)
-
-    @property
-    def total_train_batches(self) -> int | float:
-        return self.trainer.max_steps if self._counts_steps() else super().total_train_batches
-
-    def on_train_epoch_start(self, trainer: Trainer, *args: Any) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        if self._counts_steps() and isinstance(self, TQDMProgressBar) and self.train_progress_bar is not None:
-            self.train_progress_bar.set_description("Steps")
-
-    def _get_train_description(self, current_epoch: int) -> str:  # RichProgressBar's
-        return "Steps" if self._counts_steps() else super()._get_train_description(current_epoch)
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # The bars show ``batch_idx + 1`` as done; here that is the optimizer steps taken so far.
-        done = trainer.global_step if self._counts_steps() else batch_idx + 1
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, done - 1)
-
-    def get_metrics(self, trainer: Trainer, pl_module: Any) -> dict[str, Any]:
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)
-        return metrics
-
-
-class StepTQDMProgressBar(_StepCount, TQDMProgressBar):
-    """Lightning's ``TQDMProgressBar``, counting steps of ``max_steps`` in step-budgeted runs."""
-
-
-class StepRichProgressBar(_StepCount, RichProgressBar):
-    """Lightning's ``RichProgressBar``, counting steps of ``max_steps`` in step-budgeted runs."""
-
-
-def use_step_progress_bar(trainer: Trainer) -> None:
-    """Make Lightning's default progress bar count steps of ``max_steps`` (a bar of another class is kept).
-
-    The bar's class is switched in place, so its settings (refresh rate, theme, ...) stay.
-    """
-    for callback in trainer.callbacks:
-        if type(callback) is TQDMProgressBar:
-            callback.__class__ = StepTQDMProgressBar
-        elif type(callback) is RichProgressBar:
-            callback.__class__ = StepRichProgressBar
 
 
 # --------------------------------------------------------------------------- checkpoints given by the user
@@ -224,8 +175,8 @@ def run(argv: list[str]) -> None:
             parser_kwargs={"exit_on_error": False, **{c: {"exit_on_error": False} for c in TRAINER_SUBCOMMANDS}},
             args=argv,
         )
-    if cli.subcommand == "fit" and cli.trainer.is_global_zero:
-        print(fit_summary(cli.trainer), flush=True)
+    if cli.subcommand == "fit" and cli.trainer.is_global_zero and cli.summary.text is not None:
+        print(cli.summary.text, flush=True)
 
 
 def names_classes(argv: list[str]) -> bool:
@@ -256,9 +207,31 @@ def names_classes(argv: list[str]) -> bool:
     return False
 
 
+class FitSummary(Callback):
+    """Notes :func:`fit_summary` at the end of ``fit``, on every rank, for :func:`run` to print on rank 0.
+
+    ``Trainer.log_dir`` is a collective under DDP and ``ModelParallelStrategy`` (rank 0's
+    value, broadcast). Read after ``fit`` returned, on rank 0 alone, it waited for ranks that
+    had already exited, and the run ended in "Connection closed by peer" and exit 1.
+    ``on_fit_end`` runs on every rank after the last checkpoint is written and before the
+    ranks part, so every rank joins the broadcast and they agree on the text. Reading the
+    logger's folder without a collective would work too, but would copy ``Trainer.log_dir``'s
+    rule for which logger's folder counts.
+    """
+
+    def __init__(self) -> None:
+        self.text: str | None = None
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.text = fit_summary(trainer)
+
+
 def fit_summary(trainer: Trainer) -> str:
-    """Where a finished ``fit`` left its results: the run folder and the last/best checkpoints."""
-    lines = [f"Run folder: {trainer.log_dir}"]
+    """Where a finished ``fit`` left its results: the run folder and the last/best checkpoints.
+
+    Call it on every rank of a multi-process run (:class:`FitSummary`).
+    """
+    lines = [f"Run folder: {os.path.normpath(trainer.log_dir)}"]
     for callback in trainer.checkpoint_callbacks:
         if getattr(callback, "last_model_path", ""):
             lines.append(f"Last checkpoint: {callback.last_model_path}")

@@ -11,7 +11,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_moe.cli import main
-from lightning_moe.trainer_cli import use_step_progress_bar
+from lightning_moe.progress import use_step_progress_bar
 from lightning_moe.data import TextDataModule
 from lightning_moe.module import MoELanguageModel
 

@@ -1,0 +1,133 @@
+"""Multi-process ``lightning-moe fit`` and ``compare --devices 2`` run through the real command to their end.
+
+Each test starts the command as a process of its own (``python -m lightning_moe.cli``), as a
+user or a cluster scheduler does: Lightning's launcher then starts rank 1 as a second process
+running the same command line. A fit must exit 0 and print its summary once, from rank 0,
+naming the folders it really wrote.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny quickstart: 2 optimizer steps, one validation at the end, checkpoints kept.
+TINY = [
+    "--model.d_model=32",
+    "--model.n_heads=2",
+    "--model.n_layers=1",
+    "--model.max_seq_len=16",
+    "--model.moe.num_experts=4",
+    "--model.moe.ffn_hidden=32",
+    "--data.source=corpus.txt",
+    "--data.seq_len=16",
+    "--data.batch_size=2",
+    "--data.cache_dir=cache",
+    "--trainer.max_steps=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.val_check_interval=2",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.logger.init_args.save_dir=runs",
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=2",
+]
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform == "win32", reason="gloo ranks on Linux/macOS")]
+
+
+def lightning_moe(args, cwd, timeout=240):
+    """``lightning-moe ARGS`` run in ``cwd``: (exit status, stdout, stderr)."""
+    # One thread per rank: two ranks on a shared CPU are otherwise several times slower.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LIGHTNING_MOE_CACHE": str(cwd / "cache")}
+    env.pop("LOCAL_RANK", None)  # a rank's variables would make the command think it is one
+    done = subprocess.run(
+        [sys.executable, "-m", "lightning_moe.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+def write_corpus(tmp_path):
+    (tmp_path / "corpus.txt").write_text(
+        "".join(f"def g{i}(x, y):\n    return (x - {i}) * y // {i + 1}\n" for i in range(100))
+    )
+
+
+def summary_lines(stdout, prefix):
+    return [line[len(prefix) :] for line in stdout.splitlines() if line.startswith(prefix)]
+
+
+def assert_ends_cleanly(tmp_path, strategy_flags):
+    write_corpus(tmp_path)
+    code, out, err = lightning_moe(
+        ["fit", "--config", str(ROOT / "recipes" / "quickstart.yaml"), *TINY, *strategy_flags], tmp_path
+    )
+    assert code == 0, err[-3000:]
+    assert "Connection closed" not in err
+    # The summary is printed once (rank 0 alone) and names what the run wrote.
+    folders = summary_lines(out, "Run folder: ")
+    assert folders == [str(Path("runs") / "quickstart" / "version_0")], out
+    assert (tmp_path / folders[0] / "hparams.yaml").is_file()
+    [last] = summary_lines(out, "Last checkpoint: ")
+    assert Path(last) == Path(folders[0]) / "checkpoints" / "last.ckpt"
+    assert (tmp_path / last).exists()
+    [best] = summary_lines(out, "Best checkpoint: ")
+    assert " (val/loss " in best and (tmp_path / best.split(" (val/loss ")[0]).exists()
+
+
+def test_ddp_fit_ends_cleanly_with_one_summary(tmp_path):
+    assert_ends_cleanly(tmp_path, ["--trainer.strategy=ddp"])
+
+
+def test_model_parallel_fit_ends_cleanly_with_one_summary(tmp_path):
+    # FSDP2 over the two ranks (ModelParallelStrategy's only launcher starts processes, as here).
+    assert_ends_cleanly(
+        tmp_path,
+        [
+            "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
+            "--trainer.strategy.data_parallel_size=2",
+            "--trainer.strategy.tensor_parallel_size=1",
+        ],
+    )
+
+
+def test_compare_on_two_devices_ends_cleanly(tmp_path):
+    """``compare --devices 2`` on CPU: two runs at once, each in a process of its own, each ending with its summary."""
+    write_corpus(tmp_path)
+    study = {
+        "name": "tiny",
+        "output_dir": "study",
+        "seeds": [0],
+        "steps": 2,
+        "corpus": "corpus.txt",
+        "num_threads": 1,
+        "base": str(ROOT / "recipes" / "quickstart.yaml"),
+        "overrides": {
+            flag[2:].split("=")[0]: yaml.safe_load(flag.split("=", 1)[1])
+            for flag in TINY
+            if not flag.startswith(("--data.source", "--trainer.max_steps", "--trainer.devices", "--trainer.logger"))
+        },
+        "configurations": [
+            {"name": "topk"},
+            {"name": "smv2", "overrides": {"model.moe.estimator": "sparsemixer_v2"}},
+        ],
+    }
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    code, out, err = lightning_moe(["compare", "--config", "study.yaml", "--devices", "2"], tmp_path)
+    assert code == 0, err[-3000:]
+    results = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert sorted((run["status"], run["device"]) for run in results["runs"]) == [("done", 0), ("done", 1)]
+    for run in results["runs"]:
+        log = (Path(run["run_dir"]) / "log.txt").read_text()
+        assert summary_lines(log, "Run folder: ") == [run["run_dir"]], log[-2000:]
