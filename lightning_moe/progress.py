@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Iterable
 from datetime import timedelta
-from typing import Any, Iterable, TextIO
+from typing import Any, TextIO
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
