@@ -9,7 +9,8 @@ post-trained Hugging Face model (:mod:`lightning_moe.hf`) back in its own format
 whose ``model`` names a ``class_path`` (the ``posttrain_*`` recipes) takes any
 LightningModule and data module by class path. ``lightning-moe compare --config recipes/study_<name>.yaml``
 trains a recipe with several estimator configurations over paired seeds and reports
-(:mod:`lightning_moe.study`). ``lightning-moe --help`` lists the subcommands.
+(:mod:`lightning_moe.study`). ``lightning-moe --help`` lists the subcommands; ``lightning-moe fit
+--help`` the common options of a fit, described (``--help=full``: LightningCLI's list of all of them).
 
 A configuration or input error (:class:`~lightning_moe.errors.ConfigError`,
 :class:`~lightning_moe.checkpointing.CheckpointError`, a bad flag) prints one ``error: ...``
@@ -22,16 +23,14 @@ from __future__ import annotations
 import os
 import sys
 from argparse import ArgumentError
-from typing import TYPE_CHECKING
+from typing import Any
 
 from lightning_moe.errors import ConfigError
 
-if TYPE_CHECKING:
-    import lightning as L
-
 # torch, Lightning and jsonargparse are imported by the subcommands that use them, not here:
 # ``lightning-moe --help`` and ``lightning-moe fit --help`` answer without them (Lightning
-# alone takes seconds to import), and so does a mistyped subcommand.
+# alone takes seconds to import), and so does a mistyped subcommand. Not even under
+# TYPE_CHECKING: jsonargparse runs that block to resolve the annotations of sample and export.
 
 
 def sample(
@@ -62,14 +61,14 @@ def sample(
     print(model.sample_text(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k))
 
 
-def check_checkpoint(path: str | None, field: str) -> type[L.LightningModule] | None:
+def check_checkpoint(path: str | None, field: str) -> type | None:
     """:func:`lightning_moe.trainer_cli.check_checkpoint`, imported when a subcommand needs it."""
     from lightning_moe.trainer_cli import check_checkpoint as check
 
     return check(path, field)
 
 
-def _load_model(checkpoint: str, cls: type[L.LightningModule]) -> L.LightningModule:
+def _load_model(checkpoint: str, cls: type) -> Any:
     """The model of ``checkpoint`` (of class ``cls``, :func:`check_checkpoint`'s answer), on the CPU."""
     from lightning_moe.checkpointing import damaged_checkpoint_errors
 
