@@ -277,7 +277,7 @@ def bad(tmp_path, tokenizer_dir, rows, **kwargs):
         ("one_example", r"has 1 example\(s\); need at least 2"),
         ("only_no_assistant", r"no usable train examples"),
         ("no_template", r"data.chat_template is not set and the tokenizer has no chat template"),
-        ("inconsistent_template", r"data.chat_template: the template renders earlier turns differently"),
+        ("inconsistent_template", r"data.chat_template: the template does not render .* assistant message 1 "),
         ("local_val_split", r"data.val_split='test': a local data.source has the one split"),
         ("bad_tokenizer", r"data.tokenizer='/nonexistent/tok' cannot be loaded"),
         ("unreachable_hub_dataset", r"data.source='nobody-here/no-such-dataset': no such local file or folder"),
@@ -297,7 +297,7 @@ def test_bad_input_is_a_config_error_naming_the_field(tmp_path, tokenizer_dir, c
         "one_example": lambda: bad(tmp_path, tokenizer_dir, chat[:1]),
         "only_no_assistant": lambda: bad(tmp_path, tokenizer_dir, [{"messages": CONVERSATION[:1]}] * 3),
         "no_template": lambda: bad(tmp_path, tokenizer_dir, chat, tokenizer=f"{tokenizer_dir}/tokenizer.json"),
-        # Renders a past assistant turn differently once a user turn follows it.
+        # Renders a past assistant turn as its role only: its content cannot be found.
         "inconsistent_template": lambda: bad(
             tmp_path, tokenizer_dir, chat,
             chat_template="{% for m in messages %}{% if loop.last %}{{ m['content'] }}{% else %}<{{ m['role'] }}>"

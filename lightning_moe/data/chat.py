@@ -7,16 +7,20 @@ template puts before it (``<|im_start|>assistant\\n``, the generation prompt), n
 whitespace a template writes after the end-of-turn token (a model stops generating at that
 token, so it never produces the newline).
 
-Assistant spans are found without ``{% generation %}`` markers, which most templates lack:
-for the ``i``-th message, an assistant turn, the template renders ``messages[:i]`` with the
-generation prompt and ``messages[:i+1]``; when the first is a prefix of the second and the
-second a prefix of the whole conversation, the characters between them are the turn. The
-tokens with at least one character in a span are labelled, found through the fast
-tokenizer's offset mapping (a token that straddles the header and the content, like
-``" 19"`` after a header ending in a space, carries content, so it is labelled). A
-template that renders earlier turns differently once later ones follow (e.g. one that
-drops a past turn's reasoning) fails that check; it is then read through
-``return_assistant_tokens_mask`` if it has generation markers, else refused.
+A template with ``{% generation %}`` markers says itself which tokens the assistant wrote, and
+is read through ``return_assistant_tokens_mask``. Otherwise the turns are found in the one
+render of the whole conversation (:mod:`~lightning_moe.data.chat_spans`: render again with
+placeholders for the contents, read the turn boundaries from the template's own text, map them
+back), which works for templates whose prefix renders are not prefixes of the whole (reasoning
+kept only after the last user turn, an EOS at the end of the conversation, the system prompt in
+the last user turn). The tokens with at least one character in a turn are labelled, found
+through the fast tokenizer's offset mapping (a token that straddles the header and the content,
+like ``" 19"`` after a header ending in a space, carries content, so it is labelled).
+
+Examples that cannot teach anything are skipped and counted, each reason its own
+:class:`SkippedExample`: no assistant turn, an empty assistant turn, a conversation the template
+itself rejects (``raise_exception`` on roles that do not alternate). A template that drops or
+repeats an assistant turn's content is refused (``ConfigError``).
 
 :func:`synthetic_chat` makes a small offline conversation set from a seed (arithmetic,
 copying, reversing and upper-casing words) whose answers follow from the prompt, so a tiny
@@ -32,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_moe.data.chat_spans import assistant_spans
 from lightning_moe.errors import ConfigError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -41,8 +46,28 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 _GENERATION_MARKER = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
-class NoAssistantTurn(ValueError):
-    """An example without an assistant turn: nothing to learn from, skipped and counted."""
+class SkippedExample(ValueError):
+    """An example that is skipped and counted rather than refused; ``reason`` completes "N examples ..."."""
+
+    reason = "skipped"
+
+
+class NoAssistantTurn(SkippedExample):
+    """An example without an assistant turn: nothing to learn from."""
+
+    reason = "with no assistant turn"
+
+
+class EmptyAssistantTurn(SkippedExample):
+    """An assistant turn with no content: it would teach the model to end its turn at once."""
+
+    reason = "with an empty assistant turn"
+
+
+class TemplateRejected(SkippedExample):
+    """A conversation the chat template itself rejects (its ``raise_exception``, e.g. roles out of order)."""
+
+    reason = "that the chat template rejects"
 
 
 def load_chat_tokenizer(spec: str, chat_template: str | None = None) -> Any:
@@ -93,10 +118,14 @@ def messages_of(example: dict[str, Any], field: str) -> list[dict[str, str]]:
 
 def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of the rendered conversation and, per token, whether it is an assistant token."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = _assistant_spans(tokenizer, messages, text)
-    if spans is None:
-        return _marked_assistant_tokens(tokenizer, messages)
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise EmptyAssistantTurn(f"assistant message {i} is empty")
+    text = _render(tokenizer, messages)
+    if _GENERATION_MARKER.search(tokenizer.chat_template or ""):
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        return np.asarray(out["input_ids"], dtype=np.int64), np.asarray(out["assistant_masks"], dtype=bool)
+    spans = assistant_spans(tokenizer, messages, text)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
     mask = np.zeros(len(offsets), dtype=bool)
@@ -105,29 +134,16 @@ def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[np.nd
     return np.asarray(encoding["input_ids"], dtype=np.int64), mask
 
 
-def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]] | None:
-    """Character ranges of the assistant turns in ``text``; ``None`` when prefix renders disagree."""
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not (upto.startswith(prompt) and text.startswith(upto)):
-            return None
-        spans.append((len(prompt), len(upto.rstrip())))
-    return spans
+def _render(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The conversation as the template renders it; :class:`TemplateRejected` when the template raises."""
+    import jinja2
 
-
-def _marked_assistant_tokens(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
-    if not _GENERATION_MARKER.search(tokenizer.chat_template or ""):
-        raise ConfigError(
-            "data.chat_template: the template renders earlier turns differently once later turns follow, so the"
-            " assistant tokens cannot be found from prefix renders, and it has no {% generation %} markers;"
-            " set data.chat_template to a template whose renders of a conversation's prefixes are its prefixes"
-        )
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    return np.asarray(out["input_ids"], dtype=np.int64), np.asarray(out["assistant_masks"], dtype=bool)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    except jinja2.TemplateSyntaxError as err:
+        raise ConfigError(f"data.chat_template is not a valid Jinja template: {err.message} (line {err.lineno})") from None
+    except jinja2.TemplateError as err:
+        raise TemplateRejected(f"the chat template rejects the conversation: {err}") from None
 
 
 # ----------------------------------------------------------------- synthetic conversations

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.data import Dataset
 
-from lightning_moe.data.chat import NoAssistantTurn, load_chat_tokenizer, messages_of, synthetic_chat, tokenize_chat
+from lightning_moe.data.chat import SkippedExample, load_chat_tokenizer, messages_of, synthetic_chat, tokenize_chat
 from lightning_moe.data.loading import IGNORE_INDEX, ResumableLoaders
 from lightning_moe.data.module import _check_int
 from lightning_moe.data.sources import HubSource, resolve_source
@@ -112,7 +112,9 @@ class PostTrainDataModule(ResumableLoaders):
         self.vocab_size: int | None = None
         """``len(tokenizer)``: the embedding size a model needs (``None`` until the tokenizer is known)."""
         self.skipped_examples = 0
-        """Examples without an assistant turn (or empty text), skipped with a warning."""
+        """Examples skipped with a warning (no or an empty assistant turn, rejected by the template, empty text)."""
+        self.skip_reasons: dict[str, int] = {}
+        """How many examples were skipped for each reason ("with no assistant turn", ...)."""
         if tokenizer is not None:
             self._use_tokenizer(tokenizer)
         self.train_dataset: RowDataset | None = None
@@ -142,14 +144,14 @@ class PostTrainDataModule(ResumableLoaders):
             self._use_tokenizer(source)
         train_rows, val_rows = self._read_examples()
         fmt = self._resolve_format(train_rows[0])
-        self.skipped_examples = 0
+        self.skipped_examples, self.skip_reasons = 0, {}
         self.train_dataset = self._rows(train_rows, fmt, "train")
         self.val_dataset = self._rows(val_rows, fmt, "validation")
         if self.skipped_examples:
-            warnings.warn(
-                f"data.source={self.source!r}: skipped {self.skipped_examples} examples with no"
-                f" {'assistant turn' if fmt == 'chat' else 'text'}", stacklevel=2
-            )
+            reasons = sorted(self.skip_reasons.items(), key=lambda item: (-item[1], item[0]))
+            why = (f" {reasons[0][0]}" if len(reasons) == 1
+                   else ": " + ", ".join(f"{count} {reason}" for reason, count in reasons))
+            warnings.warn(f"data.source={self.source!r}: skipped {self.skipped_examples} examples{why}", stacklevel=2)
         rank_zero_info(
             f"PostTrainDataModule: {len(self.train_dataset)} training and {len(self.val_dataset)} validation rows"
             f" of {self.seq_len} tokens ({fmt}, {'packed' if self.packing else 'padded'}) from {self.source!r}"
@@ -254,15 +256,15 @@ class PostTrainDataModule(ResumableLoaders):
             if fmt == "chat":
                 try:
                     ids, mask = tokenize_chat(self.tokenizer, messages_of(example, self.messages_field))
-                except NoAssistantTurn:
-                    self.skipped_examples += 1
+                except SkippedExample as skipped:
+                    self._skip(skipped.reason)
                     continue
                 except ConfigError as err:
                     raise ConfigError(f"{err} ({split} example {index})") from None
             else:
                 ids, mask = self._tokenize_text(example.get(self.text_field))
                 if not len(ids):
-                    self.skipped_examples += 1
+                    self._skip("with no text")
                     continue
             tokens.append(ids)
             masks.append(mask)
@@ -280,6 +282,10 @@ class PostTrainDataModule(ResumableLoaders):
                 " seq_len or a larger val_fraction"
             )
         return RowDataset(inputs_NT[keep], targets_NT[keep])
+
+    def _skip(self, reason: str) -> None:
+        self.skipped_examples += 1
+        self.skip_reasons[reason] = self.skip_reasons.get(reason, 0) + 1
 
     def _tokenize_text(self, text: Any) -> tuple[np.ndarray, np.ndarray]:
         # The tokenizer's own encoding (with its BOS when it adds one) and an EOS that ends the document.
