@@ -92,7 +92,8 @@ def export(checkpoint: str, output: str | None = None, tokenizer: str | None = N
     """
     if output is None:
         raise ConfigError("export needs --output DIR: the folder to write the Hugging Face model to")
-    from lightning_moe.hf.module import HFMoELanguageModel, export_checkpoint
+    from lightning_moe.hf.export import export_checkpoint
+    from lightning_moe.hf.module import HFMoELanguageModel
 
     if check_checkpoint(checkpoint, "checkpoint") is not HFMoELanguageModel:
         raise ConfigError(f"checkpoint={checkpoint!r} is not of HFMoELanguageModel; only those export to Hugging Face")

@@ -23,7 +23,8 @@ from lightning_moe.callbacks import (  # noqa: E402
 from lightning_moe.data import TextDataModule  # noqa: E402
 from lightning_moe.errors import ConfigError  # noqa: E402
 from lightning_moe.hf import to_hf  # noqa: E402
-from lightning_moe.hf.module import HFMoELanguageModel, export_pretrained  # noqa: E402
+from lightning_moe.hf.export import export_pretrained  # noqa: E402
+from lightning_moe.hf.module import HFMoELanguageModel  # noqa: E402
 from lightning_moe.layer import moe_layers  # noqa: E402
 
 from helpers import ForkedModelParallel, RankRecord, fit_quietly  # noqa: E402

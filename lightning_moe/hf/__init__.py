@@ -18,6 +18,7 @@ installed and says which extra to install when it is not.
 """
 
 from lightning_moe.hf.convert import HFMoEBlock, from_hf, to_hf
-from lightning_moe.hf.module import HFMoELanguageModel, export_checkpoint, export_pretrained
+from lightning_moe.hf.export import export_checkpoint, export_pretrained
+from lightning_moe.hf.module import HFMoELanguageModel
 
 __all__ = ["HFMoEBlock", "HFMoELanguageModel", "export_checkpoint", "export_pretrained", "from_hf", "to_hf"]

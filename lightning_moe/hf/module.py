@@ -5,172 +5,30 @@ config, randomly initialised), its sparse-MoE blocks are converted by :func:`~li
 with the chosen estimator and backend, and it trains as :class:`~lightning_moe.MoELanguageModel`
 does (:class:`~lightning_moe.lm_training.CausalLMTraining`): same batches, loss, optimizer,
 schedule and self-added callbacks, so every router callback of this library applies.
-:func:`export_pretrained` writes the result back as an ordinary Hugging Face folder.
+:func:`~lightning_moe.hf.export.export_pretrained` writes the result back as an ordinary Hugging Face folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_moe.data.sources import first_line, honour_offline_env
 from lightning_moe.data.tokenizers import load_transformers_tokenizer
 from lightning_moe.errors import ConfigError
-from lightning_moe.hf.convert import HFMoEBlock, from_hf, to_hf
+from lightning_moe.hf.convert import HFMoEBlock, from_hf
+from lightning_moe.hf.loading import _STORED_MODEL, STORED_MODEL, load_causal_lm, stored_model
 from lightning_moe.layer import moe_layers
 from lightning_moe.lm_training import CausalLMTraining, check_optimizer_args
 
 #: Which parameters train (``trainable``); the rest are frozen (``requires_grad=False``).
 TRAINABLE = ("all", "router", "experts", "all_but_router")
 _CHECKPOINTING = {False: None, True: False, "non_reentrant": False, "reentrant": True}
-#: The checkpoint entry that makes a post-training checkpoint self-contained: the model's
-#: ``transformers`` config and generation config (JSON dicts) and its tokenizer's files
-#: (name -> bytes), so it loads and exports without the base model.
-STORED_MODEL = "hf_model"
-# The stored entry of the checkpoint HFMoELanguageModel.load_from_checkpoint is loading.
-_STORED_MODEL: ContextVar[dict[str, Any] | None] = ContextVar("lightning_moe_stored_hf_model", default=None)
-
-
-def _torch_dtype(dtype: str) -> torch.dtype | str:
-    if dtype == "auto":
-        return "auto"
-    value = getattr(torch, dtype, None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ConfigError(f"`dtype` must be 'auto' or a torch floating dtype name (bfloat16, float32, ...), got {dtype!r}")
-    return value
-
-
-def load_causal_lm(
-    pretrained: str | None, config: dict[str, Any] | None, dtype: str, attn_implementation: str | None
-) -> nn.Module:
-    """A ``transformers`` causal LM: ``from_pretrained(pretrained)``, or ``from_config(config)`` (random weights).
-
-    While :meth:`HFMoELanguageModel.load_from_checkpoint` loads a checkpoint that carries
-    its model's config, the model is built from that config instead (its weights come from
-    the checkpoint), so neither ``pretrained`` nor the network is needed.
-    """
-    try:
-        import transformers
-    except ImportError as err:
-        raise ImportError("HFMoELanguageModel needs `transformers`: pip install 'lightning-moe[hf]'") from err
-    torch_dtype = _torch_dtype(dtype)
-    if (pretrained is None) == (config is None):
-        raise ConfigError(
-            "give exactly one of `pretrained` (a Hub name or local folder) and `config` (a dict of config"
-            " fields with `model_type`, for a randomly initialised model)"
-        )
-    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-    stored = _STORED_MODEL.get()
-    if stored is not None:
-        return _build_stored_model(stored, torch_dtype, kwargs)
-    if pretrained is not None:
-        looks_local = os.path.isabs(pretrained) or pretrained.startswith(".") or pretrained.count("/") > 1
-        if looks_local and not os.path.isdir(pretrained):
-            raise ConfigError(f"`pretrained`={pretrained!r}: no such folder (give a model folder or a Hub name)")
-        return _from_pretrained(pretrained, dtype=torch_dtype, **kwargs)
-    fields = dict(config)
-    model_type = fields.pop("model_type", None)
-    if model_type is None:
-        raise ConfigError("`config` needs `model_type` (e.g. qwen3_moe, olmoe, mixtral, phimoe, qwen2_moe)")
-    try:
-        hf_config = transformers.AutoConfig.for_model(model_type, **fields)
-    except ValueError as err:
-        raise ConfigError(f"`config.model_type`={model_type!r}: {err}") from err
-    model = transformers.AutoModelForCausalLM.from_config(hf_config, **kwargs)
-    return model if torch_dtype == "auto" else model.to(torch_dtype)
-
-
-def _build_stored_model(stored: dict[str, Any], torch_dtype: torch.dtype | str, kwargs: dict[str, Any]) -> nn.Module:
-    """The model of a checkpoint's :data:`STORED_MODEL` entry, randomly initialised (the checkpoint's weights follow)."""
-    import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    fields = stored["config"]
-    hf_config = CONFIG_MAPPING[fields["model_type"]].from_dict(fields)
-    # `auto`: the dtype the config names, as from_pretrained would have loaded it.
-    dtype = (getattr(hf_config, "dtype", None) or torch.float32) if torch_dtype == "auto" else torch_dtype
-    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype, **kwargs)
-    if stored.get("generation_config"):
-        model.generation_config = transformers.GenerationConfig.from_dict(stored["generation_config"])
-    return model
-
-
-def _from_pretrained(pretrained: str, **kwargs: Any) -> nn.Module:
-    """``AutoModelForCausalLM.from_pretrained``; a Hub name from the cache first, the Hub only if it answers.
-
-    ``transformers`` retries an unreachable Hub five times (~23 s) before it fails with a
-    network error that does not say what to do. Here a Hub name is loaded from the local
-    cache without asking the Hub (so a cached model loads as it was downloaded, even
-    online); only when no complete cached copy exists, and ``HF_HUB_OFFLINE`` is not set,
-    one request without retries asks the Hub, and the download starts only if it answers.
-    """
-    from transformers import AutoModelForCausalLM
-
-    if os.path.isdir(pretrained):
-        try:
-            return AutoModelForCausalLM.from_pretrained(pretrained, **kwargs)
-        except OSError as err:  # a folder without config.json or weights
-            raise ConfigError(
-                f"`pretrained`={pretrained!r} could not be loaded: {type(err).__name__}: {first_line(err)}"
-            ) from err
-    with honour_offline_env():
-        from huggingface_hub import is_offline_mode
-
-        try:
-            return AutoModelForCausalLM.from_pretrained(pretrained, local_files_only=True, **kwargs)
-        except OSError:
-            pass  # not cached (or not completely): ask the Hub, if allowed
-        offline = is_offline_mode()
-        problem = "HF_HUB_OFFLINE is set, so the Hub was not asked" if offline else _hub_problem(pretrained)
-        if problem is None:
-            try:
-                return AutoModelForCausalLM.from_pretrained(pretrained, **kwargs)
-            except OSError as err:  # the connection dropped during the download, a file missing from the repo
-                problem = f"{type(err).__name__}: {first_line(err)}"
-    fix = (
-        "download it once with network access (HF_HUB_OFFLINE unset)"
-        if offline
-        else "download it once with network access and then set HF_HUB_OFFLINE=1 to use the cached copy"
-    )
-    raise ConfigError(
-        f"`pretrained`={pretrained!r}: could not load this Hugging Face model: {problem}; no complete cached copy"
-        f" of it exists and no local folder of that name either. To fix: {fix}, or pass a local model folder"
-        " as `pretrained`."
-    )
-
-
-def _hub_problem(name: str) -> str | None:
-    """Why the Hugging Face Hub cannot serve the model ``name`` now, or ``None`` when it can.
-
-    One request for its ``config.json``, without ``huggingface_hub``'s retries.
-    """
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HFValidationError, RepositoryNotFoundError
-
-    try:
-        get_hf_file_metadata(hf_hub_url(name, "config.json"))
-    except GatedRepoError:
-        return "it is a gated model: accept its terms on the Hub, then log in (hf auth login)"
-    except RepositoryNotFoundError:
-        return "the Hugging Face Hub has no such model (or it is private: log in with hf auth login)"
-    except EntryNotFoundError:
-        return None  # the repository exists: transformers names what it lacks
-    except HFValidationError as err:
-        return f"not a Hub model name ({first_line(err)})"
-    except Exception as err:  # no network, DNS, proxy, TLS, timeouts, server errors: all "unreachable" here
-        return f"the Hugging Face Hub could not be reached [{type(err).__name__}: {first_line(err)}]"
-    return None
 
 
 def check_router_aux_loss_args(router_aux_loss: bool | None, router_aux_loss_coef: float | None) -> None:
@@ -464,22 +322,6 @@ class HFMoELanguageModel(CausalLMTraining):
         return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
-def stored_model(checkpoint_path: Any) -> dict[str, Any] | None:
-    """The :data:`STORED_MODEL` entry of the checkpoint file ``checkpoint_path``, or ``None``.
-
-    ``None`` for checkpoints written before checkpoints carried it, and for paths that are
-    not a local file (a URL, a file object): those load from ``pretrained`` as they always did.
-    """
-    if not isinstance(checkpoint_path, (str, os.PathLike)) or not os.path.isfile(checkpoint_path):
-        return None
-    try:  # memory-mapped: reading the entry touches none of the weights
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # damaged or not a checkpoint: the loader that follows says so, in its own words
-        return None
-    stored = checkpoint.get(STORED_MODEL) if isinstance(checkpoint, dict) else None
-    return stored if isinstance(stored, dict) and isinstance(stored.get("config"), dict) else None
-
-
 def _write_files(folder: str, files: dict[str, bytes]) -> None:
     for name, data in files.items():
         if os.path.basename(name) != name or name in ("", ".", ".."):
@@ -494,128 +336,3 @@ def _read_files(folder: str) -> dict[str, bytes]:
         with open(os.path.join(folder, name), "rb") as fh:
             files[name] = fh.read()
     return files
-
-
-def _overlap(path: str, folder: str) -> str | None:
-    """How ``path`` overlaps ``folder`` (both real paths): the same, inside it, containing it; ``None``: apart."""
-    if path == folder:
-        return "is"
-    if path.startswith(os.path.join(folder, "")):
-        return "is inside"
-    if folder.startswith(os.path.join(path, "")):
-        return "contains"
-    return None
-
-
-def check_export_output(output: str, overwrite: bool, pretrained: str | None, keep: tuple[str, ...] = ()) -> None:
-    """Refuse an export ``output`` folder that would lose something; one line naming ``--output``.
-
-    Refused always, even with ``overwrite``: the base model's folder (``pretrained`` when
-    it is a local folder), a folder inside it or containing it, the Hugging Face cache
-    (where Hub models live), and a folder holding any of the files ``keep`` (the
-    checkpoint being exported). Refused without ``overwrite``: a folder that is not empty.
-    """
-    from huggingface_hub import constants
-
-    real = os.path.realpath(output)
-    if os.path.exists(real) and not os.path.isdir(real):
-        raise ConfigError(f"--output={output!r} is a file; give the folder to write the model to")
-    protected = [(os.path.realpath(constants.HF_HUB_CACHE), "the Hugging Face cache")]
-    if pretrained is not None and os.path.isdir(pretrained):
-        protected.insert(0, (os.path.realpath(pretrained), "the base model's folder"))
-    for folder, what in protected:
-        relation = _overlap(real, folder)
-        if relation is not None:
-            raise ConfigError(
-                f"--output={output!r} {relation} {what} {folder!r}, which export never writes into (not even with"
-                " --overwrite): the base model would be lost; choose another folder"
-            )
-    for path in keep:
-        if _overlap(os.path.realpath(path), real) == "is inside":
-            raise ConfigError(f"--output={output!r} holds the checkpoint being exported ({path!r}); choose another folder")
-    if not overwrite and os.path.isdir(real) and os.listdir(real):
-        raise ConfigError(
-            f"--output={output!r} is not empty; pass --overwrite to replace that folder and everything in it,"
-            " or choose a new folder"
-        )
-
-
-@contextmanager
-def _replaced_whole(output: str) -> Iterator[str]:
-    """A new folder beside ``output`` to write into; when the block succeeds it replaces ``output``.
-
-    A failure (or a kill) mid-write leaves ``output`` as it was, never half-written: the
-    folder is renamed into place only when complete (a rename within one file system).
-    Temporary folders left by an export that was killed are removed first.
-    """
-    output = os.path.abspath(output)
-    parent, name = os.path.split(output)
-    os.makedirs(parent, exist_ok=True)
-    for stale in os.listdir(parent):
-        # An ``.old`` folder is the previous export only while ``output`` is missing (killed between renames).
-        if stale.startswith(f".{name}.") and (stale.endswith(".tmp") or stale.endswith(".old") and os.path.isdir(output)):
-            shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
-    stem = os.path.join(parent, f".{name}.{uuid.uuid4().hex[:8]}")
-    new, old = f"{stem}.tmp", f"{stem}.old"
-    os.mkdir(new)  # not mkdtemp: the folder gets the usual permissions, not 0700
-    try:
-        yield new
-        if os.path.isdir(output):
-            os.rename(output, old)
-            try:
-                os.rename(new, output)
-            except BaseException:
-                os.rename(old, output)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(new, output)
-    finally:
-        shutil.rmtree(new, ignore_errors=True)
-
-
-def export_pretrained(
-    module: HFMoELanguageModel, output: str, tokenizer: Any = None, overwrite: bool = False, keep: tuple[str, ...] = ()
-) -> str:
-    """Write ``module``'s model to ``output`` as an ordinary Hugging Face folder, and its tokenizer.
-
-    The folder loads with ``AutoModelForCausalLM.from_pretrained`` without this library
-    (:func:`~lightning_moe.hf.to_hf`). The conversion happens in place, so ``module`` is
-    used up: export last, or from a checkpoint (``lightning-moe export``). ``tokenizer``: a
-    ``transformers`` tokenizer, or a folder / Hub name to load one from; default: the
-    model's own (:meth:`~HFMoELanguageModel.load_tokenizer`); none is written when there is none.
-
-    ``output`` must be a new or empty folder, or ``overwrite`` set, and is never the base
-    model's folder (:func:`check_export_output`; ``keep``: files the folder must not hold).
-    It is written beside and renamed into place when complete, so a failed export leaves
-    it as it was.
-    """
-    check_export_output(output, overwrite, module.hparams.pretrained, keep)
-    # The tokenizer first: a bad one fails before anything is converted or written.
-    if tokenizer is None:
-        tokenizer = module.load_tokenizer()
-    elif isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = load_transformers_tokenizer(os.fspath(tokenizer), field="tokenizer")
-    model = to_hf(module.model)
-    model.config.use_cache = True
-    with _replaced_whole(output) as folder:
-        model.save_pretrained(folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-    return output
-
-
-def export_checkpoint(checkpoint: str, output: str, tokenizer: str | None = None, overwrite: bool = False) -> str:
-    """:func:`export_pretrained` of a checkpoint of :class:`HFMoELanguageModel` (``lightning-moe export``).
-
-    The output folder is checked before the model is loaded, so a refusal comes at once.
-    """
-    from lightning_moe.checkpointing import damaged_checkpoint_errors
-
-    with damaged_checkpoint_errors(checkpoint):
-        hparams = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters")
-    pretrained = (hparams or {}).get("pretrained")
-    check_export_output(output, overwrite, pretrained, keep=(checkpoint,))
-    with damaged_checkpoint_errors(checkpoint):
-        module = HFMoELanguageModel.load_from_checkpoint(checkpoint, map_location="cpu")
-    return export_pretrained(module, output, tokenizer, overwrite=overwrite, keep=(checkpoint,))

@@ -1,0 +1,172 @@
+"""Loading the ``transformers`` model HFMoELanguageModel converts: from a Hub name or folder, a config, or a checkpoint.
+
+A Hub name is loaded from the local cache first and asks the Hub once, without retries
+(:func:`_from_pretrained`); a checkpoint that carries its model (:data:`STORED_MODEL`) is
+built from the config it carries, so neither ``pretrained`` nor the network is needed.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_moe.data.sources import first_line, honour_offline_env
+from lightning_moe.errors import ConfigError
+
+#: The checkpoint entry that makes a post-training checkpoint self-contained: the model's
+#: ``transformers`` config and generation config (JSON dicts) and its tokenizer's files
+#: (name -> bytes), so it loads and exports without the base model.
+STORED_MODEL = "hf_model"
+# The stored entry of the checkpoint HFMoELanguageModel.load_from_checkpoint is loading.
+_STORED_MODEL: ContextVar[dict[str, Any] | None] = ContextVar("lightning_moe_stored_hf_model", default=None)
+
+
+def _torch_dtype(dtype: str) -> torch.dtype | str:
+    if dtype == "auto":
+        return "auto"
+    value = getattr(torch, dtype, None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ConfigError(f"`dtype` must be 'auto' or a torch floating dtype name (bfloat16, float32, ...), got {dtype!r}")
+    return value
+
+
+def load_causal_lm(
+    pretrained: str | None, config: dict[str, Any] | None, dtype: str, attn_implementation: str | None
+) -> nn.Module:
+    """A ``transformers`` causal LM: ``from_pretrained(pretrained)``, or ``from_config(config)`` (random weights).
+
+    While :meth:`HFMoELanguageModel.load_from_checkpoint` loads a checkpoint that carries
+    its model's config, the model is built from that config instead (its weights come from
+    the checkpoint), so neither ``pretrained`` nor the network is needed.
+    """
+    try:
+        import transformers
+    except ImportError as err:
+        raise ImportError("HFMoELanguageModel needs `transformers`: pip install 'lightning-moe[hf]'") from err
+    torch_dtype = _torch_dtype(dtype)
+    if (pretrained is None) == (config is None):
+        raise ConfigError(
+            "give exactly one of `pretrained` (a Hub name or local folder) and `config` (a dict of config"
+            " fields with `model_type`, for a randomly initialised model)"
+        )
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    stored = _STORED_MODEL.get()
+    if stored is not None:
+        return _build_stored_model(stored, torch_dtype, kwargs)
+    if pretrained is not None:
+        looks_local = os.path.isabs(pretrained) or pretrained.startswith(".") or pretrained.count("/") > 1
+        if looks_local and not os.path.isdir(pretrained):
+            raise ConfigError(f"`pretrained`={pretrained!r}: no such folder (give a model folder or a Hub name)")
+        return _from_pretrained(pretrained, dtype=torch_dtype, **kwargs)
+    fields = dict(config)
+    model_type = fields.pop("model_type", None)
+    if model_type is None:
+        raise ConfigError("`config` needs `model_type` (e.g. qwen3_moe, olmoe, mixtral, phimoe, qwen2_moe)")
+    try:
+        hf_config = transformers.AutoConfig.for_model(model_type, **fields)
+    except ValueError as err:
+        raise ConfigError(f"`config.model_type`={model_type!r}: {err}") from err
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, **kwargs)
+    return model if torch_dtype == "auto" else model.to(torch_dtype)
+
+
+def _build_stored_model(stored: dict[str, Any], torch_dtype: torch.dtype | str, kwargs: dict[str, Any]) -> nn.Module:
+    """The model of a checkpoint's :data:`STORED_MODEL` entry, randomly initialised (the checkpoint's weights follow)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    fields = stored["config"]
+    hf_config = CONFIG_MAPPING[fields["model_type"]].from_dict(fields)
+    # `auto`: the dtype the config names, as from_pretrained would have loaded it.
+    dtype = (getattr(hf_config, "dtype", None) or torch.float32) if torch_dtype == "auto" else torch_dtype
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype, **kwargs)
+    if stored.get("generation_config"):
+        model.generation_config = transformers.GenerationConfig.from_dict(stored["generation_config"])
+    return model
+
+
+def _from_pretrained(pretrained: str, **kwargs: Any) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained``; a Hub name from the cache first, the Hub only if it answers.
+
+    ``transformers`` retries an unreachable Hub five times (~23 s) before it fails with a
+    network error that does not say what to do. Here a Hub name is loaded from the local
+    cache without asking the Hub (so a cached model loads as it was downloaded, even
+    online); only when no complete cached copy exists, and ``HF_HUB_OFFLINE`` is not set,
+    one request without retries asks the Hub, and the download starts only if it answers.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if os.path.isdir(pretrained):
+        try:
+            return AutoModelForCausalLM.from_pretrained(pretrained, **kwargs)
+        except OSError as err:  # a folder without config.json or weights
+            raise ConfigError(
+                f"`pretrained`={pretrained!r} could not be loaded: {type(err).__name__}: {first_line(err)}"
+            ) from err
+    with honour_offline_env():
+        from huggingface_hub import is_offline_mode
+
+        try:
+            return AutoModelForCausalLM.from_pretrained(pretrained, local_files_only=True, **kwargs)
+        except OSError:
+            pass  # not cached (or not completely): ask the Hub, if allowed
+        offline = is_offline_mode()
+        problem = "HF_HUB_OFFLINE is set, so the Hub was not asked" if offline else _hub_problem(pretrained)
+        if problem is None:
+            try:
+                return AutoModelForCausalLM.from_pretrained(pretrained, **kwargs)
+            except OSError as err:  # the connection dropped during the download, a file missing from the repo
+                problem = f"{type(err).__name__}: {first_line(err)}"
+    fix = (
+        "download it once with network access (HF_HUB_OFFLINE unset)"
+        if offline
+        else "download it once with network access and then set HF_HUB_OFFLINE=1 to use the cached copy"
+    )
+    raise ConfigError(
+        f"`pretrained`={pretrained!r}: could not load this Hugging Face model: {problem}; no complete cached copy"
+        f" of it exists and no local folder of that name either. To fix: {fix}, or pass a local model folder"
+        " as `pretrained`."
+    )
+
+
+def _hub_problem(name: str) -> str | None:
+    """Why the Hugging Face Hub cannot serve the model ``name`` now, or ``None`` when it can.
+
+    One request for its ``config.json``, without ``huggingface_hub``'s retries.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    try:
+        get_hf_file_metadata(hf_hub_url(name, "config.json"))
+    except GatedRepoError:
+        return "it is a gated model: accept its terms on the Hub, then log in (hf auth login)"
+    except RepositoryNotFoundError:
+        return "the Hugging Face Hub has no such model (or it is private: log in with hf auth login)"
+    except EntryNotFoundError:
+        return None  # the repository exists: transformers names what it lacks
+    except HFValidationError as err:
+        return f"not a Hub model name ({first_line(err)})"
+    except Exception as err:  # no network, DNS, proxy, TLS, timeouts, server errors: all "unreachable" here
+        return f"the Hugging Face Hub could not be reached [{type(err).__name__}: {first_line(err)}]"
+    return None
+
+
+def stored_model(checkpoint_path: Any) -> dict[str, Any] | None:
+    """The :data:`STORED_MODEL` entry of the checkpoint file ``checkpoint_path``, or ``None``.
+
+    ``None`` for checkpoints written before checkpoints carried it, and for paths that are
+    not a local file (a URL, a file object): those load from ``pretrained`` as they always did.
+    """
+    if not isinstance(checkpoint_path, (str, os.PathLike)) or not os.path.isfile(checkpoint_path):
+        return None
+    try:  # memory-mapped: reading the entry touches none of the weights
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # damaged or not a checkpoint: the loader that follows says so, in its own words
+        return None
+    stored = checkpoint.get(STORED_MODEL) if isinstance(checkpoint, dict) else None
+    return stored if isinstance(stored, dict) and isinstance(stored.get("config"), dict) else None
