@@ -64,9 +64,7 @@ TRAINING_MODEL_FIELDS = frozenset(
 #: Data settings any resume may change: how batches are fed, not which text.
 TRAINING_DATA_FIELDS = frozenset({"batch_size", "num_workers", "cache_dir", "num_proc", "hf_streaming"})
 #: The router's gradient estimator: part of a run's identity, switchable by an explicit ``--ckpt_path``.
-ROUTING_FIELDS = frozenset(
-    {"estimator", "estimator_args", "moe.estimator", "moe.estimator_args", "moe.input_jitter"}
-)
+ROUTING_FIELDS = frozenset({"estimator", "estimator_args", "moe.input_jitter"})
 
 #: Keys LightningCLI adds to saved hyperparameters that are not the class's arguments.
 _CLI_KEYS = ("_instantiator", "_class_path")
@@ -87,13 +85,13 @@ def plain_settings(hparams: Any) -> dict[str, Any]:
     for key in (*_CLI_KEYS, "dict_kwargs"):
         plain.pop(key, None)
     if isinstance(plain.get("moe"), Mapping):
-        # MoELanguageModel's top-level spelling of the estimator replaces ``moe``'s where given:
-        # compared and merged in one place, ``moe``.
+        # MoELanguageModel's estimator: ``estimator`` at the top level (the spelling every recipe
+        # uses) replaces ``moe.estimator`` where given; compared and merged in one place, the top level.
         moe = dict(plain["moe"])
         for key in ("estimator", "estimator_args"):
-            value = plain.pop(key, None)
-            if value is not None:
-                moe[key] = value
+            inner = moe.pop(key, None)
+            if plain.get(key) is None and inner is not None:
+                plain[key] = inner
         plain["moe"] = moe
     return plain
 

@@ -9,6 +9,7 @@ hand-made checkpoints and tiny models.
 import glob
 import inspect
 import os
+import shutil
 
 import pytest
 import torch
@@ -89,6 +90,8 @@ def test_overrides_on_resume_are_applied_and_reported_or_refused(tmp_path, capsy
     fit(tmp_path, 3)  # the recipe's Top-K, learning rate 2e-3
     path = str(run_folder(tmp_path, 0) / "checkpoints" / "last.ckpt")
     first_config = (run_folder(tmp_path, 0) / "config.yaml").read_text()
+    older = str(run_folder(tmp_path, 0) / "checkpoints" / "step3.ckpt")
+    shutil.copy(path, older)
 
     # Switching the estimator (to one with state of its own) and the learning rate: both applied.
     with caplog.at_level("INFO", logger="lightning.pytorch"):
@@ -114,6 +117,12 @@ def test_overrides_on_resume_are_applied_and_reported_or_refused(tmp_path, capsy
     assert "model.d_model" in line and "32" in line and "64" in line
     assert os.path.getmtime(path) == before and version_folders(tmp_path) == ["version_0"]
     assert not (run_folder(tmp_path, 0) / "config-resume-2.yaml").exists()
+
+    # From an older checkpoint of the run: a branch, in a new version folder; the run is left as it was.
+    fit(tmp_path, 4, f"--ckpt_path={older}")
+    assert os.path.getmtime(path) == before and version_folders(tmp_path) == ["version_0", "version_1"]
+    assert torch.load(run_folder(tmp_path, 1) / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert (run_folder(tmp_path, 1) / "config.yaml").exists()
 
 
 def test_validate_and_test_with_last_evaluate_that_run_and_write_no_run_folder(tmp_path, caplog, monkeypatch):
