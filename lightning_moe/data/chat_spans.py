@@ -40,6 +40,7 @@ prefix renders took about two per assistant turn.
 
 from __future__ import annotations
 
+import os
 import re
 import weakref
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ def sentinel(tag: str, index: int) -> str:
 class TemplateTurns:
     """What a chat template writes around an assistant turn, read once from a probe conversation."""
 
-    header: str  # appended by add_generation_prompt=True: the assistant turn's opening
+    header: str  # appended by add_generation_prompt=True (the assistant turn's opening), whitespace stripped
     end_of_turn: str | None  # what closes an assistant turn; None: the probe could not tell
     splitter: re.Pattern[str]  # added tokens and whitespace runs: where scaffolding is cut into pieces
 
@@ -81,7 +82,8 @@ def template_turns(tokenizer: Any) -> TemplateTurns:
     try:
         plain, prompted = (tokenizer.apply_chat_template(probe[:1], tokenize=False, add_generation_prompt=flag)
                            for flag in (False, True))
-        header = prompted[_common_start(plain, prompted, splitter):]  # past a conversation-final EOS
+        # Past a conversation-final EOS; stripped, as templates without whitespace control indent it.
+        header = prompted[_common_start(plain, prompted, splitter):].strip()
         shape = tokenizer.apply_chat_template(probe, tokenize=False)
         followed = _between(shape, sentinel("", 1), sentinel("", 2))
         last = _between(shape, sentinel("", 3), None)
@@ -95,13 +97,16 @@ def template_turns(tokenizer: Any) -> TemplateTurns:
 
 
 def _common_start(a: str, b: str, splitter: re.Pattern[str]) -> int:
-    """Length of the longest common start of ``a`` and ``b`` made of whole pieces (no half added token)."""
-    length = 0
-    for piece_a, piece_b in zip(_pieces(a, set(), splitter), _pieces(b, set(), splitter)):
-        if piece_a != piece_b:
-            break
-        length += len(piece_a)
-    return length
+    """Length of the common start of ``a`` and ``b``, never ending inside an added token or a word.
+
+    ``"<|end|>\\n<|user|>"`` and ``"<|end|>\\n<|endoftext|>"`` share ``"<|end|>\\n"``, not ``"<|end|>\\n<|"``;
+    where one string is a start of the other, it is the common start whole.
+    """
+    common = len(os.path.commonprefix([a, b]))
+    if common in (len(a), len(b)):
+        return common
+    bounds = [0] + [edge for match in splitter.finditer(a) for edge in match.span()]
+    return max(edge for edge in bounds if edge <= common)
 
 
 def _between(text: str, after: str, before: str | None) -> str | None:
@@ -151,8 +156,7 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], text: str) -
     for i in assistants:
         k = slots.index(i)
         before, after = literals[k], literals[k + 1]
-        start = before.rfind(turns.header) if turns.header else -1
-        start = len(before) if start < 0 else start + len(turns.header)
+        start = _header_end(before, turns.header)
         bounds.append(((k, start), (k + 1, _end_of_turn(after, turns))))
         cuts[k].add(start)
         cuts[k + 1].add(bounds[-1][1][1])
@@ -166,6 +170,16 @@ def _free_tag(text: str, messages: list[dict[str, str]]) -> str:
     while any(_FIX[0] + tag + "#" in s for s in [text] + [m["content"] for m in messages]):
         tag += "x"
     return tag
+
+
+def _header_end(before: str, header: str) -> int:
+    """Where the last header in ``before`` (the scaffolding before an assistant's content) ends, with the
+    whitespace after it; at the content when there is no header."""
+    start = before.rfind(header) if header else -1
+    if start < 0:
+        return len(before)
+    end = start + len(header)
+    return end + len(before[end:]) - len(before[end:].lstrip())
 
 
 def _end_of_turn(after: str, turns: TemplateTurns) -> int:
