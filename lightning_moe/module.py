@@ -29,10 +29,11 @@ def _with_estimator(moe: MoEConfig | None, estimator: str | None, estimator_args
     if estimator is None and estimator_args is None:
         return moe
     if moe is None:
-        raise ConfigError(
-            f"model.estimator={estimator!r} / model.estimator_args={estimator_args!r} need MoE layers, but"
-            " model.moe is null (a dense model); remove them or give model.moe"
+        given = " and ".join(
+            f"model.{name}={value!r}" for name, value in (("estimator", estimator), ("estimator_args", estimator_args))
+            if value is not None
         )
+        raise ConfigError(f"{given}: a dense model (model.moe is null) has no estimator; remove it or give model.moe")
     changes = {"estimator": estimator} if estimator is not None else {}
     if estimator_args is not None:
         changes["estimator_args"] = dict(estimator_args)

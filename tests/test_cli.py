@@ -207,7 +207,7 @@ def test_a_checkpoint_from_before_the_top_level_estimator_loads_with_its_estimat
 
 
 def test_estimator_without_moe_layers_is_one_line():
-    with pytest.raises(ValueError, match=r"model.estimator='topk'.*model.moe is null"):
+    with pytest.raises(ValueError, match=r"model.estimator=.topk.: a dense model \(model.moe is null\)"):
         MoELanguageModel(d_model=32, n_heads=2, n_layers=1, moe=None, estimator="topk")
 
 

@@ -29,10 +29,8 @@ def _construct(name: str, cls: type[Estimator], kwargs: dict[str, Any]) -> Estim
     }
     unknown = sorted(set(kwargs) - set(parameters))
     if unknown:
-        raise ConfigError(
-            f"{prefix}: {cls.__name__} takes no argument {', '.join(unknown)};"
-            f" it takes {', '.join(parameters) or 'no arguments'}"
-        )
+        takes = f"takes {', '.join(parameters)}" if parameters else "takes no arguments"
+        raise ConfigError(f"{prefix}: unknown argument {', '.join(unknown)}; {cls.__name__} {takes}")
     hints = typing.get_type_hints(cls.__init__)
     for arg, value in kwargs.items():
         expected = hints.get(arg, Any)
