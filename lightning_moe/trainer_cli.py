@@ -81,7 +81,7 @@ class MoECLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         # Evaluating a checkpoint is not a training run: no new version folder, no saved configuration.
-        if self.subcommand != "fit":
+        if self.subcommand not in (None, "fit"):
             evaluate_without_run_folder(self.config[self.subcommand])
             self.save_config_callback = None
 
