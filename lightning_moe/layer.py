@@ -21,7 +21,7 @@ from lightning_moe.estimators import ESTIMATOR_REGISTRY, Estimator
 from lightning_moe.experts import ACTIVATIONS, BACKENDS, Experts, merge_gate_and_up
 from lightning_moe.float32_buffers import Float32Buffers
 from lightning_moe.losses import GradScale, attach_aux_loss
-from lightning_moe.routing import Router, Routing
+from lightning_moe.routing import Router, Routing, Scoring
 
 
 #: What :attr:`MoELayer.check_finite` may be: which tensors training forwards check for NaN/inf.
@@ -137,7 +137,16 @@ class MoELayer(Float32Buffers):
         input_jitter: in training, multiply the hidden states by noise from
             U(1 - delta, 1 + delta) before router and experts (GRIN uses 0.01).
         estimator_args: keyword arguments for a named estimator.
+        score_function: ``"softmax"`` (default) or ``"sigmoid"`` (DeepSeek-V3 and its
+            descendants): how logits become the scores that choose the experts and give
+            the gates (:class:`~lightning_moe.routing.Scoring`).
+        n_group, topk_group: group-limited selection: only the experts of the
+            ``topk_group`` best of ``n_group`` equal groups compete (a group scores the sum
+            of its two best selection scores). ``n_group=1``: plain top-k.
+        routed_scaling_factor: multiplies the gates (after renormalisation).
 
+    Estimators other than softmax top-k ones run only the default scoring (softmax,
+    one group, scale 1); SparseMixer and SparseMixer-v2 are refused anything else.
     During training (and outside activation-checkpoint recomputation) each forward adds
     to :attr:`routing_stats`; auxiliary losses registered in :attr:`aux_losses` (by the
     balancing callbacks) are attached to the output so they reach the gradient.
@@ -170,6 +179,10 @@ class MoELayer(Float32Buffers):
         activation: str = "swiglu",
         input_jitter: float = 0.0,
         estimator_args: dict[str, Any] | None = None,
+        score_function: str = "softmax",
+        n_group: int = 1,
+        topk_group: int = 1,
+        routed_scaling_factor: float = 1.0,
     ) -> None:
         super().__init__()
         for name, value in (("d_model", d_model), ("ffn_hidden", ffn_hidden), ("num_experts", num_experts)):
@@ -184,10 +197,14 @@ class MoELayer(Float32Buffers):
         if not 0.0 <= input_jitter < 1.0:
             raise ConfigError(f"input_jitter must be in [0, 1), got {input_jitter!r}")
 
+        self.scoring = Scoring(score_function, n_group, topk_group, routed_scaling_factor)
+        self.scoring.check(num_experts, top_k)
+
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.input_jitter = input_jitter
         self.router = Router(d_model, num_experts)
         self.estimator = self._build_estimator(estimator, estimator_args or {})
+        self.estimator.use_scoring(self.scoring)
         self.estimator.bind(num_experts=num_experts, top_k=top_k, d_model=d_model)
         self.experts = Experts(d_model, ffn_hidden, num_experts, activation=activation, backend=backend)
 
@@ -322,7 +339,11 @@ class MoELayer(Float32Buffers):
         return y_TD.reshape(*x.shape[:-1], self.d_model)
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, input_jitter={self.input_jitter}"
+        scoring = "" if self.scoring.is_softmax_top_k else f", scoring={self.scoring}"
+        return (
+            f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k},"
+            f" input_jitter={self.input_jitter}{scoring}"
+        )
 
 
 def moe_layers(module: nn.Module) -> list[tuple[str, MoELayer]]:

@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor, nn
 
-from lightning_moe.routing import Routing
+from lightning_moe.errors import ConfigError
+from lightning_moe.routing import Routing, Scoring
 
 if TYPE_CHECKING:
     from lightning_moe.experts import Experts, ExpertStats
@@ -29,6 +30,32 @@ class Estimator(nn.Module):
     #: balancing). Sampling-based estimators leave it False: a bias on the scores would
     #: change the distribution their gradient estimate is derived for.
     supports_selection_bias: ClassVar[bool] = False
+
+    #: Set by estimators whose :meth:`route` takes its scores, expert choice and gates from
+    #: :attr:`scoring` (sigmoid scores, group-limited selection, a routed scaling factor).
+    #: The others run only softmax top-k and are refused anything else.
+    supports_scoring: ClassVar[bool] = False
+    #: Why an estimator without ``supports_scoring`` runs softmax top-k only (for its refusal).
+    softmax_only_reason: ClassVar[str] = "it computes its routing from a softmax of the logits itself"
+
+    #: How the owning layer scores and selects experts (:meth:`use_scoring`); softmax top-k by default.
+    scoring: Scoring = Scoring()
+
+    def use_scoring(self, scoring: Scoring) -> None:
+        """Called by the owning layer before :meth:`bind`: route with ``scoring`` from now on.
+
+        ``ConfigError`` naming the field when the estimator runs softmax top-k only and
+        ``scoring`` is anything else.
+        """
+        if not (self.supports_scoring or scoring.is_softmax_top_k):
+            # topk_group <= n_group, so a scoring other than the default differs in one of these.
+            field = next(f for f in ("score_function", "n_group", "routed_scaling_factor")
+                         if getattr(scoring, f) != getattr(Scoring(), f))
+            raise ConfigError(
+                f"{field}={getattr(scoring, field)!r}: estimator {type(self).__name__} is defined for softmax top-k"
+                f" routing only ({self.softmax_only_reason}); use topk, straight_through, densemixer or default_moe"
+            )
+        self.scoring = scoring
 
     def bind(self, *, num_experts: int, top_k: int, d_model: int) -> None:
         """Called once by the owning layer: validate the combination, allocate state.
@@ -65,15 +92,9 @@ class Estimator(nn.Module):
         """Forget what this optimizer step's training forwards accumulated (the step is skipped)."""
 
 
-def select_top_k(probs_TE: Tensor, top_k: int, selection_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``(weights [T, K], indices [T, K])``: the ``top_k`` experts of ``probs_TE + selection_bias``.
-
-    The weights are gathered from the unbiased ``probs_TE``, so the bias changes which
-    experts are chosen but never the gates or their gradient. The bias is added to the
-    softmax scores, as DeepSeek-V3 adds it to its affinity scores (Sec. 2.1.2), so
-    ``gamma`` is on the scale of a routing probability.
-    """
-    if selection_bias is None:
-        return probs_TE.topk(top_k, dim=-1)
-    indices_TK = (probs_TE.detach() + selection_bias).topk(top_k, dim=-1).indices
-    return probs_TE.gather(1, indices_TK), indices_TK
+def scored_routing(scoring: Scoring, indices_TK: Tensor, weights_TK: Tensor, scores_TE: Tensor, **kwargs) -> Routing:
+    """The :class:`Routing` of gates taken from ``scores_TE``: ``probs`` per :meth:`Scoring.routing_probs`."""
+    probs_TE = scoring.routing_probs(scores_TE)
+    return Routing(
+        indices=indices_TK, weights=weights_TK, probs=probs_TE, scores=None if probs_TE is scores_TE else scores_TE, **kwargs
+    )

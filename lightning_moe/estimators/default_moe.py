@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from lightning_moe.errors import ConfigError
-from lightning_moe.estimators.base import Estimator, select_top_k
+from lightning_moe.estimators.base import Estimator, scored_routing
 from lightning_moe.estimators.registry import register_estimator
 from lightning_moe.float32_buffers import Float32Buffers
 from lightning_moe.routing import Routing
@@ -65,6 +65,12 @@ class DefaultMoE(Float32Buffers, Estimator):
     With a selection bias (aux-loss-free balancing), A is the top-k of pi + bias and
     every expert outside A, whatever its pi, gets the default term.
 
+    Under the layer's sigmoid scoring (DeepSeek-V3 style, outside the paper) pi_i is
+    sigmoid(z_i), A comes from the layer's (group-limited) selection, and both sums are
+    multiplied by the routed scaling factor c: y = c * (sum_{i in A} s_i E_i(x) +
+    sum_{i not in A} s_i Ehat_i), the dense mixture DenseMixer differentiates with Ehat_i
+    in place of E_i(x).
+
     Experts without tokens keep their value. Something must call it:
     :class:`lightning_moe.callbacks.DefaultOutputEMA` does under a Lightning ``Trainer``;
     a hand-written loop calls :meth:`attach_updater` once and :meth:`update_defaults`
@@ -96,6 +102,7 @@ class DefaultMoE(Float32Buffers, Estimator):
 
     needs_expert_outputs = True
     supports_selection_bias = True
+    supports_scoring = True
     float32_buffers = ("default_outputs",)
     default_outputs: Tensor
     default_initialised: Tensor
@@ -149,24 +156,25 @@ class DefaultMoE(Float32Buffers, Estimator):
     def route(self, logits_TE: Tensor, top_k: int, selection_bias: Tensor | None = None) -> Routing:
         if self.training and torch.is_grad_enabled() and not self.updater_attached:
             raise ConfigError(NO_UPDATER_MESSAGE)
-        probs_TE = logits_TE.float().softmax(dim=-1)
-        weights_TK, indices_TK = select_top_k(probs_TE, top_k, selection_bias)
+        scores_TE = self.scoring.scores(logits_TE)
+        chosen_TK, indices_TK = self.scoring.select(scores_TE, top_k, selection_bias)
+        weights_TK = self.scoring.gates(chosen_TK, renormalize=False)
         if self.training and self._gate_normalised():
             gates_N = weights_TK.detach().reshape(-1)
-            self._weight_sum_E = gates_N.new_zeros(probs_TE.shape[1]).index_add_(0, indices_TK.reshape(-1), gates_N)
+            self._weight_sum_E = gates_N.new_zeros(scores_TE.shape[1]).index_add_(0, indices_TK.reshape(-1), gates_N)
         with torch.no_grad():
             telemetry = {
                 "default_output_norm": self.default_outputs.float().norm(dim=1).mean(),
                 "defaults_initialised_fraction": self.default_initialised.float().mean(),
             }
-        return Routing(indices=indices_TK, weights=weights_TK, probs=probs_TE, telemetry=telemetry)
+        return scored_routing(self.scoring, indices_TK, weights_TK, scores_TE, telemetry=telemetry)
 
     def output_correction(
         self, routing: Routing, x_TD: Tensor | None = None, experts: Experts | None = None
     ) -> Tensor | None:
         if not (self.training or self.use_defaults_in_eval) or not (self.forward_defaults or torch.is_grad_enabled()):
             return None
-        unselected_TE = routing.probs.scatter(1, routing.indices, 0.0)
+        unselected_TE = self.scoring.unselected_weights(routing, renormalize=False)
         # Float32 like the router: this term carries the router's whole dense gradient.
         with torch.autocast(device_type=unselected_TE.device.type, enabled=False):
             correction_TD = unselected_TE @ self.default_outputs.detach().float()

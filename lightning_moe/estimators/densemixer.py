@@ -76,6 +76,22 @@ class DenseMixer(TopK):
     w_i = pi_i / stopgrad(S) for i not in A, where S = sum_{j in A} pi_j, as DenseMixer's
     released code keeps the unchosen entries scaled by the detached normaliser.
 
+    Sigmoid routing (the layer's ``score_function="sigmoid"``, DeepSeek-V3 and its
+    descendants; the released DenseMixer patches softmax families only) takes the same
+    weight function with s_i = sigmoid(z_i) for pi_i and the routed scaling factor c::
+
+        w_i = c * s_i / S          for i in A      (S = sum_{j in A} s_j; S = 1 without renormalisation)
+        w_i = c * s_i / stopgrad(S) for i not in A
+
+    Since ds_i/dz_i = s_i (1 - s_i) and s_i depends on z_i alone, the router gradient is,
+    with g_i = <dL/dy, E_i(x)> for every i and G = sum_{j in A} g_j s_j / S::
+
+        dL/dz_i = c * s_i (1 - s_i) * (g_i - G) / S    for i in A   (G's term only when renormalised)
+        dL/dz_i = c * s_i (1 - s_i) * g_i / S          for i not in A
+
+    The first line is Top-K's own gradient (the chosen gates); the second is what the dense
+    mixture adds. Selection (group-limited, biased) only decides A; it is constant in z.
+
     The chosen experts' part is the ordinary Top-K gradient through ``Routing.weights``;
     the unchosen experts' part comes from :meth:`output_correction`, a term whose value is
     0 and whose backward evaluates every expert on every token once more, one expert at a
@@ -88,7 +104,7 @@ class DenseMixer(TopK):
     only its own experts. Double backward is not supported.
 
     Args:
-        renormalize: divide the chosen gates by their sum (Mixtral, Qwen3-MoE,
+        renormalize: divide the chosen gates by their sum (Mixtral, Qwen3-MoE, DeepSeek-V3,
             ``norm_topk_prob``).
         jitter_eps: router jitter on the logits in training, as in :class:`TopK`.
     """
@@ -96,7 +112,7 @@ class DenseMixer(TopK):
     def output_correction(
         self, routing: Routing, x_TD: Tensor | None = None, experts: Experts | None = None
     ) -> Tensor | None:
-        if not (torch.is_grad_enabled() and routing.probs.requires_grad):
+        if not (torch.is_grad_enabled() and routing.gate_scores.requires_grad):
             return None
         if x_TD is None or experts is None:
             raise ValueError("DenseMixer.output_correction needs the layer input x_TD and its experts")
@@ -105,9 +121,5 @@ class DenseMixer(TopK):
                 "estimator='densemixer' does not support expert parallelism (each rank holds only its own experts,"
                 " and the dense router gradient needs every expert on every token); use a data-parallel strategy"
             )
-        probs_TE = routing.probs
-        with torch.no_grad():
-            unselected_TE = torch.ones_like(probs_TE, dtype=torch.bool).scatter(1, routing.indices, False)
-            scale_T1 = 1.0 / probs_TE.gather(1, routing.indices).sum(dim=-1, keepdim=True) if self.renormalize else 1.0
-        unselected_weights_TE = probs_TE * unselected_TE * scale_T1
+        unselected_weights_TE = self.scoring.unselected_weights(routing, self.renormalize)
         return _UnselectedExperts.apply(unselected_weights_TE, x_TD.detach(), experts)

@@ -58,6 +58,8 @@ class SparseMixer(Estimator):
             ``2 * G * omega_D * p_D * (e_D - p)``.
     """
 
+    softmax_only_reason = "its router gradient is derived for sampling experts from a softmax of the logits"
+
     def __init__(self, jitter_eps: float = 0.1, learnable_omega: bool = False) -> None:
         super().__init__()
         if not 0.0 <= jitter_eps < float("inf"):

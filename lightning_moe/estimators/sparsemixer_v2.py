@@ -64,6 +64,8 @@ class SparseMixerV2(Estimator):
         jitter_eps: the jitter mask's eps (reference default 0.01).
     """
 
+    softmax_only_reason = "its router gradient is derived for sampling experts from a softmax of the logits"
+
     def __init__(self, jitter_eps: float = 0.01) -> None:
         super().__init__()
         if not 0.0 <= jitter_eps < float("inf"):

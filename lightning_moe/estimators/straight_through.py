@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_moe.estimators.base import Estimator, select_top_k
+from lightning_moe.estimators.base import Estimator, scored_routing
 from lightning_moe.estimators.registry import register_estimator
 from lightning_moe.routing import Routing
 
@@ -28,13 +28,17 @@ class StraightThroughTopK(Estimator):
     ``w_j = 1 + pi_{D_j} - stopgrad(pi_{D_j})``: its value is exactly 1 (every chosen
     expert's output enters unscaled) and ``dL/dz = sum_j G_j * d pi_{D_j} / dz``, the
     gradient plain (unrenormalised) Top-K gives its gates, with ``G_j = dL/dw_j``.
-    Expert gradients are not scaled by a gate. Supports a selection bias like ``topk``.
+    Expert gradients are not scaled by a gate. Supports a selection bias and the layer's
+    :class:`~lightning_moe.routing.Scoring` like ``topk``; under sigmoid scoring pi is the
+    sigmoid scores. The forward gates stay exactly 1 (no routed scaling factor: unit
+    gates are what this control is).
     """
 
     supports_selection_bias = True
+    supports_scoring = True
 
     def route(self, logits_TE: Tensor, top_k: int, selection_bias: Tensor | None = None) -> Routing:
-        probs_TE = logits_TE.float().softmax(dim=-1)
-        gates_TK, indices_TK = select_top_k(probs_TE, top_k, selection_bias)
+        scores_TE = self.scoring.scores(logits_TE)
+        gates_TK, indices_TK = self.scoring.select(scores_TE, top_k, selection_bias)
         weights_TK = 1.0 + (gates_TK - gates_TK.detach())
-        return Routing(indices=indices_TK, weights=weights_TK, probs=probs_TE)
+        return scored_routing(self.scoring, indices_TK, weights_TK, scores_TE)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from lightning_moe.errors import ConfigError
-from lightning_moe.estimators.base import Estimator, select_top_k
+from lightning_moe.estimators.base import Estimator, scored_routing
 from lightning_moe.estimators.registry import register_estimator
 from lightning_moe.routing import Routing
 
@@ -22,10 +22,15 @@ class TopK(Estimator):
             before selection (Switch Transformer's router jitter, applied to the logits).
 
     Supports a selection bias (aux-loss-free balancing): the experts are the top-k of
-    softmax + bias, the gates the unbiased softmax values of those experts.
+    softmax + bias, the gates the unbiased softmax values of those experts. Routes with the
+    layer's :class:`~lightning_moe.routing.Scoring`: under ``score_function="sigmoid"`` the
+    gates are the chosen sigmoid scores (renormalised when ``renormalize``, DeepSeek-V3's
+    ``norm_topk_prob``), under group-limited selection the experts come from the best
+    groups, and the gates are multiplied by the routed scaling factor.
     """
 
     supports_selection_bias = True
+    supports_scoring = True
 
     def __init__(self, renormalize: bool = False, jitter_eps: float = 0.0) -> None:
         super().__init__()
@@ -38,8 +43,8 @@ class TopK(Estimator):
         if self.training and self.jitter_eps > 0:
             noise = torch.empty_like(logits_TE).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
             logits_TE = logits_TE * noise
-        probs_TE = logits_TE.softmax(dim=-1)
-        weights_TK, indices_TK = select_top_k(probs_TE, top_k, selection_bias)
-        if self.renormalize:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        return Routing(indices=indices_TK, weights=weights_TK, probs=probs_TE)
+        scores_TE = self.scoring.scores(logits_TE)
+        chosen_TK, indices_TK = self.scoring.select(scores_TE, top_k, selection_bias)
+        weights_TK = self.scoring.gates(chosen_TK, self.renormalize)
+        return scored_routing(self.scoring, indices_TK, weights_TK, scores_TE)
+
