@@ -118,6 +118,9 @@ def test_full_fit_help_is_lightnings_own_and_shows_the_estimator(capsys, monkeyp
     printed = capsys.readouterr().out
     assert "--trainer.max_steps" in printed and re.search(r"--model\.estimator ESTIMATOR", printed)
     assert re.search(r"^usage: lightning-moe .*fit", printed, re.M)
+    # The model's fields are described (jsonargparse shows the docstring's Args), not bare names.
+    for field in ("d_model", "n_layers", "n_heads", "max_seq_len", "estimator", "estimator_args"):
+        assert re.search(rf"^  --model\.{field} \S+\n +[a-z`]", printed, re.M), field
 
 
 @pytest.mark.parametrize("subcommand", ["sample", "export", "compare"])
