@@ -97,6 +97,8 @@ class StepLog(ProgressBar):
         super().__init__()
         self.every = every
         self._enabled = True
+        self._total: int | None = None  # this run's optimizer steps, if known
+        self._interval = 1
         self._start = 0.0
         self._start_step = 0
         self._last_printed = -1
@@ -115,25 +117,20 @@ class StepLog(ProgressBar):
         if self._enabled:
             print(*args, sep=sep, flush=True, **kwargs)
 
-    def total_steps(self) -> int | None:
-        """The optimizer steps this run takes in all (``None`` if unknown: no step or epoch budget)."""
-        total = self.trainer.estimated_stepping_batches
-        return int(total) if math.isfinite(total) else None
-
-    def interval(self) -> int:
-        if self.every is not None:
-            return self.every
-        base = max(1, self.trainer.log_every_n_steps)
-        total = self.total_steps()
-        return base * max(1, math.ceil(total / (MAX_LINES * base))) if total else base
-
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        total = trainer.estimated_stepping_batches  # inf without a step or epoch budget
+        self._total = int(total) if math.isfinite(total) else None
+        if self.every is not None:
+            self._interval = self.every
+        else:
+            base = max(1, trainer.log_every_n_steps)
+            self._interval = base * math.ceil(self._total / (MAX_LINES * base)) if self._total else base
         self._start = time.monotonic()
         self._start_step = self._last_printed = trainer.global_step
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step  # runs once per batch: with gradient accumulation, a step repeats
-        if step == self._last_printed or not (step % self.interval() == 0 or step == self.total_steps()):
+        if step == self._last_printed or not (step % self._interval == 0 or step == self._total):
             return
         self._last_printed = step
         elapsed = time.monotonic() - self._start
@@ -150,8 +147,7 @@ class StepLog(ProgressBar):
         self.print(" | ".join([f"validation at {self._step(trainer.global_step)}", *_formatted(metrics)]))
 
     def _step(self, step: int) -> str:
-        total = self.total_steps()
-        return f"step {step}/{total}" if total else f"step {step}"
+        return f"step {step}/{self._total}" if self._total else f"step {step}"
 
 
 def _formatted(metrics: dict[str, Any]) -> list[str]:

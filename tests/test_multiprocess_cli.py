@@ -32,7 +32,6 @@ TINY = [
     "--trainer.max_steps=2",
     "--trainer.limit_val_batches=1",
     "--trainer.val_check_interval=2",
-    "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
     "--trainer.logger.init_args.save_dir=runs",
     "--trainer.accelerator=cpu",
@@ -85,6 +84,11 @@ def assert_ends_cleanly(tmp_path, strategy_flags):
     assert (tmp_path / last).exists()
     [best] = summary_lines(out, "Best checkpoint: ")
     assert " (val/loss " in best and (tmp_path / best.split(" (val/loss ")[0]).exists()
+    # Progress (plain lines: stdout is a pipe) comes from rank 0 alone too.
+    assert [line.split(" | ")[0] for line in out.splitlines() if line.startswith(("step ", "validation "))] == [
+        "step 2/2",
+        "validation at step 2/2",
+    ]
 
 
 def test_ddp_fit_ends_cleanly_with_one_summary(tmp_path):
