@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from lightning_moe.data.chat import (  # noqa: E402
+from lightning_moe.data.chat import (
     EmptyAssistantTurn,
     NoAssistantTurn,
     SkippedExample,
@@ -23,9 +23,9 @@ from lightning_moe.data.chat import (  # noqa: E402
     messages_of,
     tokenize_chat,
 )
-from lightning_moe.data.posttrain import PostTrainDataModule  # noqa: E402
-from lightning_moe.errors import ConfigError  # noqa: E402
-from lightning_moe.hf.tiny import CHATML_TEMPLATE, build_tokenizer  # noqa: E402
+from lightning_moe.data.posttrain import PostTrainDataModule
+from lightning_moe.errors import ConfigError
+from lightning_moe.hf.tiny import CHATML_TEMPLATE, build_tokenizer
 
 END = "<|im_end|>"
 EOS = "<|endoftext|>"  # the tiny tokenizer's BOS and EOS
@@ -233,12 +233,30 @@ def test_examples_the_template_rejects_or_with_an_empty_turn_are_skipped_with_a_
     assert len(reasons) == 3 and all(issubclass(c, SkippedExample) for c in (TemplateRejected, EmptyAssistantTurn))
 
 
-def test_a_template_that_drops_an_assistant_turn_is_refused_naming_it(tok):
-    tok.chat_template = "{% for m in messages %}{% if loop.last %}{{ m['content'] }}{% else %}<{{ m['role'] }}>{% endif %}{% endfor %}"
-    messages = conversation(2, False, answer)
-    with pytest.raises(ConfigError, match=r"data.chat_template: .*assistant message 1 ") as info:
-        tokenize_chat(tok, messages)
+@pytest.mark.parametrize("template, match", [
+    ("{% for m in messages %}{% if loop.last %}{{ m['content'] }}{% else %}<{{ m['role'] }}>{% endif %}{% endfor %}",
+     r"data.chat_template: the template does not render the content of assistant message 1 "),
+    ("{% for m in messages %}{{ m['content'] + '|' + m['content'] }}<|im_end|>{% endfor %}",
+     r"data.chat_template: the template renders the content of assistant message 1 \(.*\) 2 times"),
+    ("{% for m in messages %}{{ m['content'] }", r"data.chat_template is not a valid Jinja template: .*line 1"),
+])
+def test_a_template_that_drops_or_repeats_an_assistant_turn_is_refused_naming_it(tok, template, match):
+    tok.chat_template = template
+    with pytest.raises(ConfigError, match=match) as info:
+        tokenize_chat(tok, conversation(2, False, answer))
     assert "\n" not in str(info.value)
+
+
+def test_a_template_that_rejects_the_probe_ends_turns_at_the_first_added_token(tok):
+    # The probe conversation has no system message, which this template refuses, so its end of
+    # turn is read as the first added token after the content (and the turn starts at the content).
+    tok.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system message must come first') }}{% endif %}"
+        + CHATML_TEMPLATE
+    )
+    for turns in (1, 3):
+        ids, mask = tokenize_chat(tok, conversation(turns, True, answer))
+        assert supervised_runs(tok, ids, mask) == [answer(k) + END for k in range(1, turns + 1)]
 
 
 def test_the_data_module_counts_skipped_examples_by_reason(tmp_path, tok):
@@ -254,8 +272,8 @@ def test_the_data_module_counts_skipped_examples_by_reason(tmp_path, tok):
     ]
     source = tmp_path / "chat.jsonl"
     source.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
+    dm = PostTrainDataModule(source=str(source), tokenizer=str(folder), seq_len=16, val_fraction=0.01)
     with pytest.warns(UserWarning, match="skipped 4 examples: 2 with no assistant turn, 1 ") as warned:
-        dm = PostTrainDataModule(source=str(source), tokenizer=str(folder), seq_len=16, val_fraction=0.01)
         dm.setup("fit")
     message = str(warned[0].message)
     assert "1 with an empty assistant turn" in message and "1 that the chat template rejects" in message

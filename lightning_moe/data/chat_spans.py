@@ -12,18 +12,19 @@ last user turn. So the turns are found in the one render of the whole conversati
 2. **Turn boundaries, read from the scaffolding.** An assistant turn is what the model
    generates after the generation prompt: it begins where the template's *header* ends (the
    text ``add_generation_prompt=True`` appends, e.g. ``<|im_start|>assistant\\n``, found as
-   its last occurrence in the scaffolding just before the placeholder; when the template has
-   no generation prompt, at the content) and ends after the **end of turn**. The end of turn
-   is what the template writes after an assistant's content whether a user turn follows or
-   the conversation ends: the common start of the two, read once per template from a probe
-   conversation, without trailing whitespace (``<|im_end|>`` in ChatML, ``<|end|>`` in
-   Phi-3.5 -- not the EOS that ends the whole conversation --, ``<|END_RESPONSE|>
-   <|END_OF_TURN_TOKEN|>`` in Command-A). A model stops at that token, so it never generates
-   the newline after it. Where the probe cannot tell (the template rejects it), the end of
-   turn runs up to and including the first added token after the content.
-   So everything between header and end of turn is supervised, including scaffolding the
-   template writes inside the turn: Qwen3's ``<think>...</think>`` block, empty or not, and
-   Command-A's ``<|START_RESPONSE|>``.
+   its last occurrence in the scaffolding just before the placeholder, with the whitespace
+   after it; when the template has no generation prompt, at the content) and ends after the
+   **end of turn**. The end of turn is what the template writes after an assistant's
+   content whether a user turn follows or the conversation ends: the common start of the
+   two, read once per template from a probe conversation, cut between added tokens or words
+   and without trailing whitespace (``<|im_end|>`` in ChatML; ``<|end|>`` in Phi-3.5, not
+   the EOS that ends the whole conversation; both tokens of a two-token end like Command-A's
+   ``<|END_RESPONSE|><|END_OF_TURN_TOKEN|>``). A model stops at that token, so it never
+   generates the newline after it. Where the probe cannot tell (the template rejects it),
+   the end of turn runs up to and including the first added token after the content.
+   Everything between header and end of turn is supervised, scaffolding the template writes
+   inside the turn included: Qwen3's ``<think>...</think>`` block, empty or not, or an
+   opening token like Command-A's ``<|START_RESPONSE|>``.
 3. **Mapping back.** The scaffolding is split into pieces (at added tokens, whitespace runs
    and the turn boundaries) and the pieces are found in the real render in order. Each
    placeholder stands for its content: taken verbatim when the render holds it there,
@@ -40,6 +41,7 @@ prefix renders took about two per assistant turn.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import weakref
@@ -75,25 +77,33 @@ def template_turns(tokenizer: Any) -> TemplateTurns:
     cached = _TURNS.get(tokenizer)
     if cached is not None and cached[0] == template:
         return cached[1]
-    tokens = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
-    splitter = re.compile("|".join([re.escape(t) for t in tokens if t] + [r"\s+"]))
+    # Only added tokens the template can write (its own text, or a special token it reads as a variable such as
+    # eos_token): tokenizers with thousands of reserved tokens would otherwise make every split slow.
+    specials = set(getattr(tokenizer, "all_special_tokens", ()))
+    tokens = sorted((t for t in tokenizer.get_added_vocab() if t and (t in template or t in specials)), key=len,
+                    reverse=True)
+    splitter = re.compile("|".join([re.escape(t) for t in tokens] + [r"\s+"]))
+    turns = TemplateTurns(*_probe(tokenizer, splitter), splitter)
+    _TURNS[tokenizer] = (template, turns)
+    return turns
+
+
+def _probe(tokenizer: Any, splitter: re.Pattern[str]) -> tuple[str, str | None]:
+    """The header and the end of turn the template writes, from a user/assistant/user/assistant probe."""
     probe = [{"role": r, "content": sentinel("", i)} for i, r in enumerate(("user", "assistant") * 2)]
-    header, end_of_turn = "", None
     try:
         plain, prompted = (tokenizer.apply_chat_template(probe[:1], tokenize=False, add_generation_prompt=flag)
                            for flag in (False, True))
-        # Past a conversation-final EOS; stripped, as templates without whitespace control indent it.
-        header = prompted[_common_start(plain, prompted, splitter):].strip()
         shape = tokenizer.apply_chat_template(probe, tokenize=False)
-        followed = _between(shape, sentinel("", 1), sentinel("", 2))
-        last = _between(shape, sentinel("", 3), None)
-        if followed is not None and last is not None:
-            end_of_turn = followed[:_common_start(followed, last, splitter)].rstrip()
-    except Exception:  # noqa: BLE001 - a template that rejects the probe: fall back to the added-token rule
-        pass
-    turns = TemplateTurns(header, end_of_turn, splitter)
-    _TURNS[tokenizer] = (template, turns)
-    return turns
+    except Exception:  # noqa: BLE001 - a template that rejects the probe: no header, the added-token rule
+        return "", None
+    # Past a conversation-final EOS; stripped, as templates without whitespace control indent it.
+    header = prompted[_common_start(plain, prompted, splitter):].strip()
+    followed = _between(shape, sentinel("", 1), sentinel("", 2))
+    last = _between(shape, sentinel("", 3), None)
+    if followed is None or last is None:
+        return header, None
+    return header, followed[:_common_start(followed, last, splitter)].rstrip()
 
 
 def _common_start(a: str, b: str, splitter: re.Pattern[str]) -> int:
@@ -145,10 +155,10 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], text: str) -
     assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     for i in assistants:
         if slots.count(i) != 1:
-            what = "does not render" if i not in slots else f"renders {slots.count(i)} times"
+            verb, times = ("does not render", "") if i not in slots else ("renders", f" {slots.count(i)} times")
             raise ConfigError(
-                f"data.chat_template: the template {what} the content of assistant message {i}"
-                f" ({messages[i]['content']!r:.40}), so its tokens cannot be found in the render; {_REFUSAL_HINT}"
+                f"data.chat_template: the template {verb} the content of assistant message {i}"
+                f" ({messages[i]['content']!r:.40}){times}, so its tokens cannot be found in the render; {_REFUSAL_HINT}"
             )
     # Turn boundaries as (literal index, offset in that literal).
     cuts: dict[int, set[int]] = {k: set() for k in range(len(literals))}
@@ -225,17 +235,19 @@ def _pieces(literal: str, cuts: set[int], splitter: re.Pattern[str]) -> list[str
     for match in splitter.finditer(literal):
         bounds.update(match.span())
     bounds = sorted(bounds)
-    return [literal[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    return [literal[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def _slot_end(text: str, position: int, content: str, following: list[list[str]]) -> int:
     """Where a message's content ends in ``text``: verbatim if it is there, else before the next scaffolding."""
-    rest = [piece for literal_pieces in following for piece in literal_pieces]
+    rest = (piece for literal_pieces in following for piece in literal_pieces)
+    first = next(rest, None)
     if text.startswith(content, position):
         after = position + len(content)
-        if not rest or text.startswith(rest[0], after) or rest[0].isspace() or not following[0]:
+        adjacent = bool(following) and not following[0]  # the next message's content follows at once
+        if first is None or adjacent or first.isspace() or text.startswith(first, after):
             return after
-    solid = next((piece for piece in rest if not piece.isspace()), None)
+    solid = first if first is not None and not first.isspace() else next((p for p in rest if not p.isspace()), None)
     if solid is None:
         return len(text.rstrip())
     found = text.find(solid, position)
