@@ -200,18 +200,17 @@ def resolve_last_checkpoint(config: Any, subcommand: str = "fit") -> None:
         )
     ours = _run_config(config)
     newest_first = sorted(candidates, key=os.path.getmtime, reverse=True)
+    differing = {}  # identity settings that differ, by checkpoint
     for path in newest_first:
-        differences = [d for d in config_differences(_saved(path), ours) if d[0] != "training"]
-        if not differences:
+        differing[path] = [d for d in config_differences(_saved(path), ours) if d[0] != "training"]
+        if not differing[path]:
             break
-        if path == newest_first[0]:
-            first_differences = differences
     else:
         newest = newest_first[0]
         others = f" (and {len(newest_first) - 1} more, none of this configuration)" if len(newest_first) > 1 else ""
         raise ConfigError(
             f"ckpt_path='last': no run of this configuration to resume; the newest checkpoint, {newest}{others},"
-            f" is of another one: {describe(first_differences, here='this configuration')}. Resume a specific run"
+            f" is of another one: {describe(differing[newest], here='this configuration')}. Resume a specific run"
             " with --ckpt_path PATH (its estimator and training settings may differ), or start a new run: leave"
             " out --ckpt_path, or give it a folder of its own with --trainer.logger.init_args.version NAME"
         )
