@@ -65,6 +65,7 @@ def user_error(capsys, call):
     return err[0]
 
 
+@pytest.mark.slow
 def test_last_resumes_the_run_of_the_same_configuration_not_the_newest_one(tmp_path, capsys):
     # The scenario: a DenseMixer run, then a Top-K baseline under the same logger name.
     fit(tmp_path, 3, f"{ESTIMATOR}=densemixer")
@@ -86,6 +87,7 @@ def test_last_resumes_the_run_of_the_same_configuration_not_the_newest_one(tmp_p
     assert saved(tmp_path, 0) == (6, "densemixer") and saved(tmp_path, 1) == (5, "topk")
 
 
+@pytest.mark.slow
 def test_overrides_on_resume_are_applied_and_reported_or_refused(tmp_path, capsys, caplog):
     fit(tmp_path, 3)  # the recipe's Top-K, learning rate 2e-3
     path = str(run_folder(tmp_path, 0) / "checkpoints" / "last.ckpt")
@@ -125,6 +127,7 @@ def test_overrides_on_resume_are_applied_and_reported_or_refused(tmp_path, capsy
     assert (run_folder(tmp_path, 1) / "config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_validate_and_test_with_last_evaluate_that_run_and_write_no_run_folder(tmp_path, caplog, monkeypatch):
     fit(tmp_path, 3, f"{ESTIMATOR}=densemixer")
     fit(tmp_path, 2, f"{ESTIMATOR}=topk")  # newer, of another configuration
