@@ -122,7 +122,14 @@ def _check_experts(experts: nn.Module, num_experts: int, d_model: int) -> int:
 def check_expert_function(experts: nn.Module, ffn_hidden: int) -> None:
     """Run the block's own experts on a probe routed entirely to expert 0 with weight 1 and
     compare with silu(x Wg^T) * (x Wu^T) Wd^T from gate_up_proj's first F rows (gate), its
-    last F rows (up) and down_proj: the reading of the weights conversion relies on."""
+    last F rows (up) and down_proj: the reading of the weights conversion relies on.
+
+    Experts on the meta device (a model built to be filled shard by shard) hold no values:
+    a copy of them with random weights runs instead, as the router probe does; all its experts
+    share one expert's weights, so checking a model of any size costs one expert.
+    """
+    if experts.gate_up_proj.is_meta:
+        experts = _one_random_expert(experts)
     gate_up, down = experts.gate_up_proj, experts.down_proj
     x_TD = probe_inputs(gate_up.shape[2], 16).to(gate_up.device, gate_up.dtype)
     index_T1 = torch.zeros(x_TD.shape[0], 1, dtype=torch.long, device=x_TD.device)
@@ -143,6 +150,18 @@ def check_expert_function(experts: nn.Module, ffn_hidden: int) -> None:
             "experts that do not compute silu(x W_gate) * (x W_up) W_down from gate_up_proj (gate rows first)"
             " and down_proj"
         )
+
+
+def _one_random_expert(experts: nn.Module) -> nn.Module:
+    """A float32 copy of ``experts`` whose experts all share one expert's random weights (a view,
+    the memory of one expert): the probe routes every token to expert 0."""
+    copied = copy.deepcopy(experts).float()
+    generator = torch.Generator().manual_seed(2)
+    for name in ("gate_up_proj", "down_proj"):
+        shape = getattr(experts, name).shape
+        weight = torch.randn((1, *shape[1:]), generator=generator) / shape[-1] ** 0.5
+        setattr(copied, name, nn.Parameter(weight.expand(shape), requires_grad=False))
+    return copied
 
 
 def _routing_candidates(router: nn.Module) -> list[tuple[str, bool, float]]:

@@ -146,7 +146,10 @@ def _convert_block(
     router_hooked: bool,
 ) -> HFMoEBlock:
     experts = block.experts
-    layer = _new_layer(spec, estimator, args, backend, experts.gate_up_proj.device)
+    device = experts.gate_up_proj.device
+    # On the meta device (a model to be filled shard by shard) the layer's own state is still built
+    # for real, on the CPU: only the tensors a checkpoint fills stay empty.
+    layer = _new_layer(spec, estimator, args, backend, torch.device("cpu") if device.type == "meta" else device)
     router = getattr(block, spec.router_name)
     layer.router.weight = _take(router, "weight")
     ours = layer.experts
@@ -157,7 +160,7 @@ def _convert_block(
     ours.w2 = _parameter(down.transpose(1, 2).contiguous(), down)
     del down
     meta = [name for name, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
-    if meta:
+    if meta and device.type != "meta":
         raise RuntimeError(f"MoELayer tensors left unconverted: {meta}")
     converted = HFMoEBlock(layer, spec, block, tuple(records), router_hooked)
     if spec.shared_expert:  # now owned by the converted block
@@ -250,6 +253,29 @@ def _router_records(
     if others:
         raise UnsupportedBlock(f"router outputs other than its logits recorded by transformers: {', '.join(others)}")
     return owner, records
+
+
+def hf_tensor_names(model: nn.Module) -> dict[str, tuple[str | None, bool]]:
+    """For each parameter and buffer name of a model converted by :func:`from_hf`: the name of the
+    same tensor in the Hugging Face model (``None``: ``MoELayer`` state with no counterpart there),
+    and whether the two layouts are transposes of each other (the experts, dims 1 and 2).
+
+    Both layouts keep the expert index first, so a slice of experts is the same slice in both.
+    """
+    blocks = {name: m for name, m in model.named_modules() if isinstance(m, HFMoEBlock)}
+    names = {}
+    for name, _ in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        prefix, _, rest = name.partition(".moe.")
+        block = blocks.get(prefix) if rest else None
+        if block is None:
+            names[name] = (name, False)
+        elif rest == "router.weight":
+            names[name] = (f"{prefix}.{block.spec.router_name}.weight", False)
+        elif rest in ("experts.w1", "experts.w2"):
+            names[name] = (f"{prefix}.experts.{'gate_up_proj' if rest.endswith('w1') else 'down_proj'}", True)
+        else:
+            names[name] = (None, False)
+    return names
 
 
 def _restore_block(block: HFMoEBlock) -> nn.Module:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 from lightning_moe.data.sources import first_line, honour_offline_env
 from lightning_moe.errors import ConfigError
+from lightning_moe.hf.weights import SafetensorsFolder, checkpoint_plan, parameters_on_meta
 
 #: The checkpoint entry that makes a post-training checkpoint self-contained: the model's
 #: ``transformers`` config and generation config (JSON dicts) and its tokenizer's files
@@ -34,14 +36,33 @@ def _torch_dtype(dtype: str) -> torch.dtype | str:
     return value
 
 
+@dataclass
+class PendingWeights:
+    """Where the weights of a model built on the meta device come from: the safetensors of
+    ``folder`` (``plan``: :func:`~lightning_moe.hf.weights.checkpoint_plan`), or, when ``folder``
+    is ``None``, a Lightning checkpoint being loaded."""
+
+    folder: str | None = None
+    plan: dict[str, Any] = field(default_factory=dict)
+
+
 def load_causal_lm(
-    pretrained: str | None, config: dict[str, Any] | None, dtype: str, attn_implementation: str | None
-) -> nn.Module:
+    pretrained: str | None,
+    config: dict[str, Any] | None,
+    dtype: str,
+    attn_implementation: str | None,
+    meta_init: bool = False,
+) -> tuple[nn.Module, PendingWeights | None]:
     """A ``transformers`` causal LM: ``from_pretrained(pretrained)``, or ``from_config(config)`` (random weights).
 
     While :meth:`HFMoELanguageModel.load_from_checkpoint` loads a checkpoint that carries
     its model's config, the model is built from that config instead (its weights come from
     the checkpoint), so neither ``pretrained`` nor the network is needed.
+
+    ``meta_init``: the parameters of a ``pretrained`` or stored model stay on the meta device
+    (buffers are built for real, see :func:`~lightning_moe.hf.weights.parameters_on_meta`) and
+    the second value says where their values are to come from; ``None`` when the model is
+    complete (no ``meta_init``, or a randomly initialised ``config`` model, always built whole).
     """
     try:
         import transformers
@@ -56,12 +77,17 @@ def load_causal_lm(
     kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     stored = _STORED_MODEL.get()
     if stored is not None:
-        return _build_stored_model(stored, torch_dtype, kwargs)
+        if not meta_init:
+            return _build_stored_model(stored, torch_dtype, kwargs), None
+        with parameters_on_meta():
+            return _build_stored_model(stored, torch_dtype, kwargs), PendingWeights()
     if pretrained is not None:
         looks_local = os.path.isabs(pretrained) or pretrained.startswith(".") or pretrained.count("/") > 1
         if looks_local and not os.path.isdir(pretrained):
             raise ConfigError(f"`pretrained`={pretrained!r}: no such folder (give a model folder or a Hub name)")
-        return _from_pretrained(pretrained, dtype=torch_dtype, **kwargs)
+        if meta_init:
+            return _from_pretrained(pretrained, _meta_from_pretrained, dtype=torch_dtype, **kwargs)
+        return _from_pretrained(pretrained, None, dtype=torch_dtype, **kwargs), None
     fields = dict(config)
     model_type = fields.pop("model_type", None)
     if model_type is None:
@@ -71,7 +97,7 @@ def load_causal_lm(
     except ValueError as err:
         raise ConfigError(f"`config.model_type`={model_type!r}: {err}") from err
     model = transformers.AutoModelForCausalLM.from_config(hf_config, **kwargs)
-    return model if torch_dtype == "auto" else model.to(torch_dtype)
+    return (model if torch_dtype == "auto" else model.to(torch_dtype)), None
 
 
 def _build_stored_model(stored: dict[str, Any], torch_dtype: torch.dtype | str, kwargs: dict[str, Any]) -> nn.Module:
@@ -81,15 +107,44 @@ def _build_stored_model(stored: dict[str, Any], torch_dtype: torch.dtype | str, 
 
     fields = stored["config"]
     hf_config = CONFIG_MAPPING[fields["model_type"]].from_dict(fields)
-    # `auto`: the dtype the config names, as from_pretrained would have loaded it.
-    dtype = (getattr(hf_config, "dtype", None) or torch.float32) if torch_dtype == "auto" else torch_dtype
-    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype, **kwargs)
+    model = _from_config(hf_config, torch_dtype, kwargs)
     if stored.get("generation_config"):
         model.generation_config = transformers.GenerationConfig.from_dict(stored["generation_config"])
     return model
 
 
-def _from_pretrained(pretrained: str, **kwargs: Any) -> nn.Module:
+def _from_config(hf_config: Any, torch_dtype: torch.dtype | str, kwargs: dict[str, Any]) -> nn.Module:
+    import transformers
+
+    # `auto`: the dtype the config names, as from_pretrained would have loaded it.
+    dtype = (getattr(hf_config, "dtype", None) or torch.float32) if torch_dtype == "auto" else torch_dtype
+    return transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype, **kwargs)
+
+
+def _meta_from_pretrained(
+    name: str, local_files_only: bool = False, dtype: torch.dtype | str = "auto", **kwargs: Any
+) -> tuple[nn.Module, PendingWeights]:
+    """As ``from_pretrained``, but with the parameters left on the meta device: the config, the
+    generation config and where each weight lives in the folder's safetensors (a Hub name's
+    local snapshot, downloaded unless ``local_files_only``); no weight is read."""
+    import transformers
+
+    folder = name
+    if not os.path.isdir(name):
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(name, local_files_only=local_files_only)
+    with SafetensorsFolder(folder) as files:
+        keys = list(files.weight_map)
+    hf_config = transformers.AutoConfig.from_pretrained(folder)
+    with parameters_on_meta():
+        model = _from_config(hf_config, dtype, kwargs)
+    if os.path.isfile(os.path.join(folder, "generation_config.json")):
+        model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
+    return model, PendingWeights(folder, checkpoint_plan(model, keys))
+
+
+def _from_pretrained(pretrained: str, load: Any = None, **kwargs: Any) -> Any:
     """``AutoModelForCausalLM.from_pretrained``; a Hub name from the cache first, the Hub only if it answers.
 
     ``transformers`` retries an unreachable Hub five times (~23 s) before it fails with a
@@ -97,12 +152,15 @@ def _from_pretrained(pretrained: str, **kwargs: Any) -> nn.Module:
     cache without asking the Hub (so a cached model loads as it was downloaded, even
     online); only when no complete cached copy exists, and ``HF_HUB_OFFLINE`` is not set,
     one request without retries asks the Hub, and the download starts only if it answers.
+    ``load``: what loads (``AutoModelForCausalLM.from_pretrained`` when ``None``), called as it is.
     """
-    from transformers import AutoModelForCausalLM
+    if load is None:
+        from transformers import AutoModelForCausalLM
 
+        load = AutoModelForCausalLM.from_pretrained
     if os.path.isdir(pretrained):
         try:
-            return AutoModelForCausalLM.from_pretrained(pretrained, **kwargs)
+            return load(pretrained, **kwargs)
         except OSError as err:  # a folder without config.json or weights
             raise ConfigError(
                 f"`pretrained`={pretrained!r} could not be loaded: {type(err).__name__}: {first_line(err)}"
@@ -111,14 +169,14 @@ def _from_pretrained(pretrained: str, **kwargs: Any) -> nn.Module:
         from huggingface_hub import is_offline_mode
 
         try:
-            return AutoModelForCausalLM.from_pretrained(pretrained, local_files_only=True, **kwargs)
+            return load(pretrained, local_files_only=True, **kwargs)
         except OSError:
             pass  # not cached (or not completely): ask the Hub, if allowed
         offline = is_offline_mode()
         problem = "HF_HUB_OFFLINE is set, so the Hub was not asked" if offline else _hub_problem(pretrained)
         if problem is None:
             try:
-                return AutoModelForCausalLM.from_pretrained(pretrained, **kwargs)
+                return load(pretrained, **kwargs)
             except OSError as err:  # the connection dropped during the download, a file missing from the repo
                 problem = f"{type(err).__name__}: {first_line(err)}"
     fix = (

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from lightning_moe.data.tokenizers import load_transformers_tokenizer
 from lightning_moe.errors import ConfigError
 from lightning_moe.hf.convert import HFMoEBlock, from_hf
-from lightning_moe.hf.loading import _STORED_MODEL, STORED_MODEL, load_causal_lm, stored_model
+from lightning_moe.hf.loading import _STORED_MODEL, STORED_MODEL, PendingWeights, load_causal_lm, stored_model
+from lightning_moe.hf.weights import fill_from_checkpoint, materialize_empty
 from lightning_moe.layer import moe_layers
 from lightning_moe.lm_training import CausalLMTraining, check_optimizer_args
 
@@ -107,6 +108,14 @@ class HFMoELanguageModel(CausalLMTraining):
             ``all_but_router`` (routers frozen, the usual post-training choice for stability).
         dtype: the weights' dtype when loaded (``auto``: the checkpoint's own).
         attn_implementation: passed to ``transformers`` (``None``: its default).
+        meta_init: build the model's parameters on the meta device and fill them in
+            :meth:`configure_model`, after FSDP2 has sharded them (``ModelParallelStrategy``):
+            each rank then reads only its shard of each tensor from ``pretrained``'s
+            safetensors, so no rank ever holds the whole model (other strategies fill the
+            whole model there, once per process). ``None``: on in processes launched as
+            ranks of a distributed run (``WORLD_SIZE`` > 1). Outside a ``Trainer`` call
+            :meth:`configure_model` before using the model. A ``config`` model is always
+            built whole (it has no checkpoint to read).
         activation_checkpointing: ``False``, ``"non_reentrant"`` (or ``True``) or
             ``"reentrant"``: ``transformers``' gradient checkpointing of each decoder layer.
         router_aux_loss: train with the family's own load-balancing loss (``transformers``'
@@ -131,6 +140,8 @@ class HFMoELanguageModel(CausalLMTraining):
     # The tokenizer's files for checkpoints (name -> bytes), read from `tokenizer_source` at the
     # first save or restored from a loaded checkpoint; {} when there is none.
     _stored_tokenizer: dict[str, bytes] | None = None
+    # Where a ``meta_init`` model's parameters are still to come from (None once filled, or when built whole).
+    _pending_weights: PendingWeights | None = None
 
     def __init__(
         self,
@@ -142,6 +153,7 @@ class HFMoELanguageModel(CausalLMTraining):
         trainable: str = "all",
         dtype: str = "auto",
         attn_implementation: str | None = None,
+        meta_init: bool | None = None,
         activation_checkpointing: bool | str = False,
         router_aux_loss: bool | None = None,
         router_aux_loss_coef: float | None = None,
@@ -164,7 +176,9 @@ class HFMoELanguageModel(CausalLMTraining):
         if pretrained is not None and os.path.isdir(pretrained):
             pretrained = os.path.abspath(pretrained)  # so its checkpoints load from any working directory
         self.save_hyperparameters()
-        model = load_causal_lm(pretrained, config, dtype, attn_implementation)
+        if meta_init is None:
+            meta_init = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        model, self._pending_weights = load_causal_lm(pretrained, config, dtype, attn_implementation, meta_init)
         self._router_aux_loss_weight = family_aux_loss_weight(model.config, router_aux_loss, router_aux_loss_coef)
         if self._router_aux_loss_weight is not None and activation_checkpointing == "reentrant":
             raise ConfigError(
@@ -288,6 +302,31 @@ class HFMoELanguageModel(CausalLMTraining):
         """
         unit_names = set(getattr(self.model, "_no_split_modules", None) or ())
         self.shard_with_fsdp2([m for m in self.model.modules() if type(m).__name__ in unit_names], self.model)
+        self._fill_pending_weights()
+
+    def _fill_pending_weights(self) -> None:
+        """Allocate the parameters a ``meta_init`` model left on the meta device (each rank its
+        FSDP2 shards) and fill them from ``pretrained``'s safetensors; a no-op once done.
+
+        A model being loaded from a Lightning checkpoint gets empty tensors: the checkpoint fills them.
+        """
+        pending, self._pending_weights = self._pending_weights, None
+        if pending is None:
+            return
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        device = strategy.root_device if isinstance(strategy, ModelParallelStrategy) else torch.device("cpu")
+        names = materialize_empty(self.model, device)
+        if pending.folder is not None:
+            fill_from_checkpoint(self.model, pending.plan, pending.folder, names)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        # A state dict copied into meta tensors would be lost without a word.
+        if self._pending_weights is not None:
+            self._pending_weights.folder = None
+            self._fill_pending_weights()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @torch.no_grad()
     def sample_text(

@@ -1,0 +1,249 @@
+"""A Hugging Face checkpoint's safetensors read tensor by tensor into a converted model, shard by shard.
+
+A model too large for one rank is built on the meta device, converted (:func:`~lightning_moe.hf.from_hf`
+only moves meta tensors) and sharded with FSDP2; then each rank allocates its own shards and
+fills them from the checkpoint's files (:func:`fill_from_checkpoint`): memory-mapped, one tensor
+at a time, only the rows of its shard, transposed into ``MoELayer``'s expert layout on the way.
+
+Checkpoint keys are the model's names after ``transformers``' own conversion mapping
+(:func:`checkpoint_plan`): released MoE checkpoints store each expert's ``gate_proj``, ``up_proj``
+and ``down_proj`` separately (Mixtral's ``w1``/``w3``/``w2`` under ``block_sparse_moe``), which
+``transformers`` >= 5 stacks into ``gate_up_proj`` [E, 2F, D] and ``down_proj`` [E, D, F] when it
+loads; here the stacking reads only the experts of a rank's shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_moe.errors import ConfigError
+from lightning_moe.hf.convert import hf_tensor_names
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules with their parameters on the meta device and their buffers for real.
+
+    Parameters are what a checkpoint fills; buffers (rotary frequencies, routing statistics,
+    anything non-persistent) are small and computed by the modules' own constructors, so they
+    come out exactly as ``from_pretrained`` makes them. A parameter created for real (an
+    ``empty`` one: untouched memory) moves to meta as it is registered.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def has_safetensors(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, name)) for name in (SAFE_INDEX, SAFE_SINGLE))
+
+
+class SafetensorsFolder:
+    """The tensors of a Hugging Face model folder's safetensors (one file or several with an index).
+
+    Files are opened (memory-mapped) on first use and closed with the reader, so the pages
+    read stay mapped only while the model is being filled.
+    """
+
+    def __init__(self, folder: str) -> None:
+        index = os.path.join(folder, SAFE_INDEX)
+        if os.path.isfile(index):
+            with open(index) as fh:
+                weight_map = json.load(fh)["weight_map"]
+        elif os.path.isfile(os.path.join(folder, SAFE_SINGLE)):
+            from safetensors import safe_open
+
+            with safe_open(os.path.join(folder, SAFE_SINGLE), framework="pt") as fh:
+                weight_map = dict.fromkeys(fh.keys(), SAFE_SINGLE)
+        else:
+            raise ConfigError(
+                f"`pretrained`={folder!r} has no safetensors weights ({SAFE_SINGLE} or {SAFE_INDEX}), which loading"
+                " shard by shard (meta_init) reads; convert it with save_pretrained, or set meta_init: false"
+            )
+        self.folder, self.weight_map = folder, weight_map
+        self._stack = ExitStack()
+        self._open: dict[str, object] = {}
+
+    def __enter__(self) -> SafetensorsFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+        self._open.clear()
+
+    def rows(self, key: str, start: int | None = None, stop: int | None = None) -> Tensor:
+        """Rows ``[start:stop]`` of tensor ``key`` (all of it for ``None``), read from the file alone."""
+        from safetensors import safe_open
+
+        filename = self.weight_map[key]
+        if filename not in self._open:
+            path = os.path.join(self.folder, filename)
+            self._open[filename] = self._stack.enter_context(safe_open(path, framework="pt"))
+        handle = self._open[filename]
+        if start is None:
+            return handle.get_tensor(key)
+        return handle.get_slice(key)[start:stop]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one tensor of the ``transformers`` model comes from: one checkpoint key, or experts
+    stacked from per-expert keys (``stacked[i]``: the keys of one source pattern, in expert order)
+    and, for gate and up, concatenated along dim 1."""
+
+    key: str | None = None
+    stacked: tuple[tuple[str, ...], ...] = ()
+
+    def read(self, files: SafetensorsFolder, start: int | None = None, stop: int | None = None) -> Tensor:
+        if self.key is not None:
+            return files.rows(self.key, start, stop)
+        parts = [torch.stack([files.rows(key) for key in keys[start:stop]]) for keys in self.stacked]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def checkpoint_plan(hf_model: nn.Module, keys: list[str]) -> dict[str, Source]:
+    """The :class:`Source` of each tensor of the ``transformers`` model ``hf_model`` (by its name)
+    among the checkpoint's ``keys``, following ``transformers``' conversion mapping for the family.
+
+    Conversions other than stacking experts (and concatenating gate and up) are refused in one
+    line: this reader does not know them, ``from_pretrained`` does (``meta_init: false``).
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import (
+        Concatenate,
+        MergeModulelist,
+        WeightConverter,
+        WeightRenaming,
+        dot_natural_key,
+        rename_source_key,
+    )
+
+    transforms = get_model_conversion_mapping(hf_model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    # transformers' renaming reads this to add or strip the base model's prefix (values must not be None)
+    wanted = {name: True for name, _ in hf_model.named_parameters(remove_duplicate=False)}
+    wanted.update({name: True for name, _ in hf_model.named_buffers()})
+    prefix = getattr(hf_model, "base_model_prefix", None) or None
+    plan: dict[str, Source] = {}
+    grouped: dict[str, dict[str, list[str]]] = {}
+    converter_of: dict[str, object] = {}
+    for key in sorted(keys, key=dot_natural_key):
+        target, pattern = rename_source_key(key, renamings, converters, prefix, wanted)
+        if pattern is None:
+            plan[target] = Source(key=key)
+            continue
+        converter = next(c for c in converters if pattern in c.source_patterns)
+        ops = [type(op) for op in converter.operations]
+        simple = ops in ([MergeModulelist], [MergeModulelist, Concatenate]) and all(
+            getattr(op, "dim", None) == dim for op, dim in zip(converter.operations, (0, 1))
+        )
+        if not simple:
+            raise ConfigError(
+                f"checkpoint key {key!r} needs transformers' conversion {converter!r}, which loading shard by shard"
+                " does not implement; set meta_init: false to load with from_pretrained"
+            )
+        grouped.setdefault(target, {}).setdefault(pattern, []).append(key)
+        converter_of[target] = converter
+    for target, by_pattern in grouped.items():
+        order = converter_of[target].source_patterns
+        plan[target] = Source(stacked=tuple(tuple(by_pattern[p]) for p in order if p in by_pattern))
+    return plan
+
+
+def _local_rows(param: Tensor) -> tuple[Tensor, int | None, int | None]:
+    """The tensor to fill and which rows of the full tensor it holds (``None``: all of it)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(param, DTensor):
+        return param.data, None, None
+    local = param.to_local()
+    placements = [p for p in param.placements if not p.is_replicate()]
+    if not placements:
+        return local, None, None
+    if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
+        raise ConfigError(f"loading shard by shard supports FSDP2's row sharding (Shard(0)), not {param.placements}")
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return local, offset[0], offset[0] + shape[0]
+
+
+def materialize_empty(model: nn.Module, device: torch.device | str = "cpu") -> list[str]:
+    """Allocate (uninitialised) every parameter of ``model`` still on the meta device, each rank
+    only its shard under FSDP2; return the names to fill: those, and the persistent buffers
+    (a checkpoint may hold them; the others keep the values their modules computed).
+    Tensors that exist already are kept."""
+    names = [name for name, p in model.named_parameters() if p.is_meta]
+    non_persistent = {
+        f"{module_name}.{name}" if module_name else name
+        for module_name, module in model.named_modules()
+        for name in module._non_persistent_buffers_set
+    }
+    buffers = [name for name, _ in model.named_buffers() if name not in non_persistent]
+    model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
+    return names + buffers
+
+
+@torch.no_grad()
+def fill_from_checkpoint(model: nn.Module, hf_plan: dict[str, Source], folder: str, names: list[str]) -> None:
+    """Fill the tensors ``names`` of the converted ``model`` (each rank its shard) from ``folder``'s
+    safetensors, as ``hf_plan`` (:func:`checkpoint_plan`) says where each lives.
+
+    A tied parameter (``tie_word_embeddings``) is filled once, from whichever of its names the
+    checkpoint holds. A tensor the checkpoint lacks is refused, naming it: ``from_pretrained``
+    would initialise it randomly, which a sharded model cannot reproduce.
+    """
+    ours = hf_tensor_names(model)
+    aliases: dict[int, list[str]] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        aliases.setdefault(id(tensor), []).append(name)
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    missing = []
+    with SafetensorsFolder(folder) as files:
+        for name in names:
+            tensor = tensors[name]
+            found = [(ours[alias][0], ours[alias][1]) for alias in aliases[id(tensor)]]
+            found = [(hf, transposed) for hf, transposed in found if hf in hf_plan]
+            if not found:
+                if not isinstance(tensor, nn.Parameter):
+                    continue  # a buffer the checkpoint does not hold keeps its module's value, as in from_pretrained
+                missing.append(name)
+                continue
+            hf_name, transposed = found[0]
+            local, start, stop = _local_rows(tensor)
+            value = hf_plan[hf_name].read(files, start, stop)
+            if transposed:
+                value = value.transpose(1, 2)
+            if value.shape != local.shape:
+                raise ConfigError(
+                    f"checkpoint tensor {hf_name} has shape {tuple(value.shape)}, the model expects"
+                    f" {tuple(local.shape)} (rows {start}:{stop}); the checkpoint and its config.json disagree"
+                )
+            local.copy_(value)
+            del value
+    if missing:
+        raise ConfigError(
+            f"the checkpoint in {folder!r} has no weights for {', '.join(missing[:5])}"
+            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        )
