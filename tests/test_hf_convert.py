@@ -240,13 +240,6 @@ def test_export_warns_about_state_the_format_cannot_hold():
     "config_cls,args,missing",
     [
         (
-            "DeepseekV3Config",
-            dict(intermediate_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
-                 topk_group=1, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
-                 qk_nope_head_dim=8, v_head_dim=8),
-            "deepseek_v3: DeepseekV3MoE has sigmoid routing over expert groups with a score-correction bias",
-        ),
-        (
             "GptOssConfig",
             dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, head_dim=8),
             "gpt_oss: GptOssMLP has a router bias and biased or clamped SwiGLU experts",

@@ -17,7 +17,8 @@ never converted approximately.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -25,17 +26,27 @@ from torch import Tensor, nn
 
 from lightning_moe.data.sources import first_line
 from lightning_moe.estimators import ESTIMATOR_REGISTRY, Estimator
+from lightning_moe.hf.sigmoid_blocks import (
+    SHARED_EXPERTS,
+    ScoredRoutingError,
+    describe_scoring,
+    has_ungated_shared_experts,
+    probe_selection_bias,
+    router_scoring,
+    selection_bias_name,
+    write_selection_bias,
+)
+from lightning_moe.routing import Scoring
 
 #: Children a convertible block may have besides its router and ``experts``.
 SHARED_EXPERT = "shared_expert"
 SHARED_EXPERT_GATE = "shared_expert_gate"
 ROUTER_NAMES = ("gate", "router")
-#: Router attributes of DeepSeek-V3-style routing (sigmoid scores, expert groups, score-correction bias).
-GROUPED_ROUTING_ATTRIBUTES = ("e_score_correction_bias", "n_group", "num_group", "routed_scaling_factor")
 
 SUPPORTED = (
-    "supported: softmax top-k with or without renormalisation, SparseMixer-v2 (PhiMoE), a shared expert with a"
-    " sigmoid gate (Qwen2-MoE), SiLU-gated experts without biases"
+    "supported: softmax or sigmoid top-k with or without renormalisation, with a selection bias, expert groups and"
+    " a routed scaling factor (DeepSeek-V3), SparseMixer-v2 (PhiMoE), a shared expert with a sigmoid gate"
+    " (Qwen2-MoE) or without one (DeepSeek-V3), SiLU-gated experts without biases"
 )
 
 
@@ -52,18 +63,29 @@ class BlockSpec:
     top_k: int
     d_model: int
     ffn_hidden: int
-    routing: str  # "softmax_topk" or "sparsemixer"
-    renormalize: bool  # softmax top-k: divide the chosen gates by their sum
+    routing: str  # "softmax_topk", "sigmoid_topk" or "sparsemixer"
+    renormalize: bool  # top-k: divide the chosen gates by their sum
     sparsemixer_eps: float  # sparsemixer: the jitter mask's eps (config.router_jitter_noise)
     input_jitter: float  # training noise on the block input (Mixtral, PhiMoE)
     shared_expert: bool  # Qwen2-MoE: a shared expert scaled by sigmoid(shared_expert_gate(x))
+    scoring: Scoring = Scoring()  # MoELayer's score function, expert groups and routed scaling factor
+    selection_bias: str | None = None  # the router's e_score_correction_bias, by its name in the router
+    shared_experts: bool = False  # DeepSeek-V3, ERNIE-4.5: shared_experts(x) added without a gate
 
     def native_estimator(self) -> tuple[str, dict]:
         """The registered estimator (and its arguments) that reproduces the family's own routing."""
         return native_estimator(self.routing, self.renormalize, self.sparsemixer_eps)
 
+    def build_native_estimator(self) -> Estimator:
+        """An instance of :meth:`native_estimator`, routing with the family's :attr:`scoring`."""
+        estimator = build_estimator(*self.native_estimator())
+        estimator.use_scoring(self.scoring)
+        return estimator
+
     def describe(self) -> str:
-        return describe_routing(self.routing, self.renormalize, self.sparsemixer_eps, self.top_k)
+        return describe_routing(self.routing, self.renormalize, self.sparsemixer_eps, self.top_k) + describe_scoring(
+            self.scoring
+        ) + (", selection bias" if self.selection_bias else "")
 
 
 def native_estimator(routing: str, renormalize: bool, sparsemixer_eps: float) -> tuple[str, dict]:
@@ -76,7 +98,8 @@ def native_estimator(routing: str, renormalize: bool, sparsemixer_eps: float) ->
 def describe_routing(routing: str, renormalize: bool, sparsemixer_eps: float, top_k: int | str = "k") -> str:
     if routing == "sparsemixer":
         return f"SparseMixer-v2 top-{top_k} with jitter eps {sparsemixer_eps}"
-    return f"softmax top-{top_k}" + (" renormalised" if renormalize else "")
+    score = "sigmoid" if routing == "sigmoid_topk" else "softmax"
+    return f"{score} top-{top_k}" + (" renormalised" if renormalize else "")
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -164,34 +187,40 @@ def _one_random_expert(experts: nn.Module) -> nn.Module:
     return copied
 
 
-def _routing_candidates(router: nn.Module) -> list[tuple[str, bool, float]]:
+def _routing_candidates(router: nn.Module, biased: bool) -> list[tuple[str, bool, float]]:
     """Every routing ``MoELayer`` represents exactly, as ``(routing, renormalize, sparsemixer eps)``.
 
     Mixtral's softmax over the chosen logits is softmax top-k renormalised, written
     differently. SparseMixer-v2's eps is a parameter the probe cannot be expected to pin
     down, so it is read from the router (PhiMoE: ``router_jitter_noise``); whether the
-    router runs SparseMixer-v2 at all is still the probe's to say.
+    router runs SparseMixer-v2 at all is still the probe's to say. So are, for sigmoid
+    top-k, the expert groups and the routed scaling factor (:func:`router_scoring`).
+    SparseMixer-v2 is no candidate for a router with a selection bias or groups.
     """
-    candidates = [("softmax_topk", True, 0.0), ("softmax_topk", False, 0.0)]
+    candidates = [(routing, renormalize, 0.0) for routing in ("softmax_topk", "sigmoid_topk") for renormalize in (True, False)]
     eps = getattr(router, "router_jitter_noise", None)
-    if isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0:
+    plain = not biased and router_scoring(router, "softmax").is_softmax_top_k
+    if plain and isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0:
         candidates.append(("sparsemixer", False, float(eps)))
     return candidates
 
 
-def run_router_probe(router: nn.Module) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+def run_router_probe(router: nn.Module, bias_name: str | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """The logits [T, E] and the (weights, indices) [T, K] (sorted by expert) that a float32 copy of
     ``router`` computes in eval on a random probe, with random weights.
 
     Random weights, not the router's own: what is decided is the routing *function*, and a
     router freshly built with zeros would show ties and nothing else. Logits of spread about
     2 give every candidate distinct weights: some tokens keep several experts under
-    SparseMixer's jitter mask, others one.
+    SparseMixer's jitter mask, others one. The router's selection bias (``bias_name``) is
+    random too (:func:`probe_selection_bias`).
     """
     num_experts, d_model = router.weight.shape
     reference = copy.deepcopy(router).float().eval()
     weight_ED = torch.randn(num_experts, d_model, generator=torch.Generator().manual_seed(1)) * (2 / d_model**0.5)
     reference.weight = nn.Parameter(weight_ED, requires_grad=False)
+    if bias_name is not None:
+        write_selection_bias(reference, bias_name, probe_selection_bias(num_experts))
     x_TD = probe_inputs(d_model)
     try:
         with torch.no_grad():
@@ -211,33 +240,49 @@ def run_router_probe(router: nn.Module) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     return logits_TE.float(), _sorted_by_expert(weights_TK.float(), indices_TK.long())
 
 
-def routing_of(router: nn.Module) -> tuple[str, bool, float, int]:
-    """``(routing, renormalize, sparsemixer eps, top_k)`` of ``router``: the first candidate routing
-    that computes, from the probe's logits, exactly the weights and experts the router itself chose."""
-    grouped = [a for a in GROUPED_ROUTING_ATTRIBUTES if hasattr(router, a)]
-    if grouped:
-        raise UnsupportedBlock(
-            f"sigmoid routing over expert groups with a score-correction bias ({', '.join(grouped)}; DeepSeek-V3 style)"
-        )
+def routing_of(router: nn.Module) -> tuple[str, bool, float, int, Scoring, str | None]:
+    """``(routing, renormalize, sparsemixer eps, top_k, scoring, selection bias name)`` of ``router``:
+    the first candidate routing that computes, from the probe's logits and selection bias, exactly
+    the weights and experts the router itself chose."""
     if getattr(router, "bias", None) is not None:
         raise UnsupportedBlock("a router bias")
-    logits_TE, theirs = run_router_probe(router)
+    try:
+        bias_name = selection_bias_name(router)
+        candidates = _routing_candidates(router, bias_name is not None)
+        grouped = router_scoring(router, "sigmoid")
+    except ScoredRoutingError as err:
+        raise UnsupportedBlock(str(err)) from err
+    # A router may hold group settings it does not use (DeepSeek-V2's greedy top-k): try both.
+    group_choices = [(grouped.n_group, grouped.topk_group)] + ([(1, 1)] if grouped.n_group > 1 else [])
+    logits_TE, theirs = run_router_probe(router, bias_name)
+    bias_E = None if bias_name is None else probe_selection_bias(logits_TE.shape[1])
     top_k = theirs[1].shape[1]
-    candidates = _routing_candidates(router)
-    for routing, renormalize, eps in candidates:
-        name, args = native_estimator(routing, renormalize, eps)
-        if routings_agree(eval_routing(build_estimator(name, args), logits_TE, top_k), theirs):
-            return routing, renormalize, eps, top_k
+    for (routing, renormalize, eps), (n_group, topk_group) in itertools.product(candidates, group_choices):
+        scoring = Scoring()
+        if routing != "sparsemixer":
+            scoring = replace(grouped, score_function=routing.partition("_")[0], n_group=n_group, topk_group=topk_group)
+        if top_k > scoring.topk_group * (logits_TE.shape[1] // scoring.n_group):
+            continue
+        estimator = build_estimator(*native_estimator(routing, renormalize, eps))
+        estimator.use_scoring(scoring)
+        if routings_agree(eval_routing(estimator, logits_TE, top_k, bias_E), theirs):
+            return routing, renormalize, eps, top_k, scoring, bias_name
     tried = ", ".join(describe_routing(*candidate, top_k) for candidate in candidates)
-    raise UnsupportedBlock(f"a router whose output is none of {tried} of its logits")
+    settings = ", ".join(filter(None, [describe_scoring(grouped)[2:], "a selection bias" if bias_name else ""]))
+    settings = f" (with {settings})" if settings else ""
+    raise UnsupportedBlock(f"a router whose output is none of {tried}{settings} of its logits")
 
 
 def _check_children(block: nn.Module, router_name: str) -> bool:
     """Whether the block has a (gated) shared expert, after checking it has nothing else."""
-    extra = sorted(set(dict(block.named_children())) - {router_name, "experts", SHARED_EXPERT, SHARED_EXPERT_GATE})
+    known = {router_name, "experts", SHARED_EXPERT, SHARED_EXPERT_GATE, SHARED_EXPERTS}
+    extra = sorted(set(dict(block.named_children())) - known)
     if extra:
         kinds = ", ".join(f"{name} ({type(getattr(block, name)).__name__})" for name in extra)
-        raise UnsupportedBlock(f"extra submodules {kinds} (only a shared expert with a sigmoid gate is supported)")
+        raise UnsupportedBlock(
+            f"extra submodules {kinds} (only a shared expert with a sigmoid gate or shared experts without one"
+            " are supported)"
+        )
     own = [name for name, _ in (*block.named_parameters(recurse=False), *block.named_buffers(recurse=False))]
     if own:  # the conversion keeps only the children's tensors
         raise UnsupportedBlock(f"tensors of its own ({', '.join(own)})")
@@ -262,6 +307,10 @@ def inspect_block(block: nn.Module) -> BlockSpec:
     routing = attempt(routing_of, router)
     ffn_hidden = attempt(_check_experts, block.experts, num_experts, d_model)
     has_shared = attempt(_check_children, block, router_name)
+    try:
+        ungated_shared = has_ungated_shared_experts(block)
+    except ScoredRoutingError as err:
+        missing.append(str(err))
     if missing:
         raise UnsupportedBlock(" and ".join(missing))
     return BlockSpec(
@@ -275,6 +324,9 @@ def inspect_block(block: nn.Module) -> BlockSpec:
         sparsemixer_eps=routing[2],
         input_jitter=float(getattr(block, "jitter_noise", 0.0) or getattr(block, "input_jitter_noise", 0.0) or 0.0),
         shared_expert=has_shared,
+        scoring=routing[4],
+        selection_bias=routing[5],
+        shared_experts=ungated_shared,
     )
 
 
@@ -282,13 +334,17 @@ def build_estimator(name: str, args: dict) -> Estimator:
     return ESTIMATOR_REGISTRY.get(name, **args)
 
 
-def eval_routing(estimator: Estimator, logits_TE: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
-    """``estimator``'s evaluation routing of ``logits_TE``: (weights, indices), each row sorted by expert."""
+def eval_routing(
+    estimator: Estimator, logits_TE: Tensor, top_k: int, selection_bias: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``estimator``'s evaluation routing of ``logits_TE`` (with ``selection_bias`` [E], if given):
+    (weights, indices), each row sorted by expert."""
     was_training = estimator.training
     estimator.eval()
+    bias = {} if selection_bias is None else {"selection_bias": selection_bias}
     try:
         with torch.no_grad():
-            routing = estimator.route(logits_TE.float(), top_k)
+            routing = estimator.route(logits_TE.float(), top_k, **bias)
     finally:
         estimator.train(was_training)
     return _sorted_by_expert(routing.weights.float(), routing.indices)

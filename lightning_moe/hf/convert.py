@@ -29,13 +29,13 @@ from lightning_moe.hf.blocks import (
     SUPPORTED,
     BlockSpec,
     UnsupportedBlock,
-    build_estimator,
     eval_routing,
     find_blocks,
     inspect_block,
     probe_inputs,
     routings_agree,
 )
+from lightning_moe.hf.sigmoid_blocks import SHARED_EXPERTS, read_selection_bias, write_selection_bias
 from lightning_moe.hf.router_records import hooks_installed, install_record_hooks, recording_owner, router_records
 from lightning_moe.layer import MoELayer, moe_layers
 
@@ -46,7 +46,8 @@ class HFMoEBlock(nn.Module):
     ``forward(hidden_states [..., D]) -> [..., D]``, as the block it replaced. With a
     shared expert (Qwen2-MoE) the output is ``moe(x) + sigmoid(shared_expert_gate(x)) *
     shared_expert(x)``; the shared expert and its gate are the original modules, moved
-    here. The original block, emptied of its parameters, is kept (outside the module
+    here. Shared experts without a gate (DeepSeek-V3, GLM-4.5, dots1, ERNIE-4.5) are
+    added as they are: ``moe(x) + shared_experts(x)``, the original module moved here too. The original block, emptied of its parameters, is kept (outside the module
     tree, so it is in no ``state_dict``) for :func:`to_hf` to refill.
 
     ``records``: the ``(key, index)`` outputs ``transformers`` records from the family's
@@ -68,6 +69,7 @@ class HFMoEBlock(nn.Module):
         self.spec = spec
         self.shared_expert = getattr(shell, SHARED_EXPERT) if spec.shared_expert else None
         self.shared_expert_gate = getattr(shell, SHARED_EXPERT_GATE) if spec.shared_expert else None
+        self.shared_experts = getattr(shell, SHARED_EXPERTS) if spec.shared_experts else None
         object.__setattr__(self, "hf_shell", shell)  # not a submodule: no parameters, not saved
         self.records, self.router_hooked = tuple(records), router_hooked
         install_record_hooks(moe.router, list(self.records))
@@ -76,6 +78,8 @@ class HFMoEBlock(nn.Module):
         out = self.moe(hidden_states)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(hidden_states)) * self.shared_expert(hidden_states)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(hidden_states)
         return out
 
     def extra_repr(self) -> str:
@@ -109,7 +113,7 @@ def _estimator_choice(
         raise ConfigError(f"estimator must be a registered name or an Estimator, not {type(estimator).__name__}")
     args = dict(estimator_kwargs)
     cls = ESTIMATOR_REGISTRY[estimator]["estimator"] if estimator in ESTIMATOR_REGISTRY else None
-    if cls is not None and spec.routing == "softmax_topk" and "renormalize" in inspect.signature(cls).parameters:
+    if cls is not None and spec.routing != "sparsemixer" and "renormalize" in inspect.signature(cls).parameters:
         args.setdefault("renormalize", spec.renormalize)
     return estimator, args
 
@@ -130,6 +134,10 @@ def _new_layer(spec: BlockSpec, estimator: str | Estimator, args: dict, backend:
             backend=backend,
             input_jitter=spec.input_jitter,
             estimator_args=args,
+            score_function=spec.scoring.score_function,
+            n_group=spec.scoring.n_group,
+            topk_group=spec.scoring.topk_group,
+            routed_scaling_factor=spec.scoring.routed_scaling_factor,
         )
     with torch.device("meta"):
         layer.experts = Experts(spec.d_model, spec.ffn_hidden, spec.num_experts, activation="swiglu", backend=backend)
@@ -162,17 +170,34 @@ def _convert_block(
     meta = [name for name, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
     if meta and device.type != "meta":
         raise RuntimeError(f"MoELayer tensors left unconverted: {meta}")
+    _take_selection_bias(router, spec, layer)
     converted = HFMoEBlock(layer, spec, block, tuple(records), router_hooked)
     if spec.shared_expert:  # now owned by the converted block
         setattr(block, SHARED_EXPERT, None)
         setattr(block, SHARED_EXPERT_GATE, None)
+    if spec.shared_experts:
+        setattr(block, SHARED_EXPERTS, None)
     return converted
 
 
+def _take_selection_bias(router: nn.Module, spec: BlockSpec, layer: MoELayer) -> None:
+    """The family's selection bias becomes the layer's (switched on, so it steers routing as it did).
+
+    A bias on the meta device (a model to be filled later) has no values to copy: the layer
+    keeps zeros until its ``selection_bias`` is filled from the checkpoint.
+    """
+    if spec.selection_bias is None:
+        return
+    layer.use_selection_bias = True
+    bias_E = read_selection_bias(router, spec.selection_bias)
+    if not bias_E.is_meta:
+        layer.selection_bias.copy_(bias_E)
+
+
 def _warn_if_eval_routing_differs(layer: MoELayer, spec: BlockSpec, family: str) -> None:
-    name, args = spec.native_estimator()
+    name, _ = spec.native_estimator()
     logits_TE = probe_inputs(spec.num_experts, 64) * 2
-    native = eval_routing(build_estimator(name, args), logits_TE, spec.top_k)
+    native = eval_routing(spec.build_native_estimator(), logits_TE, spec.top_k)
     if not routings_agree(eval_routing(layer.estimator, logits_TE, spec.top_k), native):
         warnings.warn(
             f"estimator {type(layer.estimator).__name__} routes differently at evaluation than {family}"
@@ -194,8 +219,12 @@ def from_hf(
     (same dtype, device and ``requires_grad``), keeping the family's routing exactly:
     ``estimator=None`` picks the family's own (``topk`` with its renormalisation, or
     ``sparsemixer_v2`` with the config's ``router_jitter_noise`` for PhiMoE); a named
-    softmax estimator (``topk``, ``densemixer``, ...) gets the family's renormalisation
-    unless ``renormalize`` is passed. Input jitter (Mixtral's ``router_jitter_noise``,
+    top-k estimator (``topk``, ``densemixer``, ...) gets the family's renormalisation
+    unless ``renormalize`` is passed. Sigmoid routing over expert groups with a routed
+    scaling factor (DeepSeek-V3 and its descendants) becomes the layer's
+    :class:`~lightning_moe.routing.Scoring`, and the family's ``e_score_correction_bias``
+    its ``selection_bias`` (switched on; :class:`~lightning_moe.callbacks.AuxLossFreeBalancing`
+    moves it, :func:`to_hf` writes it back). Input jitter (Mixtral's ``router_jitter_noise``,
     PhiMoE's ``input_jitter_noise``) becomes ``MoELayer.input_jitter``. An estimator whose
     evaluation routing differs from the family's is allowed, with a warning.
 
@@ -230,6 +259,7 @@ def from_hf(
     for (name, args), spec in zip(choices, specs):  # fail before any block changes
         try:
             probe = MoELayer._build_estimator(name, args)
+            probe.use_scoring(spec.scoring)
             probe.bind(num_experts=spec.num_experts, top_k=spec.top_k, d_model=spec.d_model)
         except (ValueError, TypeError) as err:
             raise ConfigError(f"estimator={name!r} cannot run {family} ({spec.describe()}): {err}") from err
@@ -294,6 +324,11 @@ def _restore_block(block: HFMoEBlock) -> nn.Module:
     if spec.shared_expert:
         setattr(shell, SHARED_EXPERT, block.shared_expert)
         setattr(shell, SHARED_EXPERT_GATE, block.shared_expert_gate)
+    if spec.shared_experts:
+        setattr(shell, SHARED_EXPERTS, block.shared_experts)
+    if spec.selection_bias is not None:
+        bias_E = layer.selection_bias if layer.use_selection_bias else torch.zeros_like(layer.selection_bias)
+        write_selection_bias(getattr(shell, spec.router_name), spec.selection_bias, bias_E)
     return shell
 
 
@@ -303,15 +338,18 @@ def to_hf(model: nn.Module) -> nn.Module:
     Returns ``model``, whose ``save_pretrained`` then writes an ordinary folder that
     ``AutoModelForCausalLM.from_pretrained`` loads without this library. What the Hugging
     Face format has no place for is dropped, with a warning when it was in use: an
-    aux-loss-free selection bias and Default MoE's default outputs.
+    aux-loss-free selection bias (except in families that hold one, DeepSeek-V3's
+    ``e_score_correction_bias``, which gets the layer's bias) and Default MoE's default
+    outputs.
     """
     family = family_name(model)
     blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, HFMoEBlock)]
     if not blocks:
         raise ConfigError(f"{family} model holds no HFMoEBlock: nothing to export (was it converted with from_hf?)")
     dropped = set()
+    biased = {id(block.moe) for _, block in blocks if block.spec.selection_bias is not None}
     for _, layer in moe_layers(model):
-        if layer.use_selection_bias and bool(layer.selection_bias.any()):
+        if id(layer) not in biased and layer.use_selection_bias and bool(layer.selection_bias.any()):
             dropped.add("the aux-loss-free selection bias")
         if layer.estimator.needs_expert_outputs:
             dropped.add(f"the {type(layer.estimator).__name__} estimator's state")
