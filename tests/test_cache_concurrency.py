@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lightning_moe.data import BOS_ID
 from lightning_moe.data.cache import CacheDamaged, build_cache, open_cache
 from lightning_moe.data.tokenizers import load_tokenizer
 from lightning_moe.errors import ConfigError
@@ -30,28 +32,34 @@ DELAY = 0.04  # seconds to read one document: a build takes about a second
 FORK = multiprocessing.get_context("fork")
 
 
-def slow_documents(log: Path, delay: float = DELAY):
-    """The corpus, one document every ``delay`` seconds; a build that starts reading adds a line to ``log``."""
+def slow_documents(log: Path, gate: Path | None = None):
+    """The corpus, one document every ``DELAY`` seconds, once file ``gate`` exists (if given).
+
+    A build that starts reading adds a line to ``log``.
+    """
     with open(log, "a") as fh:
         fh.write(f"{os.getpid()}\n")
+    deadline = time.monotonic() + 60  # a builder left behind by a test run that was stopped does not linger
+    while gate is not None and not gate.exists():
+        assert time.monotonic() < deadline, "the gate was never opened"
+        time.sleep(0.01)
     for name in sorted(TEXTS):
-        time.sleep(delay)
+        time.sleep(DELAY)
         yield name, TEXTS[name].encode()
 
 
-def build(path: Path, log: Path):
-    return build_cache(str(path), slow_documents(log), load_tokenizer("bytes"), meta={"key": "k"}, val_fraction=0.2,
-                       seed=0)
+def build(path: Path, log: Path, gate: Path | None = None):
+    return build_cache(str(path), slow_documents(log, gate), load_tokenizer("bytes"), meta={"key": "k"},
+                       val_fraction=0.2, seed=0)
 
 
-def reference_files(tmp_path: Path) -> dict[str, bytes]:
-    """The files a single builder writes, alone, into a folder of its own."""
-    build(tmp_path / "reference" / "cache", tmp_path / "reference.log")
-    return cache_files(tmp_path / "reference" / "cache")
-
-
-def cache_files(path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+def check_corpus(corpus) -> None:
+    """``corpus`` holds every document once, byte-level tokenised: its start token, then its UTF-8 bytes."""
+    assert sorted(corpus.documents(0) + corpus.documents(1)) == sorted(TEXTS)
+    for split, stream in ((0, corpus.train), (1, corpus.val)):
+        text = np.frombuffer(b"".join(b"\0" + TEXTS[n].encode() for n in corpus.documents(split)), dtype=np.uint8)
+        expected = np.where(text == 0, BOS_ID, text.astype(np.uint16))  # the texts hold no NUL byte
+        assert np.array_equal(np.asarray(stream), expected)
 
 
 def builds(log: Path) -> int:
@@ -66,13 +74,15 @@ def dead_pid() -> int:
     return child.pid
 
 
-def _builder(path, log, start=None, host=None, pid=None):
+def _builder(path, log, start=None, host=None, pid=None, gate=None):
     if host is not None:  # a builder on another machine: another hostname, a pid that means nothing here
         socket.gethostname = lambda: host
         os.getpid = lambda: pid
     if start is not None:
-        start.wait()
-    build(path, log)
+        assert start.wait(timeout=60)
+    corpus = build(path, log, gate)
+    assert corpus.path == str(path)
+    check_corpus(corpus)
 
 
 def start_builder(path, log, **kwargs):
@@ -93,7 +103,6 @@ def in_progress(path: Path) -> list[Path]:
 
 
 def test_builders_started_together_build_once_and_readers_never_see_the_cache_replaced(tmp_path):
-    expected = reference_files(tmp_path)
     path, log = tmp_path / "shared" / "cache", tmp_path / "builds.log"
     start = FORK.Event()
     children = [start_builder(path, log, start=start) for _ in range(3)]
@@ -111,20 +120,26 @@ def test_builders_started_together_build_once_and_readers_never_see_the_cache_re
     assert [c.exitcode for c in children] == [0, 0, 0]
     assert errors == [] and len(seen) == 1  # the finished cache was never removed or replaced
     assert builds(log) == 1  # one builder built; the others waited and opened its cache
-    assert cache_files(path) == expected
+    check_corpus(open_cache(str(path), {"key": "k"}))
     assert sorted(p.name for p in path.parent.iterdir()) == ["cache"]  # no lock or temporary folder left
 
 
-def test_builder_on_another_host_keeps_its_folder_and_the_local_builder_waits_for_it(tmp_path):
-    expected = reference_files(tmp_path)
-    path, log = tmp_path / "shared" / "cache", tmp_path / "builds.log"
-    remote = start_builder(path, log, host="node-b", pid=dead_pid())
+def open_later(gate: Path, seconds: float = 1.0) -> None:
+    """Let builders held at ``gate`` go on in ``seconds``, while this process is busy."""
+    threading.Timer(seconds, gate.touch).start()
+
+
+def test_builder_on_another_host_keeps_its_folder_and_the_local_builder_waits_for_it(tmp_path, capfd):
+    path, log, gate = tmp_path / "shared" / "cache", tmp_path / "builds.log", tmp_path / "gate"
+    remote = start_builder(path, log, host="node-b", pid=dead_pid(), gate=gate)
     wait_for(lambda: in_progress(path), "the other host's build to start")
+    open_later(gate)
     local = build(path, log)  # must neither delete the other host's folder nor build a second copy
     remote.join()
     assert remote.exitcode == 0  # its folder was left alone
     assert builds(log) == 1
-    assert cache_files(path) == expected and cache_files(Path(local.path)) == expected
+    check_corpus(local)
+    assert f"token cache {path}: waiting for host node-b pid" in capfd.readouterr().err
 
 
 def _unshare_pid_namespace() -> bool:
@@ -138,7 +153,7 @@ def _first_free_pid() -> int:
     return next(pid for pid in range(2, 1 << 22) if not os.path.exists(f"/proc/{pid}"))
 
 
-def _namespaced_builder(path, log, report):
+def _namespaced_builder(path, log, report, gate):
     """Build in a new PID namespace, as a pid that no process here has (when that is cheap to reach)."""
     target = min(_first_free_pid(), 5000)
     if not _unshare_pid_namespace():
@@ -152,7 +167,7 @@ def _namespaced_builder(path, log, report):
                 if os.getpid() >= target:
                     report.write_text(f"{os.getpid()} {os.readlink('/proc/self/ns/pid')}")
                     try:
-                        build(path, log)
+                        build(path, log, gate)
                     except BaseException:
                         traceback.print_exc()
                         code = 1
@@ -165,49 +180,56 @@ def _namespaced_builder(path, log, report):
 
 
 def test_builder_in_another_pid_namespace_keeps_its_folder(tmp_path):
-    expected = reference_files(tmp_path)
     path, log, report = tmp_path / "shared" / "cache", tmp_path / "builds.log", tmp_path / "namespaced.txt"
-    other = FORK.Process(target=_namespaced_builder, args=(path, log, report))
+    gate = tmp_path / "gate"
+    other = FORK.Process(target=_namespaced_builder, args=(path, log, report, gate))
     other.start()
     wait_for(lambda: in_progress(path) or not other.is_alive(), "the namespaced build to start")
     if not other.is_alive() and other.exitcode == 77:
         pytest.skip("this kernel or container refuses a new PID namespace")
     pid, namespace = report.read_text().split()
     assert namespace != os.readlink("/proc/self/ns/pid")
+    open_later(gate)
     local = build(path, log)
     other.join()
     assert other.exitcode == 0, f"the builder in the other namespace (pid {pid} there) failed"
     assert builds(log) == 1
-    assert cache_files(Path(local.path)) == expected
+    check_corpus(local)
 
 
-def test_killed_builder_on_another_host_is_taken_over_once_its_heartbeat_is_stale(tmp_path, monkeypatch, capfd):
+def test_killed_builder_on_another_host_is_taken_over_once_when_its_heartbeat_is_stale(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("LIGHTNING_MOE_CACHE_STALE_AFTER", "1.5")
-    expected = reference_files(tmp_path)
     path, log = tmp_path / "shared" / "cache", tmp_path / "builds.log"
-    remote = start_builder(path, log, host="node-b", pid=dead_pid())
+    remote = start_builder(path, log, host="node-b", pid=dead_pid(), gate=tmp_path / "never")
     wait_for(lambda: in_progress(path), "the other host's build to start")
     os.kill(remote.pid, signal.SIGKILL)
     remote.join()
     capfd.readouterr()
-    build(path, log)
+    start = FORK.Event()
+    local = [start_builder(path, log, start=start) for _ in range(2)]  # both find the lock stale at about once
+    start.set()
+    for child in local:
+        child.join()
     err = capfd.readouterr().err
-    # Its process cannot be checked from here: only the stopped heartbeat shows it is gone.
-    assert "waiting" in err and "node-b" in err
-    assert "no heartbeat" in err
-    assert builds(log) == 2
-    assert cache_files(path) == expected
-    assert sorted(p.name for p in path.parent.iterdir()) == ["cache"]  # its temporary folder and lock removed
+    assert [c.exitcode for c in local] == [0, 0]
+    # Its pid names no process here, but that says nothing about a process on another host:
+    # only its stopped heartbeat shows it is gone.
+    assert err.count("took over the build lock of host node-b") == 1
+    assert "no heartbeat for" in err and "process has ended" not in err
+    assert builds(log) == 2  # the killed build and one more
+    check_corpus(open_cache(str(path), {"key": "k"}))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["cache"]  # its lock and temporary folder removed
 
 
 def test_waiting_gives_up_after_the_timeout_naming_the_builder(tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTNING_MOE_CACHE_LOCK_TIMEOUT", "0.3")
-    path, log = tmp_path / "shared" / "cache", tmp_path / "builds.log"
-    remote = start_builder(path, log, host="node-b", pid=dead_pid())
+    path, log, gate = tmp_path / "shared" / "cache", tmp_path / "builds.log", tmp_path / "gate"
+    remote = start_builder(path, log, host="node-b", pid=dead_pid(), gate=gate)
     wait_for(lambda: in_progress(path), "the other host's build to start")
     with pytest.raises(TimeoutError, match=r"node-b.*LIGHTNING_MOE_CACHE_LOCK_TIMEOUT") as caught:
         build(path, log)
     assert "\n" not in str(caught.value)
+    gate.touch()
     remote.join()
     assert remote.exitcode == 0 and builds(log) == 1
     assert sorted(p.name for p in path.parent.iterdir()) == ["cache"]  # the waiter left nothing behind

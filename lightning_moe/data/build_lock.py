@@ -32,6 +32,7 @@ day) with an error naming the holder.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -71,7 +72,6 @@ class Owner:
     pid: int
     start_time: int | None  # in clock ticks after boot: tells the owner from a later process given its pid
     token: str
-    since: float  # time.time() when the entry was made, for messages only
 
     def describe(self) -> str:
         return f"host {self.host} pid {self.pid}"
@@ -89,7 +89,6 @@ def current_owner(token: str) -> Owner:
         pid=pid,
         start_time=_start_time("self") if proc_is_ours else None,
         token=token,
-        since=time.time(),
     )
 
 
@@ -220,7 +219,8 @@ class BuildLock:
     """
 
     def __init__(self, path: str, *, stale_after: float | None = None, timeout: float | None = None) -> None:
-        self.parent, self.base = os.path.split(os.path.abspath(path))
+        self.path = os.path.abspath(path)
+        self.parent, self.base = os.path.split(self.path)
         self.stale_after = stale_after if stale_after is not None else seconds_from_env(STALE_ENV, STALE_AFTER)
         self.timeout = timeout if timeout is not None else seconds_from_env(TIMEOUT_ENV, LOCK_TIMEOUT)
         self.lock = self._entry("lock")
@@ -262,7 +262,8 @@ class BuildLock:
             try:
                 os.rename(waiting, self.lock)  # fails while another (non-empty) lock folder is there
                 return
-            except OSError:
+            except OSError as err:
+                failure = err
                 if self._holder() == self.token:  # NFS: a retried rename that had already succeeded
                     return
                 if not os.path.isdir(waiting):  # deleted by a holder that wrongly judged this waiter gone
@@ -271,23 +272,25 @@ class BuildLock:
             try:
                 holder, heartbeat = _read_entry(self.lock)
             except FileNotFoundError:
-                continue  # released meanwhile: take it now
+                if failure.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    continue  # released since: take it now
+                raise failure from None
             age = _touch(waiting) - heartbeat
             gone = self._gone(holder, age)
             if gone:
-                self._remove_lock(holder.token if holder else None)
-                print(f"token cache {self.base}: took over the build lock of {self._who(holder)}: {gone}",
-                      file=sys.stderr, flush=True)
+                if self._remove_lock(holder.token if holder else None):
+                    print(f"token cache {self.path}: took over the build lock of {self._who(holder)}: {gone}",
+                          file=sys.stderr, flush=True)
                 continue
             waited = time.monotonic() - start
             if waited > self.timeout:
                 raise CacheLockTimeout(
-                    f"token cache {os.path.join(self.parent, self.base)}: {self._who(holder)} has been building"
+                    f"token cache {self.path}: {self._who(holder)} has been building"
                     f" it for longer than the {self.timeout:g} s this process waits (heartbeat {age:.0f} s ago);"
                     f" wait for it, or if no such build runs delete {self.lock}, or set {TIMEOUT_ENV}"
                 )
             if waited - reported >= _REPORT_EVERY:
-                print(f"token cache {self.base}: waiting for {self._who(holder)} to finish building it"
+                print(f"token cache {self.path}: waiting for {self._who(holder)} to finish building it"
                       f" (heartbeat {age:.0f} s ago; waited {waited:.0f} s)", file=sys.stderr, flush=True)
                 reported = waited
             time.sleep(min(poll, self.timeout - waited + 0.01))
@@ -312,21 +315,22 @@ class BuildLock:
             return None
         return owner.token if owner else None
 
-    def _remove_lock(self, token: str | None) -> None:
-        """Delete the lock if it is still ``token``'s: moved aside first, so only one remover gets it."""
+    def _remove_lock(self, token: str | None) -> bool:
+        """Delete the lock if it is still ``token``'s (moved aside first, so only one remover gets it)."""
         gone = self._entry("gone", self.token)
         try:
             os.rename(self.lock, gone)
         except FileNotFoundError:
-            return
+            return False
         owner, _ = _read_entry(gone)
         if (owner.token if owner else None) != token:  # a newer lock, made after the check: put it back
             try:
                 os.rename(gone, self.lock)
-                return
+                return False
             except OSError:
                 pass  # yet another one took its place; that build's folder stays safe, its lock is lost
         shutil.rmtree(gone, ignore_errors=True)
+        return True
 
     def release(self) -> None:
         """Stop the heartbeat and delete the lock (when it is still this builder's)."""
@@ -338,9 +342,9 @@ class BuildLock:
 
     # ----------------------------------------------------------------- while holding it
 
-    def new_folder(self, kind: str = "tmp") -> str:
-        """A new entry folder of this builder (kind ``tmp`` or ``gone``), kept alive by its heartbeat."""
-        folder = self._entry(kind, self.token)
+    def new_folder(self) -> str:
+        """A folder to build in (``.<base>.tmp-<token>``), kept alive by this builder's heartbeat."""
+        folder = self._entry("tmp", self.token)
         _make_entry(folder, self.owner)
         self._heartbeat.folders.insert(0, folder)
         self._heartbeat.beat()
@@ -353,8 +357,8 @@ class BuildLock:
         shutil.rmtree(gone, ignore_errors=True)
 
     def remove_abandoned(self) -> None:
-        """Delete the entries of this cache (builds, waiters) whose owners are gone."""
-        now = _touch(self.lock)
+        """Delete the entries of this cache (builds, waiters) whose owners are gone; after :meth:`new_folder`."""
+        now = _touch(self._entry("tmp", self.token))  # the file system's clock, as the heartbeats are
         for name in os.listdir(self.parent):
             if not self._entries.fullmatch(name) or name.endswith(self.token):
                 continue

@@ -286,9 +286,9 @@ def build_cache(
                 return open_cache(path, {"key": meta["key"]})  # finished by the builder this one waited for
             except CacheDamaged:
                 lock.set_aside(path)  # checked under the lock: no builder is writing it
-        lock.remove_abandoned()
         tmp = lock.new_folder()
         try:
+            lock.remove_abandoned()
             _write(tmp, documents, tokenizer, meta, val_fraction, seed, num_proc, max_tokens, shard_tokens)
             lock.finish(tmp)
             try:
