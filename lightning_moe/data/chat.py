@@ -117,14 +117,18 @@ def messages_of(example: dict[str, Any], field: str) -> list[dict[str, str]]:
 
 
 def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of the rendered conversation and, per token, whether it is an assistant token."""
+    """Token ids of the rendered conversation and, per token, whether it is an assistant token.
+
+    Raises :class:`EmptyAssistantTurn` or :class:`TemplateRejected` for an example to skip, and
+    ``ConfigError`` for a template that is not Jinja or whose assistant turns cannot be found.
+    """
     for i, message in enumerate(messages):
         if message["role"] == "assistant" and not message["content"].strip():
             raise EmptyAssistantTurn(f"assistant message {i} is empty")
-    text = _render(tokenizer, messages)
     if _GENERATION_MARKER.search(tokenizer.chat_template or ""):
-        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        out = _render(tokenizer, messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         return np.asarray(out["input_ids"], dtype=np.int64), np.asarray(out["assistant_masks"], dtype=bool)
+    text = _render(tokenizer, messages, tokenize=False)
     spans = assistant_spans(tokenizer, messages, text)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
@@ -134,12 +138,12 @@ def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[np.nd
     return np.asarray(encoding["input_ids"], dtype=np.int64), mask
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """The conversation as the template renders it; :class:`TemplateRejected` when the template raises."""
+def _render(tokenizer: Any, messages: list[dict[str, str]], **kwargs: Any) -> Any:
+    """``apply_chat_template(messages, **kwargs)``; :class:`TemplateRejected` when the template raises."""
     import jinja2
 
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False)
+        return tokenizer.apply_chat_template(messages, **kwargs)
     except jinja2.TemplateSyntaxError as err:
         raise ConfigError(f"data.chat_template is not a valid Jinja template: {err.message} (line {err.lineno})") from None
     except jinja2.TemplateError as err:
