@@ -207,3 +207,21 @@ def test_deepseek_v2_group_limited_greedy_is_refused_and_greedy_converts():
     from_hf(model)
     ids = input_ids()
     assert (eval_logits(model, ids) - eval_logits(original, ids)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "ernie4_5_moe"])
+def test_meta_init_fills_the_selection_bias_from_the_checkpoint(family, tmp_path):
+    """Built on meta and filled tensor by tensor, the layers route with the checkpoint's bias ([E] or [1, E])."""
+    from lightning_moe.hf.module import HFMoELanguageModel
+
+    make_model(family).save_pretrained(tmp_path)
+    module = HFMoELanguageModel(pretrained=str(tmp_path), estimator="topk", meta_init=True, attn_implementation="eager")
+    module.configure_model()
+    saved = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    layers = [m for m in module.model.modules() if isinstance(m, MoELayer)]
+    biases = list(selection_biases(saved).values())
+    assert len(layers) == len(biases)
+    for layer, bias in zip(layers, biases):
+        assert layer.use_selection_bias and torch.equal(layer.selection_bias, bias.detach().reshape(-1))
+    ids = input_ids(4)
+    torch.testing.assert_close(module.eval()(ids), eval_logits(saved, ids), rtol=1e-5, atol=1e-5)

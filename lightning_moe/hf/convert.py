@@ -288,7 +288,8 @@ def _router_records(
 def hf_tensor_names(model: nn.Module) -> dict[str, tuple[str | None, bool]]:
     """For each parameter and buffer name of a model converted by :func:`from_hf`: the name of the
     same tensor in the Hugging Face model (``None``: ``MoELayer`` state with no counterpart there),
-    and whether the two layouts are transposes of each other (the experts, dims 1 and 2).
+    and whether the two layouts are transposes of each other (the experts, dims 1 and 2). A
+    family's selection bias may differ in shape only ([E] here, [1, E] in ERNIE-4.5).
 
     Both layouts keep the expert index first, so a slice of experts is the same slice in both.
     """
@@ -303,6 +304,9 @@ def hf_tensor_names(model: nn.Module) -> dict[str, tuple[str | None, bool]]:
             names[name] = (f"{prefix}.{block.spec.router_name}.weight", False)
         elif rest in ("experts.w1", "experts.w2"):
             names[name] = (f"{prefix}.experts.{'gate_up_proj' if rest.endswith('w1') else 'down_proj'}", True)
+        elif rest == "selection_bias" and block.spec.selection_bias is not None:
+            # The family's e_score_correction_bias: [E] ([1, E] in ERNIE-4.5, same values in the same order).
+            names[name] = (f"{prefix}.{block.spec.router_name}.{block.spec.selection_bias}", False)
         else:
             names[name] = (None, False)
     return names

@@ -235,6 +235,8 @@ def fill_from_checkpoint(model: nn.Module, hf_plan: dict[str, Source], folder: s
             value = hf_plan[hf_name].read(files, start, stop)
             if transposed:
                 value = value.transpose(1, 2)
+            elif value.shape != local.shape and value.numel() == local.numel() and start is None:
+                value = value.reshape(local.shape)  # a selection bias: [1, E] in ERNIE-4.5, [E] in MoELayer
             if value.shape != local.shape:
                 raise ConfigError(
                     f"checkpoint tensor {hf_name} has shape {tuple(value.shape)}, the model expects"
