@@ -56,8 +56,11 @@ REASONING = r"""
 """
 
 # Every turn ends in <|end|>; the conversation ends in the EOS, which a prefix never has at that place.
+# An empty system message is left out.
 EOS_AT_END = r"""
-{%- for m in messages -%}{{- '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' -}}{%- endfor -%}
+{%- for m in messages -%}{%- if m['role'] != 'system' or m['content'] -%}
+  {{- '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' -}}
+{%- endif -%}{%- endfor -%}
 {%- if add_generation_prompt -%}{{- '<|assistant|>\n' -}}{%- else -%}{{- eos_token -}}{%- endif -%}
 """
 
@@ -208,6 +211,13 @@ def test_reasoning_is_kept_on_every_turn_after_the_last_user_turn(tok):
     assert supervised_runs(tok, ids, mask) == [
         f"<think>\n{thought(k)}\n</think>\n\n{answer(k)}{END}" for k in (1, 2)
     ]
+
+
+def test_an_empty_message_the_template_leaves_out_is_left_out_of_the_placeholder_render_too(tok):
+    tok.chat_template = EOS_AT_END
+    messages = [{"role": "system", "content": ""}] + conversation(2, False, answer)
+    ids, mask = tokenize_chat(tok, messages)
+    assert supervised_runs(tok, ids, mask) == [answer(k) + "<|end|>" for k in (1, 2)]
 
 
 def test_content_that_repeats_the_templates_own_text_is_found_in_place(tok):

@@ -135,7 +135,8 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], text: str) -
     """
     turns = template_turns(tokenizer)
     tag = _free_tag(text, messages)
-    placeholders = [{**m, "content": sentinel(tag, i)} for i, m in enumerate(messages)]
+    # An empty content stays empty: templates that skip empty messages (Phi-3.5's system) must skip them here too.
+    placeholders = [{**m, "content": sentinel(tag, i) if m["content"] else ""} for i, m in enumerate(messages)]
     try:
         shape = tokenizer.apply_chat_template(placeholders, tokenize=False)
     except Exception as err:  # noqa: BLE001 - the template reads the contents themselves
