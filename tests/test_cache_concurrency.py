@@ -221,6 +221,23 @@ def test_killed_builder_on_another_host_is_taken_over_once_when_its_heartbeat_is
     assert sorted(p.name for p in path.parent.iterdir()) == ["cache"]  # its lock and temporary folder removed
 
 
+def test_killed_builder_here_is_taken_over_at_once_even_before_it_is_reaped(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("LIGHTNING_MOE_CACHE_LOCK_TIMEOUT", "30")  # far below the heartbeat's stale time
+    path, log = tmp_path / "shared" / "cache", tmp_path / "builds.log"
+    child = start_builder(path, log, gate=tmp_path / "never")
+    wait_for(lambda: in_progress(path), "the build to start")
+    os.kill(child.pid, signal.SIGKILL)
+    # Not joined: a zombie still answers kill(pid, 0), as a killed builder whose launcher has not reaped it does.
+    wait_for(lambda: Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z", "a zombie")
+    check_corpus(build(path, log))
+    assert f"took over the build lock of host {socket.gethostname()} pid {child.pid}: its process has ended" in (
+        capfd.readouterr().err
+    )
+    child.join()
+    assert builds(log) == 2
+    assert sorted(p.name for p in path.parent.iterdir()) == ["cache"]
+
+
 def test_waiting_gives_up_after_the_timeout_naming_the_builder(tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTNING_MOE_CACHE_LOCK_TIMEOUT", "0.3")
     path, log, gate = tmp_path / "shared" / "cache", tmp_path / "builds.log", tmp_path / "gate"

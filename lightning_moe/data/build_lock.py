@@ -80,14 +80,14 @@ class Owner:
 def current_owner(token: str) -> Owner:
     pid = os.getpid()
     # /proc describes this process's PID namespace only when it was mounted in it (a
-    # namespace made without remounting /proc sees the parent's): then its numbers are not ours.
-    proc_is_ours = _read("/proc/self/stat") is not None and os.readlink("/proc/self") == str(pid)
+    # namespace made without remounting /proc sees the parent's, whose pids are not ours).
+    stat = _proc_stat(pid) if _readlink("/proc/self") == str(pid) else None
     return Owner(
         host=socket.gethostname(),
         boot_id=_read("/proc/sys/kernel/random/boot_id"),
         pid_ns=_readlink("/proc/self/ns/pid"),
         pid=pid,
-        start_time=_start_time("self") if proc_is_ours else None,
+        start_time=stat[1] if stat else None,
         token=token,
     )
 
@@ -103,19 +103,20 @@ def _alive_here(owner: Owner, me: Owner) -> bool | None:
     except ProcessLookupError:
         return False
     except PermissionError:
-        pass  # someone else's process holds the pid
+        pass  # another user's process has the pid
     if owner.start_time is None or me.start_time is None:
         return None  # a process has the pid; whether it is the owner cannot be checked
-    stat = _read(f"/proc/{owner.pid}/stat")
-    if stat is None:
-        return False
-    fields = stat.rsplit(")", 1)[1].split()
-    return fields[0] != "Z" and int(fields[19]) == owner.start_time  # stat fields 3 (state) and 22
+    stat = _proc_stat(owner.pid)
+    return stat is not None and stat[0] != "Z" and stat[1] == owner.start_time  # a zombie has ended
 
 
-def _start_time(pid: str) -> int | None:
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """State and start time (clock ticks after boot) of process ``pid``: fields 3 and 22 of its stat."""
     stat = _read(f"/proc/{pid}/stat")
-    return None if stat is None else int(stat.rsplit(")", 1)[1].split()[19])
+    if stat is None:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return fields[0], int(fields[19])
 
 
 def _read(path: str) -> str | None:
