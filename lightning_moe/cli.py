@@ -76,28 +76,40 @@ def _load_model(checkpoint: str, cls: type) -> Any:
         return cls.load_from_checkpoint(checkpoint, map_location="cpu")
 
 
-def export(checkpoint: str, output: str | None = None, tokenizer: str | None = None, overwrite: bool = False) -> None:
+def export(
+    checkpoint: str,
+    output: str | None = None,
+    tokenizer: str | None = None,
+    overwrite: bool = False,
+    max_shard_size: str = "5GB",
+) -> None:
     """Write a post-trained Hugging Face model's checkpoint as an ordinary Hugging Face folder.
 
     The folder (weights, config, tokenizer) loads with ``AutoModelForCausalLM.from_pretrained``
     and ``AutoTokenizer.from_pretrained`` without lightning-moe. The checkpoint carries the
-    model's config and tokenizer, so the base model is not needed (it may have moved).
+    model's config and tokenizer, so the base model is not needed (it may have moved). The
+    weights are streamed, one tensor at a time, into safetensors shards with an index.
 
     Args:
-        checkpoint: a ``.ckpt`` of ``HFMoELanguageModel`` written by ``lightning-moe fit``.
+        checkpoint: a ``.ckpt`` of ``HFMoELanguageModel`` written by ``lightning-moe fit``, or the
+            folder of a distributed checkpoint (ModelParallelStrategy's save_distributed_checkpoint).
         output: the folder to write (required): new or empty, unless --overwrite; never the
             base model's folder. It is written beside and renamed into place when complete.
         tokenizer: where the tokenizer to save comes from (default: the model's own).
         overwrite: replace a non-empty output folder, everything in it.
+        max_shard_size: the largest safetensors file to write (``5GB``, ``500MB``, or bytes).
     """
     if output is None:
         raise ConfigError("export needs --output DIR: the folder to write the Hugging Face model to")
+    from lightning_moe.hf.checkpoint_io import is_distributed_checkpoint, parse_size
     from lightning_moe.hf.export import export_checkpoint
     from lightning_moe.hf.module import HFMoELanguageModel
 
-    if check_checkpoint(checkpoint, "checkpoint") is not HFMoELanguageModel:
+    parse_size(max_shard_size)  # a bad size fails before the checkpoint is read
+    # A distributed checkpoint (a folder) is checked by export_checkpoint itself, as it reads it.
+    if not is_distributed_checkpoint(checkpoint) and check_checkpoint(checkpoint, "checkpoint") is not HFMoELanguageModel:
         raise ConfigError(f"checkpoint={checkpoint!r} is not of HFMoELanguageModel; only those export to Hugging Face")
-    print(export_checkpoint(checkpoint, output, tokenizer, overwrite=overwrite))
+    print(export_checkpoint(checkpoint, output, tokenizer, overwrite=overwrite, max_shard_size=max_shard_size))
 
 
 # --------------------------------------------------------------------------- the command

@@ -141,13 +141,13 @@ def test_a_failed_export_leaves_no_half_written_folder(tmp_path, trained, capsys
     export(checkpoint, "--output", output)
     before = folder_bytes(output)
 
-    save_model = transformers.PreTrainedModel.save_pretrained
+    save_config = transformers.PretrainedConfig.save_pretrained  # written after the weights
 
     def disk_full_after_the_weights(self, *args, **kwargs):
-        save_model(self, *args, **kwargs)
+        save_config(self, *args, **kwargs)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", disk_full_after_the_weights)
+    monkeypatch.setattr(transformers.PretrainedConfig, "save_pretrained", disk_full_after_the_weights)
     with pytest.raises(OSError, match="No space left"):
         export(checkpoint, "--output", output, "--overwrite", "true")
     assert folder_bytes(output) == before  # the previous export, whole

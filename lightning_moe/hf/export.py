@@ -7,19 +7,28 @@ place when complete, so a failed export leaves it as it was.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
-
 from lightning_moe.data.tokenizers import load_transformers_tokenizer
 from lightning_moe.errors import ConfigError
-from lightning_moe.hf.convert import to_hf
-from lightning_moe.hf.module import HFMoELanguageModel
+from lightning_moe.hf.checkpoint_io import (
+    DEFAULT_MAX_SHARD_SIZE,
+    MODEL_PREFIX,
+    CheckpointTensors,
+    ShardWriter,
+    parse_size,
+)
+from lightning_moe.hf.convert import from_hf, hf_tensor_names, to_hf
+from lightning_moe.hf.loading import STORED_MODEL
+from lightning_moe.hf.module import HFMoELanguageModel, write_files
+from lightning_moe.hf.weights import parameters_on_meta
 
 
 def _overlap(path: str, folder: str) -> str | None:
@@ -131,17 +140,98 @@ def export_pretrained(
     return output
 
 
-def export_checkpoint(checkpoint: str, output: str, tokenizer: str | None = None, overwrite: bool = False) -> str:
-    """:func:`export_pretrained` of a checkpoint of :class:`HFMoELanguageModel` (``lightning-moe export``).
+def stream_export(source: CheckpointTensors, output: str, tokenizer: str | None, max_bytes: int) -> str:
+    """Write the model of ``source`` (a checkpoint that carries its model's config) to ``output``
+    as :func:`export_pretrained` would, reading and writing one tensor at a time.
 
-    The output folder is checked before the model is loaded, so a refusal comes at once.
+    The Hugging Face model is built on the meta device from the stored config (no weights), so
+    the names, tied weights and checkpoint layout ``save_pretrained`` would write (per-expert
+    tensors where the family's released checkpoints have them) come from ``transformers``
+    itself; each of our tensors is read, transposed back to the Hugging Face expert layout and
+    added to the current shard (:class:`~lightning_moe.hf.checkpoint_io.ShardWriter`).
+    """
+    import transformers
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    stored = source.stored
+    tok = None if tokenizer is None else load_transformers_tokenizer(os.fspath(tokenizer), field="tokenizer")
+    config = CONFIG_MAPPING[stored["config"]["model_type"]].from_dict(stored["config"])
+    with parameters_on_meta():
+        hf_model = transformers.AutoModelForCausalLM.from_config(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the family's own routing: nothing to warn about
+        ours = hf_tensor_names(from_hf(copy.deepcopy(hf_model)))
+    persistent = set(hf_model.state_dict(keep_vars=True))
+    first_name: dict[int, str] = {}
+    for name, param in hf_model.named_parameters(remove_duplicate=False):
+        first_name.setdefault(id(param), name)
+    tied = {name for name, param in hf_model.named_parameters(remove_duplicate=False) if first_name[id(param)] != name}
+    _warn_dropped(source, ours)
+    dtype = None
+    with _replaced_whole(output) as folder:
+        writer = ShardWriter(folder, max_bytes)
+        for name, (hf_name, transposed) in ours.items():
+            if hf_name is None or hf_name in tied or hf_name not in persistent:
+                continue
+            if name not in source.shapes:
+                raise ConfigError(f"checkpoint={source.path!r} has no tensor {MODEL_PREFIX}{name}; it is not of this model")
+            tensor = source.get(name)
+            tensor = tensor.transpose(1, 2) if transposed else tensor
+            dtype = dtype or (tensor.dtype if tensor.is_floating_point() else None)
+            for key, value in revert_weight_conversion(hf_model, {hf_name: tensor}).items():
+                writer.add(key, value)
+            del tensor
+        writer.close()
+        config.use_cache = True
+        config.architectures = [type(hf_model).__name__]
+        if dtype is not None:
+            config.dtype = dtype
+        config.save_pretrained(folder)
+        if stored.get("generation_config"):
+            transformers.GenerationConfig.from_dict(stored["generation_config"]).save_pretrained(folder)
+        if tok is not None:
+            tok.save_pretrained(folder)
+        elif stored.get("tokenizer"):
+            write_files(folder, stored["tokenizer"])
+    return output
+
+
+def _warn_dropped(source: CheckpointTensors, ours: dict[str, tuple[str | None, bool]]) -> None:
+    """Warn, as :func:`~lightning_moe.hf.to_hf` does, when state the Hugging Face format has no place for was in use."""
+    biases = [name for name, (hf_name, _) in ours.items() if hf_name is None and name.endswith("moe.selection_bias")]
+    if any(name in source.shapes and bool(source.get(name).any()) for name in biases):
+        warnings.warn("the model has no place for the aux-loss-free selection bias; not exported", stacklevel=3)
+
+
+def export_checkpoint(
+    checkpoint: str,
+    output: str,
+    tokenizer: str | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> str:
+    """Write a checkpoint of :class:`HFMoELanguageModel` as a Hugging Face folder (``lightning-moe export``).
+
+    ``checkpoint``: a ``.ckpt`` file, or the folder of a distributed checkpoint (``ModelParallelStrategy``
+    with ``save_distributed_checkpoint``). A checkpoint that carries its model (:data:`~lightning_moe.hf.loading.STORED_MODEL`)
+    is streamed: tensor by tensor into safetensors shards of at most ``max_shard_size`` (bytes, or
+    ``"5GB"``, ``"500MB"``), never the whole model in memory, the optimizer state never read
+    (:func:`stream_export`). An older ``.ckpt`` without it loads whole and goes through
+    :func:`export_pretrained`. The output folder is checked first, so a refusal comes at once.
     """
     from lightning_moe.checkpointing import damaged_checkpoint_errors
 
+    shard_bytes = parse_size(max_shard_size)
     with damaged_checkpoint_errors(checkpoint):
-        hparams = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters")
-    pretrained = (hparams or {}).get("pretrained")
+        source = CheckpointTensors.open(checkpoint)
+    pretrained = source.hyper_parameters.get("pretrained")
     check_export_output(output, overwrite, pretrained, keep=(checkpoint,))
+    if source.stored is not None:
+        with damaged_checkpoint_errors(checkpoint):
+            return stream_export(source, output, tokenizer, shard_bytes)
+    if source.distributed:
+        raise ConfigError(f"checkpoint={checkpoint!r} carries no model config ({STORED_MODEL}); it cannot be exported")
     with damaged_checkpoint_errors(checkpoint):
         module = HFMoELanguageModel.load_from_checkpoint(checkpoint, map_location="cpu")
     return export_pretrained(module, output, tokenizer, overwrite=overwrite, keep=(checkpoint,))

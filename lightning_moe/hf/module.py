@@ -210,7 +210,7 @@ class HFMoELanguageModel(CausalLMTraining):
         :attr:`tokenizer_source`; ``None`` for a model built from a config."""
         if self._stored_tokenizer:
             with tempfile.TemporaryDirectory() as folder:
-                _write_files(folder, self._stored_tokenizer)
+                write_files(folder, self._stored_tokenizer)
                 return load_transformers_tokenizer(folder, field="the checkpoint's tokenizer")
         if self.tokenizer_source is None:
             return None
@@ -361,7 +361,7 @@ class HFMoELanguageModel(CausalLMTraining):
         return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
-def _write_files(folder: str, files: dict[str, bytes]) -> None:
+def write_files(folder: str, files: dict[str, bytes]) -> None:
     for name, data in files.items():
         if os.path.basename(name) != name or name in ("", ".", ".."):
             raise ConfigError(f"the checkpoint's tokenizer has a file named {name!r}, not a plain file name")
