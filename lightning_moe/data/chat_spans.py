@@ -221,7 +221,8 @@ def _map_back(text: str, literals: list[str], slots: list[int], messages: list[d
                     i = slots[k - 1] if k else slots[0] if slots else 0
                     raise ConfigError(
                         f"data.chat_template: the template's text {piece!r:.40} near message {i} is missing from"
-                        f" its render of the conversation, so the assistant turns cannot be found; {_REFUSAL_HINT}"
+                        " its render of the conversation (it writes its own text differently for these contents),"
+                        " so the assistant turns cannot be found; use a template with {% generation %} markers"
                     )
                 position = found + len(piece)
             offset += len(piece)
