@@ -125,7 +125,7 @@ def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[np.nd
     for i, message in enumerate(messages):
         if message["role"] == "assistant" and not message["content"].strip():
             raise EmptyAssistantTurn(f"assistant message {i} is empty")
-    if _GENERATION_MARKER.search(tokenizer.chat_template or ""):
+    if _GENERATION_MARKER.search(str(tokenizer.chat_template or "")):
         out = _render(tokenizer, messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         return np.asarray(out["input_ids"], dtype=np.int64), np.asarray(out["assistant_masks"], dtype=bool)
     text = _render(tokenizer, messages, tokenize=False)

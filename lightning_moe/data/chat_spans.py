@@ -80,7 +80,8 @@ def template_turns(tokenizer: Any) -> TemplateTurns:
     # Only added tokens the template can write (its own text, or a special token it reads as a variable such as
     # eos_token): tokenizers with thousands of reserved tokens would otherwise make every split slow.
     specials = set(getattr(tokenizer, "all_special_tokens", ()))
-    tokens = sorted((t for t in tokenizer.get_added_vocab() if t and (t in template or t in specials)), key=len,
+    text = str(template or "")  # a dict of named templates holds its texts in its str
+    tokens = sorted((t for t in tokenizer.get_added_vocab() if t and (t in text or t in specials)), key=len,
                     reverse=True)
     splitter = re.compile("|".join([re.escape(t) for t in tokens] + [r"\s+"]))
     turns = TemplateTurns(*_probe(tokenizer, splitter), splitter)
