@@ -238,6 +238,20 @@ def test_killed_builder_here_is_taken_over_at_once_even_before_it_is_reaped(tmp_
     assert sorted(p.name for p in path.parent.iterdir()) == ["cache"]
 
 
+def test_unowned_temporary_folders_are_removed_only_once_old(tmp_path, monkeypatch):
+    # Folders with no owner record (left by an earlier version, named .<cache>.tmp-<pid>-<hex>):
+    # their age is all there is to go by.
+    monkeypatch.setenv("LIGHTNING_MOE_CACHE_STALE_AFTER", "60")
+    path, log = tmp_path / "shared" / "cache", tmp_path / "builds.log"
+    old, recent = path.parent / f".cache.tmp-{dead_pid()}-0badf00d", path.parent / f".cache.tmp-{dead_pid()}-5eedf00d"
+    for folder in (old, recent):
+        folder.mkdir(parents=True)
+        (folder / "tokens-00000.bin").write_bytes(b"partial")
+    os.utime(old, (time.time() - 120, time.time() - 120))
+    build(path, log)
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(["cache", recent.name])
+
+
 def test_waiting_gives_up_after_the_timeout_naming_the_builder(tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTNING_MOE_CACHE_LOCK_TIMEOUT", "0.3")
     path, log, gate = tmp_path / "shared" / "cache", tmp_path / "builds.log", tmp_path / "gate"

@@ -233,6 +233,11 @@ class BuildLock:
     def _entry(self, kind: str, token: str | None = None) -> str:
         return os.path.join(self.parent, f".{self.base}.{kind}" + (f"-{token}" if token else ""))
 
+    def _trash(self) -> str:
+        # A new name each time: a folder whose deletion left files behind (NFS keeps files
+        # that a reader still has open) must not block the next rename.
+        return self._entry("gone", f"{self.token}-{uuid.uuid4().hex[:8]}")
+
     def __enter__(self) -> BuildLock:
         self.acquire()
         return self
@@ -318,7 +323,7 @@ class BuildLock:
 
     def _remove_lock(self, token: str | None) -> bool:
         """Delete the lock if it is still ``token``'s (moved aside first, so only one remover gets it)."""
-        gone = self._entry("gone", self.token)
+        gone = self._trash()
         try:
             os.rename(self.lock, gone)
         except FileNotFoundError:
@@ -353,7 +358,7 @@ class BuildLock:
 
     def set_aside(self, path: str) -> None:
         """Delete folder ``path`` after renaming it out of readers' way in one step."""
-        gone = self._entry("gone", self.token)
+        gone = self._trash()
         os.rename(path, gone)
         shutil.rmtree(gone, ignore_errors=True)
 
@@ -361,7 +366,7 @@ class BuildLock:
         """Delete the entries of this cache (builds, waiters) whose owners are gone; after :meth:`new_folder`."""
         now = _touch(self._entry("tmp", self.token))  # the file system's clock, as the heartbeats are
         for name in os.listdir(self.parent):
-            if not self._entries.fullmatch(name) or name.endswith(self.token):
+            if not self._entries.fullmatch(name) or f"-{self.token}" in name:  # others' entries only
                 continue
             folder = os.path.join(self.parent, name)
             try:
