@@ -45,6 +45,14 @@ FAMILIES = {
         dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
              norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]),
     ),
+    # GLM-4.5's layout (DeepSeek-V3 routing): sigmoid scores with a selection bias, 2 groups of 4
+    # experts of which the best 1 competes, renormalised gates scaled by 2.5, one shared expert.
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        dict(intermediate_size=128, moe_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+             topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, n_shared_experts=1,
+             first_k_dense_replace=0),
+    ),
 }
 _TOKENIZER_TEXT_EXAMPLES = 4000
 
