@@ -162,7 +162,7 @@ def stream_export(source: CheckpointTensors, output: str, tokenizer: str | None,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the family's own routing: nothing to warn about
         ours = hf_tensor_names(from_hf(copy.deepcopy(hf_model)))
-    persistent = set(hf_model.state_dict(keep_vars=True))
+    persistent = {name: tensor.shape for name, tensor in hf_model.state_dict(keep_vars=True).items()}
     first_name: dict[int, str] = {}
     for name, param in hf_model.named_parameters(remove_duplicate=False):
         first_name.setdefault(id(param), name)
@@ -177,7 +177,7 @@ def stream_export(source: CheckpointTensors, output: str, tokenizer: str | None,
             if name not in source.shapes:
                 raise ConfigError(f"checkpoint={source.path!r} has no tensor {MODEL_PREFIX}{name}; it is not of this model")
             tensor = source.get(name)
-            tensor = tensor.transpose(1, 2) if transposed else tensor
+            tensor = tensor.transpose(1, 2) if transposed else tensor.reshape(persistent[hf_name])  # [E] -> ERNIE's [1, E]
             dtype = dtype or (tensor.dtype if tensor.is_floating_point() else None)
             for key, value in revert_weight_conversion(hf_model, {hf_name: tensor}).items():
                 writer.add(key, value)
