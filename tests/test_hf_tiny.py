@@ -10,7 +10,7 @@ from lightning_moe.hf import HFMoEBlock, from_hf  # noqa: E402
 from lightning_moe.hf.tiny import FAMILIES, build_tiny_model, main  # noqa: E402
 
 CONFIG_CLASSES = {"mixtral": "MixtralConfig", "phimoe": "PhimoeConfig", "olmoe": "OlmoeConfig",
-                  "qwen2_moe": "Qwen2MoeConfig", "qwen3_moe": "Qwen3MoeConfig"}
+                  "qwen2_moe": "Qwen2MoeConfig", "qwen3_moe": "Qwen3MoeConfig", "glm4_moe": "Glm4MoeConfig"}
 
 
 @pytest.mark.parametrize("family", sorted(CONFIG_CLASSES))
@@ -61,7 +61,7 @@ def test_command_line_and_bad_arguments(tmp_path, capsys):
         main(["--family", "olmoe", "--output", str(tmp_path / "n"), "--vocab-size", "100"])
     assert exit_info.value.code == 2
     assert "error: vocab_size must be an integer >= 300" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match=r"family='gpt2' is not supported; use one of \['mixtral'"):
+    with pytest.raises(ConfigError, match=r"family='gpt2' is not supported; use one of \['glm4_moe', 'mixtral'"):
         build_tiny_model("gpt2", str(tmp_path))
     with pytest.raises(ConfigError, match="the built-in corpus gives only"):
         build_tiny_model("olmoe", str(tmp_path), vocab_size=50000)
