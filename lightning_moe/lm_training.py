@@ -102,8 +102,10 @@ class CausalLMTraining(L.LightningModule):
         """Under Lightning's ``ModelParallelStrategy``, ``fully_shard`` each of ``units``, then ``root``.
 
         The usual FSDP2 layout: one all-gather per unit (a transformer block) over the
-        data-parallel mesh. Tensor parallelism is refused. Other strategies leave the model
-        as it is; idempotent, as Lightning asks of ``configure_model``.
+        data-parallel mesh. Under :class:`~lightning_moe.strategies.ExpertParallelFSDP2Strategy`
+        (a ModelParallelStrategy) the experts are first split over its expert-parallel mesh.
+        Tensor parallelism is refused. Other strategies leave the model as it is; idempotent,
+        as Lightning asks of ``configure_model``.
         """
         from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -120,6 +122,10 @@ class CausalLMTraining(L.LightningModule):
             )
         if isinstance(root, FSDPModule):
             return
+        from lightning_moe.strategies.expert_parallel_fsdp2 import ExpertParallelFSDP2Strategy
+
+        if isinstance(self.trainer.strategy, ExpertParallelFSDP2Strategy):
+            self.trainer.strategy.shard_experts(root)  # before the blocks, which then leave the experts alone
         for unit in units:
             fully_shard(unit, mesh=mesh["data_parallel"])
         fully_shard(root, mesh=mesh["data_parallel"])

@@ -120,8 +120,16 @@ class Experts(nn.Module):
         return activate(self.activation, h_NH)
 
     def expert_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``(w1, w2)`` in ``dtype``."""
-        return self.w1.to(dtype), self.w2.to(dtype)
+        """``(w1, w2)`` in ``dtype``, as this rank's local tensors.
+
+        Under expert parallelism inside FSDP2 the parameters are DTensors sharded over the
+        expert-parallel ranks; a rank computes with the experts it owns (``to_local`` carries
+        the gradient back to the DTensor).
+        """
+        w1, w2 = self.w1, self.w2
+        if hasattr(w1, "to_local"):
+            w1, w2 = w1.to_local(), w2.to_local()
+        return w1.to(dtype), w2.to(dtype)
 
     def resolved_backend(self, x_TD: Tensor) -> str:
         """The backend that will run for this input (resolves ``"auto"``)."""
