@@ -20,6 +20,7 @@ import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_moe.checkpointing import CheckpointError, damaged_checkpoint_errors, use_atomic_checkpoint_io
@@ -102,6 +103,8 @@ class MoECLI(LightningCLI):
         choose_progress_display(trainer, chosen)
         self.summary = FitSummary()
         trainer.callbacks.append(self.summary)
+        if self.subcommand == "fit":
+            fix_run_folder(trainer)
         return trainer
 
 
@@ -175,8 +178,14 @@ def run(argv: list[str]) -> None:
             parser_kwargs={"exit_on_error": False, **{c: {"exit_on_error": False} for c in TRAINER_SUBCOMMANDS}},
             args=argv,
         )
-    if cli.subcommand == "fit" and cli.trainer.is_global_zero and cli.summary.text is not None:
-        print(cli.summary.text, flush=True)
+    if cli.subcommand == "fit" and cli.trainer.is_global_zero:
+        summary = cli.summary.text
+        if summary is None and cli.trainer.state.finished:
+            # The ranks were processes this one started (ddp_spawn, ddp_fork): no process group
+            # here, so Trainer.log_dir is no collective in this process.
+            summary = fit_summary(cli.trainer)
+        if summary is not None:
+            print(summary, flush=True)
 
 
 def names_classes(argv: list[str]) -> bool:
@@ -224,6 +233,20 @@ class FitSummary(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.text = fit_summary(trainer)
+
+
+def fix_run_folder(trainer: Trainer) -> None:
+    """Choose the run's version folder now, in the process that starts the ranks.
+
+    TensorBoardLogger and CSVLogger (the loggers whose folder ``Trainer.log_dir`` names) pick
+    their ``version_N`` at first use. Under ``ddp_spawn`` or ``ddp_fork`` the ranks picked it in
+    their own processes, and this one, asked after ``fit``, picked the next free folder, not the
+    run's. Picked here, the ranks receive it with the trainer. Other loggers are left alone:
+    asking some of them their version starts a run on their server.
+    """
+    logger = trainer.loggers[0] if trainer.loggers else None
+    if isinstance(logger, (TensorBoardLogger, CSVLogger)):
+        logger.version  # noqa: B018 - the property picks the version and keeps it
 
 
 def fit_summary(trainer: Trainer) -> str:

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lightning_moe.cli import main
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # A tiny quickstart: 2 optimizer steps, one validation at the end, checkpoints kept.
@@ -105,6 +107,26 @@ def test_model_parallel_fit_ends_cleanly_with_one_summary(tmp_path):
             "--trainer.strategy.tensor_parallel_size=1",
         ],
     )
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_a_fit_in_forked_ranks_prints_its_summary(tmp_path, monkeypatch, capsys):
+    """``ddp_fork`` (as ``ddp_spawn``) trains in processes this one starts; this one prints the summary.
+
+    Forked here, so the ranks need no fresh interpreter. Lightning sends the best checkpoint
+    back to this process, not the last one.
+    """
+    import torch
+
+    if torch.cuda.is_initialized():
+        pytest.skip("forking ranks is impossible once CUDA is initialised in this process")
+    write_corpus(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(ROOT / "recipes" / "quickstart.yaml"), *TINY, "--trainer.strategy=ddp_fork"])
+    out = capsys.readouterr().out
+    assert summary_lines(out, "Run folder: ") == [str(Path("runs") / "quickstart" / "version_0")], out
+    [best] = summary_lines(out, "Best checkpoint: ")
+    assert (tmp_path / best).exists()
 
 
 def test_compare_on_two_devices_ends_cleanly(tmp_path):
