@@ -1,8 +1,9 @@
 """Multi-process ``lightning-moe fit`` and ``compare --devices 2`` run through the real command to their end.
 
-Each test starts the command as a process of its own (``python -m lightning_moe.cli``), as a
+The tests start the command as a process of its own (``python -m lightning_moe.cli``), as a
 user or a cluster scheduler does: Lightning's launcher then starts rank 1 as a second process
-running the same command line. A fit must exit 0 and print its summary once, from rank 0,
+running the same command line (``ddp_fork``, whose ranks are forked from the command's process,
+runs the command in the test's). A fit must exit 0 and print its summary once, from rank 0,
 naming the folders it really wrote.
 """
 
