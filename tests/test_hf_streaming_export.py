@@ -141,3 +141,17 @@ def test_bad_max_shard_size_is_one_line(tmp_path, capsys):
         main(["export", str(tmp_path / "none.ckpt"), "--output", str(tmp_path / "out"), "--max_shard_size", "0GB"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().startswith("error: `max_shard_size` must be")
+
+
+def test_a_distributed_checkpoint_of_another_model_is_refused_in_one_line(tmp_path, capsys):
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "dcp"
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.save({"state_dict": {"model.w": torch.zeros(2)}}, checkpoint_id=str(folder), no_dist=True)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(folder), "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: checkpoint=") and "is not of HFMoELanguageModel" in err, err
+    assert not (tmp_path / "out").exists()

@@ -231,7 +231,10 @@ def export_checkpoint(
         with damaged_checkpoint_errors(checkpoint):
             return stream_export(source, output, tokenizer, shard_bytes)
     if source.distributed:
-        raise ConfigError(f"checkpoint={checkpoint!r} carries no model config ({STORED_MODEL}); it cannot be exported")
+        raise ConfigError(
+            f"checkpoint={checkpoint!r} is not of HFMoELanguageModel (it carries no {STORED_MODEL!r} entry); only those"
+            " export to Hugging Face"
+        )
     with damaged_checkpoint_errors(checkpoint):
         module = HFMoELanguageModel.load_from_checkpoint(checkpoint, map_location="cpu")
     return export_pretrained(module, output, tokenizer, overwrite=overwrite, keep=(checkpoint,))
