@@ -98,8 +98,9 @@ def wait_for(condition, what, timeout=30.0):
         time.sleep(0.005)
 
 
-def in_progress(path: Path) -> list[Path]:
-    return list(path.parent.glob(f".{path.name}.tmp-*/documents.jsonl"))
+def started(path: Path, log: Path) -> bool:
+    """A build of ``path`` has its temporary folder and has begun reading the documents."""
+    return bool(list(path.parent.glob(f".{path.name}.tmp-*/documents.jsonl"))) and builds(log) > 0
 
 
 def test_builders_started_together_build_once_and_readers_never_see_the_cache_replaced(tmp_path):
@@ -132,7 +133,7 @@ def open_later(gate: Path, seconds: float = 1.0) -> None:
 def test_builder_on_another_host_keeps_its_folder_and_the_local_builder_waits_for_it(tmp_path, capfd):
     path, log, gate = tmp_path / "shared" / "cache", tmp_path / "builds.log", tmp_path / "gate"
     remote = start_builder(path, log, host="node-b", pid=dead_pid(), gate=gate)
-    wait_for(lambda: in_progress(path), "the other host's build to start")
+    wait_for(lambda: started(path, log), "the other host's build to start")
     open_later(gate)
     local = build(path, log)  # must neither delete the other host's folder nor build a second copy
     remote.join()
@@ -184,7 +185,7 @@ def test_builder_in_another_pid_namespace_keeps_its_folder(tmp_path):
     gate = tmp_path / "gate"
     other = FORK.Process(target=_namespaced_builder, args=(path, log, report, gate))
     other.start()
-    wait_for(lambda: in_progress(path) or not other.is_alive(), "the namespaced build to start")
+    wait_for(lambda: started(path, log) or not other.is_alive(), "the namespaced build to start")
     if not other.is_alive() and other.exitcode == 77:
         pytest.skip("this kernel or container refuses a new PID namespace")
     pid, namespace = report.read_text().split()
@@ -201,7 +202,7 @@ def test_killed_builder_on_another_host_is_taken_over_once_when_its_heartbeat_is
     monkeypatch.setenv("LIGHTNING_MOE_CACHE_STALE_AFTER", "1.5")
     path, log = tmp_path / "shared" / "cache", tmp_path / "builds.log"
     remote = start_builder(path, log, host="node-b", pid=dead_pid(), gate=tmp_path / "never")
-    wait_for(lambda: in_progress(path), "the other host's build to start")
+    wait_for(lambda: started(path, log), "the other host's build to start")
     os.kill(remote.pid, signal.SIGKILL)
     remote.join()
     capfd.readouterr()
@@ -225,7 +226,7 @@ def test_killed_builder_here_is_taken_over_at_once_even_before_it_is_reaped(tmp_
     monkeypatch.setenv("LIGHTNING_MOE_CACHE_LOCK_TIMEOUT", "30")  # far below the heartbeat's stale time
     path, log = tmp_path / "shared" / "cache", tmp_path / "builds.log"
     child = start_builder(path, log, gate=tmp_path / "never")
-    wait_for(lambda: in_progress(path), "the build to start")
+    wait_for(lambda: started(path, log), "the build to start")
     os.kill(child.pid, signal.SIGKILL)
     # Not joined: a zombie still answers kill(pid, 0), as a killed builder whose launcher has not reaped it does.
     wait_for(lambda: Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z", "a zombie")
@@ -256,7 +257,7 @@ def test_waiting_gives_up_after_the_timeout_naming_the_builder(tmp_path, monkeyp
     monkeypatch.setenv("LIGHTNING_MOE_CACHE_LOCK_TIMEOUT", "0.3")
     path, log, gate = tmp_path / "shared" / "cache", tmp_path / "builds.log", tmp_path / "gate"
     remote = start_builder(path, log, host="node-b", pid=dead_pid(), gate=gate)
-    wait_for(lambda: in_progress(path), "the other host's build to start")
+    wait_for(lambda: started(path, log), "the other host's build to start")
     with pytest.raises(TimeoutError, match=r"node-b.*LIGHTNING_MOE_CACHE_LOCK_TIMEOUT") as caught:
         build(path, log)
     assert "\n" not in str(caught.value)
