@@ -19,6 +19,8 @@ from typing import Any, TextIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 
+from lightning_moe.errors import ConfigError
+
 #: :class:`StepLog` prints at most about this many training lines in a run with a known length.
 MAX_LINES = 50
 
@@ -95,6 +97,10 @@ class StepLog(ProgressBar):
 
     def __init__(self, every: int | None = None) -> None:
         super().__init__()
+        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+            raise ConfigError(
+                f"StepLog every={every!r}: give a number of optimizer steps >= 1, or null (log_every_n_steps)"
+            )
         self.every = every
         self._enabled = True
         self._total: int | None = None  # this run's optimizer steps, if known

@@ -119,3 +119,17 @@ def test_a_long_run_prints_a_bounded_number_of_lines(tmp_path, capsys):
     trainer = boring_trainer(tmp_path, [StepLog()], max_steps=steps, log_every_n_steps=1, limit_val_batches=0)
     trainer.fit(BoringModel())
     assert printed_steps(capsys.readouterr().out) == list(range(3, steps + 1, 3))
+
+
+@pytest.mark.parametrize("every", ["0", "-2"])
+def test_a_bad_interval_is_one_line_naming_it(every, tmp_path, monkeypatch):
+    from test_bad_inputs import TINY, run_in_process
+
+    (tmp_path / "corpus.txt").write_text("def f(x):\n    return x\n" * 50)
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(ROOT / "recipes" / "quickstart.yaml"), *TINY]
+    code, err = run_in_process(
+        [*args, "--trainer.callbacks+=lightning_moe.progress.StepLog", f"--trainer.callbacks.every={every}"]
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and "every=" in err, err
