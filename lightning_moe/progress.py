@@ -2,8 +2,8 @@
 or, when stdout is not a terminal, one plain line every few steps (:class:`StepLog`).
 
 Lightning's default bar is Rich's when ``rich`` is installed (the ``hf`` and ``test`` extras
-install it), and Rich draws nothing into a file: a run whose output is redirected to a log
-showed no progress until it ended. :func:`choose_progress_display` puts :class:`StepLog` in
+install it), and Rich writes to a file only the bar's last state, when the run ends: a run
+whose output was redirected to a log showed no progress until it ended. :func:`choose_progress_display` puts :class:`StepLog` in
 place of that default bar; a bar the recipe sets itself is kept.
 """
 
