@@ -8,6 +8,7 @@ below 1.15x the model's bytes: conversion must not hold the model twice.
 
     nice python benchmarks/hf_convert.py                  # ~1B parameters, bf16
     python benchmarks/hf_convert.py --layers 2 --experts 8 # quick check
+    nice python benchmarks/hf_convert.py --family deepseek_v3 --experts 64 --top-k 8 --ffn 256  # ~1.1B, DeepSeek-V3 routing
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, OlmoeConfig
+from transformers import AutoModelForCausalLM, DeepseekV3Config, OlmoeConfig
 
 from lightning_moe.hf import from_hf, to_hf
 
@@ -56,14 +57,24 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=50304)
     parser.add_argument("--estimator", default="densemixer")
+    parser.add_argument("--family", default="olmoe", choices=["olmoe", "deepseek_v3"],
+                        help="deepseek_v3: sigmoid routing in 8 groups (top 4), a selection bias, one shared expert")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     torch.manual_seed(0)
-    config = OlmoeConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64, num_experts=args.experts,
-        num_experts_per_tok=args.top_k,
-    )
+    if args.family == "deepseek_v3":
+        config = DeepseekV3Config(
+            vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+            moe_intermediate_size=args.ffn, num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+            num_key_value_heads=args.hidden // 64, n_routed_experts=args.experts, num_experts_per_tok=args.top_k,
+            n_group=8, topk_group=4, n_shared_experts=1, first_k_dense_replace=0,
+        )
+    else:
+        config = OlmoeConfig(
+            vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
+            num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64, num_experts=args.experts,
+            num_experts_per_tok=args.top_k,
+        )
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     create_s = time.perf_counter() - start

@@ -20,6 +20,8 @@ measures every estimator against ``topk`` on the torch backend.
 
     python benchmarks/moe_layer.py                       # CPU defaults: T 4096, d 512, fp32, the four shapes
     python benchmarks/moe_layer.py --shapes 64:8:256 --estimator-shapes 64:8:256 --estimators topk densemixer
+    python benchmarks/moe_layer.py --shapes --estimator-shapes 64:8:128 --estimators topk densemixer \
+        --tokens 1024 --d-model 256 --score-function sigmoid --n-group 8 --topk-group 4 --routed-scaling-factor 2.5
     python benchmarks/moe_layer.py --tokens 16384 --d-model 1024 --shapes 8:2:4096 --device cuda --dtype bfloat16
 """
 
@@ -96,7 +98,8 @@ def make_layer(args, shape: tuple[int, int, int], backend: str, estimator: str, 
     top_k = 1 if estimator == "sparsemixer" else top_k  # SparseMixer (v1) is top-1 only
     layer = MoELayer(
         args.d_model, ffn_hidden, num_experts, top_k, estimator=estimator, backend=backend,
-        estimator_args=estimator_args or None,
+        estimator_args=estimator_args or None, score_function=args.score_function, n_group=args.n_group,
+        topk_group=args.topk_group, routed_scaling_factor=args.routed_scaling_factor,
     )
     if hasattr(layer.estimator, "attach_updater"):
         layer.estimator.attach_updater()  # Default MoE: the EMA update is a per-step callback, not timed here
@@ -173,6 +176,11 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' Qwen3-MoE block")
     parser.add_argument("--estimators", nargs="+", help="estimators to time against topk (default: all registered)")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--score-function", default="softmax", choices=["softmax", "sigmoid"],
+                        help="MoELayer's scoring, e.g. sigmoid with --n-group 8 --topk-group 4 (DeepSeek-V3)")
+    parser.add_argument("--n-group", type=int, default=1)
+    parser.add_argument("--topk-group", type=int, default=1)
+    parser.add_argument("--routed-scaling-factor", type=float, default=1.0)
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
