@@ -12,28 +12,36 @@ import pytest
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.demos.boring_classes import BoringModel
 
+from lightning_moe.cli import main
 from lightning_moe.progress import MAX_LINES, StepLog, StepRichProgressBar, StepTQDMProgressBar, choose_progress_display
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) \| (.*) \| \d+:\d\d:\d\d, [\d.]+ steps/s$")
 
 
+# A tiny quickstart fit in the current folder: 6 steps, a validation every 3.
+TINY_FIT = [
+    *("fit", "--config", str(ROOT / "recipes" / "quickstart.yaml")),
+    *("--model.d_model=32", "--model.n_heads=2", "--model.n_layers=1", "--model.max_seq_len=16"),
+    *("--model.moe.num_experts=4", "--model.moe.ffn_hidden=32"),
+    *("--data.source=corpus.txt", "--data.seq_len=16", "--data.batch_size=2", "--data.cache_dir=cache"),
+    *("--trainer.max_steps=6", "--trainer.log_every_n_steps=2", "--trainer.val_check_interval=3"),
+    *("--trainer.limit_val_batches=1", "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu"),
+    "--trainer.logger.init_args.save_dir=runs",
+]
+
+
+def write_corpus(folder):
+    (folder / "corpus.txt").write_text("".join(f"def g{i}(x):\n    return x * {i}\n" for i in range(100)))
+
+
 @pytest.mark.slow
 def test_a_fit_redirected_to_a_file_logs_its_steps_and_validations(tmp_path):
-    (tmp_path / "corpus.txt").write_text("".join(f"def g{i}(x):\n    return x * {i}\n" for i in range(100)))
-    args = [
-        *("--model.d_model=32", "--model.n_heads=2", "--model.n_layers=1", "--model.max_seq_len=16"),
-        *("--model.moe.num_experts=4", "--model.moe.ffn_hidden=32"),
-        *("--data.source=corpus.txt", "--data.seq_len=16", "--data.batch_size=2", "--data.cache_dir=cache"),
-        *("--trainer.max_steps=6", "--trainer.log_every_n_steps=2", "--trainer.val_check_interval=3"),
-        *("--trainer.limit_val_batches=1", "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu"),
-        "--trainer.logger.init_args.save_dir=runs",
-    ]
-    command = [sys.executable, "-m", "lightning_moe.cli", "fit", "--config", str(ROOT / "recipes" / "quickstart.yaml")]
+    write_corpus(tmp_path)
     log = tmp_path / "log.txt"
     with open(log, "w") as out:
         done = subprocess.run(
-            [*command, *args],
+            [sys.executable, "-m", "lightning_moe.cli", *TINY_FIT],
             cwd=tmp_path,
             stdout=out,
             stderr=subprocess.PIPE,
@@ -122,14 +130,11 @@ def test_a_long_run_prints_a_bounded_number_of_lines(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("every", ["0", "-2"])
-def test_a_bad_interval_is_one_line_naming_it(every, tmp_path, monkeypatch):
-    from test_bad_inputs import TINY, run_in_process
-
-    (tmp_path / "corpus.txt").write_text("def f(x):\n    return x\n" * 50)
+def test_a_bad_interval_is_one_line_naming_it(every, tmp_path, monkeypatch, capsys):
+    write_corpus(tmp_path)
     monkeypatch.chdir(tmp_path)
-    args = ["fit", "--config", str(ROOT / "recipes" / "quickstart.yaml"), *TINY]
-    code, err = run_in_process(
-        [*args, "--trainer.callbacks+=lightning_moe.progress.StepLog", f"--trainer.callbacks.every={every}"]
-    )
-    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(SystemExit) as exit_:
+        main([*TINY_FIT, "--trainer.callbacks+=lightning_moe.progress.StepLog", f"--trainer.callbacks.every={every}"])
+    err = capsys.readouterr().err.replace("Seed set to 0\n", "")
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: ") and "every=" in err, err
