@@ -283,3 +283,4 @@ def test_a_build_finds_the_cache_another_finished_while_it_waited(tmp_path):
     again = build(path, log)  # as a builder that saw no cache before the first one finished
     assert builds(log) == 1 and os.stat(path).st_ino == inode
     assert np.array_equal(np.asarray(again.train), np.asarray(first.train))
+    assert first.built_here and not again.built_here  # so the data module does not report it as tokenised here

@@ -152,6 +152,7 @@ class Corpus:
     total_bytes: int
     meta: dict[str, Any]
     train_counts: np.ndarray  # occurrences of each token id in the training stream
+    built_here: bool = False  # written by this call of build_cache (not one another builder finished)
 
     def documents(self, split: int) -> list[str]:
         """Names of the documents of ``split`` (0 train, 1 validation), in stream order."""
@@ -304,7 +305,9 @@ def build_cache(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return open_cache(path, {"key": meta["key"]}, verify=False)  # just written: no need to read it back
+    corpus = open_cache(path, {"key": meta["key"]}, verify=False)  # just written: no need to read it back
+    corpus.built_here = True
+    return corpus
 
 
 def _write(

@@ -293,7 +293,10 @@ class TextDataModule(ResumableLoaders):
                 f" {self._bytes_needed()} bytes of text for one training and one validation sequence"
                 f" of seq_len={self.seq_len}"
             ) from None
-        self.loaded_from_cache = False
+        self.loaded_from_cache = not corpus.built_here
+        if self.loaded_from_cache:  # another process or host built it while this one waited for its turn
+            rank_zero_info(f"TextDataModule: opened the token cache another builder finished -> {path}")
+            return corpus
         meta = corpus.meta
         rank_zero_info(
             f"TextDataModule: {meta['total_bytes']:,} bytes from {meta['num_documents']:,} documents of "
