@@ -225,3 +225,30 @@ def test_meta_init_fills_the_selection_bias_from_the_checkpoint(family, tmp_path
         assert layer.use_selection_bias and torch.equal(layer.selection_bias, bias.detach().reshape(-1))
     ids = input_ids(4)
     torch.testing.assert_close(module.eval()(ids), eval_logits(saved, ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("selection,norm,routing", [("sigmoid", True, "sigmoid top-2 renormalised"),
+                                                    ("sigmoid", False, "sigmoid top-2"),
+                                                    ("softmax", True, "softmax top-2 renormalised")])
+def test_cohere2_moe_with_added_shared_experts_converts_and_averaged_ones_are_refused(selection, norm, routing):
+    """Cohere2-MoE: sigmoid or softmax over the top-k logits, shared experts added ('sum') or averaged."""
+    args = dict(**COMMON, intermediate_size=16, num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
+                expert_selection_fn=selection, norm_topk_prob=norm, head_dim=8, eos_token_id=0, bos_token_id=0,
+                pad_token_id=0)
+    torch.manual_seed(0)
+    added = transformers.Cohere2MoeConfig(**args, shared_expert_combination_strategy="sum")
+    model = transformers.AutoModelForCausalLM.from_config(added,
+                                                          attn_implementation="eager").float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight"):
+                p.normal_(std=0.5)
+    original = copy.deepcopy(model)
+    from_hf(model)
+    block = next(m for m in model.modules() if isinstance(m, HFMoEBlock))
+    assert block.spec.describe() == routing and block.shared_experts is not None
+    ids = input_ids()
+    assert (eval_logits(model, ids) - eval_logits(original, ids)).abs().max() <= 1e-5
+    averaged = transformers.Cohere2MoeConfig(**args, shared_expert_combination_strategy="average")
+    with pytest.raises(ConfigError, match="Cohere2MoeSparseMoeBlock has shared experts combined by 'average'"):
+        from_hf(transformers.AutoModelForCausalLM.from_config(averaged))

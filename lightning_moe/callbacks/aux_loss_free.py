@@ -18,8 +18,10 @@ def balancing_update(bias_E: Tensor, tokens_per_expert_E: Tensor, gamma: float) 
     """One step of DeepSeek-V3's bias update (Sec. 2.1.2), in place on ``bias_E``.
 
     ``b_i += gamma * sign(mean load - load_i)``, then ``b -= mean(b)``: overloaded experts
-    become less likely to be chosen, underloaded ones more. Recentring keeps the bias from
-    drifting as a whole (a common shift changes no top-k choice). In place, because the
+    become less likely to be chosen, underloaded ones more. Recentring (not in DeepSeek-V3's
+    description) keeps the bias from drifting as a whole; a common shift changes no top-k
+    choice, nor a group-limited one (every group's score moves by the same amount), so the
+    routing is DeepSeek-V3's exactly. In place, because the
     registered buffer object is what ``state_dict``, DDP's buffer broadcast and
     checkpointing code hold: rebinding it would leave them with a stale tensor.
     """
@@ -35,9 +37,12 @@ class AuxLossFreeBalancing(L.Callback):
     under any precision, in the model's ``state_dict``, so checkpoints carry it and
     ``fit(ckpt_path=...)`` restores it). This callback switches it on
     (``layer.use_selection_bias = True``, saved in the ``state_dict`` too): the
-    estimator then chooses the top-k experts of ``softmax(z) + bias`` while the gate
-    weights stay the unbiased softmax values, so the bias steers routing but never enters
-    the output or the gradient.
+    estimator then chooses the top-k experts of ``scores + bias`` (softmax scores, or the
+    sigmoid scores of a layer with ``score_function="sigmoid"``, within its best groups
+    under group-limited selection) while the gate weights stay the unbiased scores, so the
+    bias steers routing but never enters the output or the gradient. A Hugging Face model
+    converted from a family that holds such a bias (DeepSeek-V3's ``e_score_correction_bias``)
+    starts from the family's values and exports the moved ones.
 
     Once per optimizer step (``on_before_optimizer_step``, so once per step under
     ``accumulate_grad_batches``) the step's tokens per expert, summed over all
@@ -52,8 +57,8 @@ class AuxLossFreeBalancing(L.Callback):
 
     Logs ``moe/layer_XX/selection_bias_max_abs`` per layer.
 
-    Only estimators with ``supports_selection_bias`` (``topk``, ``default_moe``) can be
-    biased; sampling-based ones (``sparsemixer``, ``sparsemixer_v2``) are refused at fit
+    Only estimators with ``supports_selection_bias`` (``topk``, ``straight_through``,
+    ``densemixer``, ``default_moe``) can be biased; sampling-based ones (``sparsemixer``, ``sparsemixer_v2``) are refused at fit
     start, because a bias on the scores would change the distribution their router
     gradient is derived for.
 
