@@ -6,6 +6,7 @@ losses, the full gradient of every parameter at every step and its final state t
 
 import sys
 from datetime import timedelta
+from functools import partial
 
 import lightning as L
 import pytest
@@ -50,6 +51,12 @@ class Record(L.Callback):
         self.out_dir = out_dir
         self.losses, self.grads = {}, {}
 
+    def on_train_start(self, trainer, pl_module):
+        # What this rank holds of each expert tensor: E / ep experts, FSDP2-sharded over the other ranks.
+        self.local_shapes = {
+            name: tuple(p.to_local().shape) for name, p in pl_module.named_parameters() if hasattr(p, "to_local") and ".experts." in name
+        }
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         # full_tensor is a collective: every rank gathers every gradient, in the same order.
         self.grads[trainer.global_step] = {
@@ -61,7 +68,7 @@ class Record(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         state = {k: full(v).detach().clone() for k, v in pl_module.state_dict().items()}
-        record = {"losses": self.losses, "grads": self.grads, "state": state}
+        record = {"losses": self.losses, "grads": self.grads, "state": state, "local_shapes": self.local_shapes}
         torch.save(record, f"{self.out_dir}/rank{trainer.global_rank}.pt")
 
 
@@ -100,11 +107,20 @@ def ep_strategy(**kwargs):
     return ForkedExpertParallelFSDP2(expert_parallel_size=EP, timeout=TIMEOUT, **kwargs)
 
 
-@pytest.mark.parametrize("estimator", ["topk", "default_moe"])
-def test_losses_and_every_gradient_equal_one_process_with_the_same_global_batch(tmp_path, estimator):
+@pytest.mark.parametrize(("estimator", "ep"), [("topk", EP), ("default_moe", WORLD)])
+def test_losses_and_every_gradient_equal_one_process_with_the_same_global_batch(tmp_path, estimator, ep):
+    # 2 x 2: experts over 2 ranks, FSDP2 over the other 2; 1 x 4: experts over all ranks, FSDP2 over none.
     single = fit(tmp_path, "single", estimator, 1, "auto", batch_size=2 * WORLD)[0]
-    ranks = fit(tmp_path, "ep", estimator, WORLD, ep_strategy(), batch_size=2)
+    strategy = ForkedExpertParallelFSDP2(expert_parallel_size=ep, timeout=TIMEOUT)
+    ranks = fit(tmp_path, "ep", estimator, WORLD, strategy, batch_size=2)
 
+    # A rank owns E / ep experts and stores 1 / (W / ep) of them: one expert in both layouts.
+    for rank in ranks:
+        for name, shape in rank["local_shapes"].items():
+            assert shape == (1, *single["state"][name].shape[1:]) and single["state"][name].shape[0] == 4, name
+    # The clipping threshold acts: the norm of the global gradient exceeds it.
+    norm = torch.stack([g.norm() for g in single["grads"][0].values()]).norm()
+    assert norm > 0.5
     for step, loss in single["losses"].items():
         assert sum(r["losses"][step] for r in ranks) / WORLD == pytest.approx(loss, rel=1e-5), step
     for step, grads in single["grads"].items():
@@ -115,3 +131,60 @@ def test_losses_and_every_gradient_equal_one_process_with_the_same_global_batch(
     for key, value in single["state"].items():
         for rank in ranks:
             torch.testing.assert_close(rank["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_densemixer_is_refused_in_one_line(tmp_path):
+    # Its dense router gradient needs every expert on every token; a rank holds only its own.
+    with pytest.raises(Exception, match="estimator='densemixer' does not support expert parallelism"):
+        fit(tmp_path, "ep", "densemixer", WORLD, ep_strategy(), batch_size=2)
+
+
+def checkpoints(tmp_path, name):
+    return [ModelCheckpoint(dirpath=tmp_path / name, filename="{step}", every_n_train_steps=1, save_top_k=-1)]
+
+
+def test_resume_from_a_full_checkpoint_is_exact_and_the_checkpoint_loads_into_one_process(tmp_path):
+    strategy = partial(ep_strategy, save_distributed_checkpoint=False)
+    whole = fit(tmp_path, "whole", "topk", WORLD, strategy(), batch_size=2, callbacks=checkpoints(tmp_path, "ep"))
+    resumed = fit(
+        tmp_path, "resumed", "topk", WORLD, strategy(), batch_size=2, ckpt_path=tmp_path / "ep" / "step=1.ckpt"
+    )
+    for rank in range(WORLD):
+        assert resumed[rank]["losses"] == {s: whole[rank]["losses"][s] for s in range(1, STEPS)}
+        for key, value in whole[rank]["state"].items():
+            assert torch.equal(resumed[rank]["state"][key], value), key
+
+    # The single-process layout: full [E, ...] experts and optimizer moments, equal to one process's checkpoint.
+    single = fit(tmp_path, "single", "topk", 1, "auto", batch_size=2 * WORLD, callbacks=checkpoints(tmp_path, "one"))[0]
+    got = torch.load(tmp_path / "ep" / "step=1.ckpt", weights_only=False)
+    expected = torch.load(tmp_path / "one" / "step=1.ckpt", weights_only=False)
+    assert got["state_dict"].keys() == expected["state_dict"].keys()
+    for key, value in expected["state_dict"].items():
+        torch.testing.assert_close(got["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    moments = [{k: v for k, v in entry.items() if k != "step"} for entry in expected["optimizer_states"][0]["state"].values()]
+    got_moments = [{k: v for k, v in entry.items() if k != "step"} for entry in got["optimizer_states"][0]["state"].values()]
+    torch.testing.assert_close(got_moments, moments, rtol=1e-4, atol=1e-7)
+    # ... and one process resumed from it trains as the uninterrupted single run.
+    continued = fit(tmp_path, "continued", "topk", 1, "auto", batch_size=2 * WORLD, ckpt_path=tmp_path / "ep" / "step=1.ckpt")[0]
+    for key, value in single["state"].items():
+        torch.testing.assert_close(continued["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_distributed_checkpoint_resumes_exactly_and_into_another_expert_parallel_size(tmp_path):
+    # DCP stores every expert tensor once, in its global [E, ...] layout, whatever the mesh.
+    whole = fit(tmp_path, "whole", "topk", WORLD, ep_strategy(), batch_size=2, callbacks=checkpoints(tmp_path, "ep"))
+    assert (tmp_path / "ep" / "step=1.ckpt").is_dir()
+    resumed = fit(tmp_path, "resumed", "topk", WORLD, ep_strategy(), batch_size=2, ckpt_path=tmp_path / "ep" / "step=1.ckpt")
+    wider = ForkedExpertParallelFSDP2(expert_parallel_size=WORLD, timeout=TIMEOUT)
+    resharded = fit(tmp_path, "resharded", "topk", WORLD, wider, batch_size=2, ckpt_path=tmp_path / "ep" / "step=1.ckpt")
+    for rank in range(WORLD):
+        assert resumed[rank]["losses"] == {s: whole[rank]["losses"][s] for s in range(1, STEPS)}
+        for key, value in whole[rank]["state"].items():
+            assert torch.equal(resumed[rank]["state"][key], value), key
+    # Under 1 x 4 the weights and AdamW's state come back whole: training goes on as the 2 x 2 run.
+    for rank in range(WORLD):
+        assert resharded[rank]["losses"][1] == pytest.approx(whole[rank]["losses"][1], rel=1e-6)
+        for name, grad in whole[rank]["grads"][1].items():
+            torch.testing.assert_close(resharded[rank]["grads"][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        for key, value in whole[rank]["state"].items():
+            torch.testing.assert_close(resharded[rank]["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)

@@ -137,8 +137,9 @@ class ExpertParallelFSDP2Strategy(ModelParallelStrategy):
             fully_shard(experts, mesh=self.expert_mesh["expert_data_parallel"])
             # The owner's gradient sums its group's ranks; FSDP2 sums the groups: mean over all W.
             experts.set_gradient_divide_factor(float(self.world_size))
-            if dist.get_backend(ep_mesh.get_group()) != "nccl":
-                # A factor other than the group size is NCCL's PREMUL_SUM, which gloo lacks: sum, then divide.
+            if self.world_size > ep and dist.get_backend(ep_mesh.get_group()) != "nccl":
+                # A factor other than the group size is NCCL's PREMUL_SUM, which gloo lacks: sum, then
+                # divide. Not on a group of one, where torch 2.13 would then divide twice.
                 experts.set_force_sum_reduction_for_comms(True)
 
     def _clip_grad_by_global_norm(self, optimizer: Optimizer, clip_val: float) -> None:
