@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from lightning_moe.experts import Experts, ExpertStats
     from lightning_moe.layer import MoELayer, RoutingStats, moe_layers
     from lightning_moe.losses import attach_aux_loss, load_balancing_loss, router_z_loss
-    from lightning_moe.routing import Router, Routing
+    from lightning_moe.routing import Router, Routing, Scoring
     from lightning_moe.strategies import ExpertParallelStrategy
 
 __version__ = "0.1.0"
@@ -32,6 +32,7 @@ _EXPORTS = {
     "MoELayer": "lightning_moe.layer",
     "Router": "lightning_moe.routing",
     "Routing": "lightning_moe.routing",
+    "Scoring": "lightning_moe.routing",
     "RoutingStats": "lightning_moe.layer",
     "attach_aux_loss": "lightning_moe.losses",
     "available_estimators": "lightning_moe.estimators",
