@@ -89,7 +89,10 @@ class CausalLMTraining(L.LightningModule):
     """Next-token training, evaluation, optimizer and schedule of a causal LM with MoE layers.
 
     Batches are ``(input_ids [B, T] int64, targets [B, T] int64, *extra)``; targets equal to
-    :data:`IGNORE_INDEX` do not count towards the loss. MoE auxiliary losses are attached
+    :data:`IGNORE_INDEX` do not count towards the loss. Rows packed with several examples come
+    as a :class:`~lightning_moe.data.packing.PackedBatch`, whose ``position_ids`` a model reads
+    through :func:`~lightning_moe.data.packing.position_ids_of` (the one place that knows the
+    format) to keep each example's attention to itself. MoE auxiliary losses are attached
     inside the MoE layers, so the steps here compute only the language-modelling loss.
     """
 

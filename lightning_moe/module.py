@@ -16,6 +16,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from lightning_moe.data.packing import position_ids_of
 from lightning_moe.errors import ConfigError
 from lightning_moe.layer import labelled_tokens
 from lightning_moe.lm_training import IGNORE_INDEX, CausalLMTraining, check_optimizer_args, warmup_cosine_factor
@@ -196,6 +197,11 @@ class MoELanguageModel(CausalLMTraining):
             checkpoint["tokenizer"] = self.tokenizer_state
 
     def logits(self, batch: tuple[Tensor, ...]) -> Tensor:
+        if position_ids_of(batch) is not None:  # its attention is causal over the whole row
+            raise ConfigError(
+                "MoELanguageModel cannot keep the examples of a packed row apart (its attention spans the row);"
+                " set data.packing=false, or train a Hugging Face model (HFMoELanguageModel) on packed rows"
+            )
         input_ids, _, *domains = batch
         if domains and self.num_domains:
             with labelled_tokens(self.model, domains[0], self.num_domains):

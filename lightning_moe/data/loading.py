@@ -51,8 +51,11 @@ class TokenChunkDataset(Dataset):
 
 
 def _collate(batch: Sequence[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
-    # default_collate turns tuples into lists; batches are documented as tuples.
-    return tuple(torch.stack(items) for items in zip(*batch))
+    # default_collate turns tuples into lists; batches are documented as tuples, and a
+    # named tuple (PackedBatch) stays one so that models can tell it apart.
+    stacked = [torch.stack(items) for items in zip(*batch)]
+    kind = type(batch[0])
+    return kind(*stacked) if hasattr(kind, "_fields") else tuple(stacked)
 
 
 class ResumableSampler(DistributedSampler):

@@ -1,40 +1,40 @@
-"""Post-training batches for a Hugging Face model, tokenised with its own tokenizer (docs/posttrain_data.md)."""
+"""Post-training batches for a Hugging Face model, tokenised once with its own tokenizer (docs/posttrain_data.md)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import warnings
+import re
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from torch.utils.data import Dataset
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from lightning_moe.data.cache import CacheDamaged
 from lightning_moe.data.chat import SkippedExample, load_chat_tokenizer, messages_of, synthetic_chat, tokenize_chat
-from lightning_moe.data.loading import IGNORE_INDEX, ResumableLoaders
-from lightning_moe.data.module import _check_int
+from lightning_moe.data.chat_cache import (
+    CACHE_VERSION,
+    CachedRows,
+    ExampleStream,
+    build_rows_cache,
+    open_rows_cache,
+    token_dtype,
+)
+from lightning_moe.data.loading import ResumableLoaders
+from lightning_moe.data.module import _CACHE_ENV, _check_int
 from lightning_moe.data.sources import HubSource, resolve_source
 from lightning_moe.errors import ConfigError
 
 SYNTHETIC_CHAT = "synthetic:chat"
 FORMATS = ("auto", "chat", "text")
+SPLITS = ("train", "validation")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _SYNTHETIC_EXAMPLES = 4000
-
-
-class RowDataset(Dataset):
-    """Rows of a ``[N, T]`` inputs array and its targets, served as int64 tensors."""
-
-    def __init__(self, inputs_NT: np.ndarray, targets_NT: np.ndarray) -> None:
-        self.inputs_NT, self.targets_NT = inputs_NT, targets_NT
-
-    def __len__(self) -> int:
-        return len(self.inputs_NT)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.from_numpy(self.inputs_NT[index].astype(np.int64)),
-                torch.from_numpy(self.targets_NT[index].astype(np.int64)))
+NO_TARGET_LEFT = "with no assistant token left within data.seq_len"
 
 
 class PostTrainDataModule(ResumableLoaders):
@@ -57,15 +57,21 @@ class PostTrainDataModule(ResumableLoaders):
             ``val_fraction`` of the examples (at least one), chosen from ``seed``.
         seq_len: tokens per row.
         batch_size: rows per batch.
-        packing: concatenate examples into ``seq_len`` windows (no padding); ``False``:
-            one example per row, truncated to ``seq_len`` and right-padded to it.
+        packing: several whole examples per row, each attending only to itself
+            (:mod:`~lightning_moe.data.packing`); ``False``: one example per row, right-padded.
         max_examples: read at most this many examples (of each split).
+        max_skipped_fraction: refuse the data when more than this share of its examples is skipped.
         seed: seeds the synthetic source, the validation hold-out and the training shuffle.
         num_workers: DataLoader worker processes.
+        cache_dir: where tokenised examples are cached; default ``$LIGHTNING_MOE_CACHE`` or
+            ``~/.cache/lightning_moe``.
 
     Batches are ``(input_ids, targets)``, both ``[batch_size, seq_len]`` int64, ``targets``
-    the next tokens with ``-100`` where there is no loss. Examples are tokenised in memory
-    in :meth:`setup` (post-training sets are small); rows without any target are dropped.
+    the next tokens with ``-100`` where there is no loss; packed batches are a
+    :class:`~lightning_moe.data.packing.PackedBatch` that adds ``position_ids`` restarting at
+    every example. Examples are rendered, tokenised and packed once, into a memory-mapped
+    cache (:mod:`~lightning_moe.data.chat_cache`) that :meth:`prepare_data` builds on local
+    rank 0 of each node and every rank then opens; a resumed run reopens it.
     """
 
     def __init__(
@@ -83,8 +89,10 @@ class PostTrainDataModule(ResumableLoaders):
         packing: bool = True,
         val_fraction: float = 0.05,
         max_examples: int | None = None,
+        max_skipped_fraction: float = 0.1,
         seed: int = 0,
         num_workers: int = 0,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(source, (str, os.PathLike)) or not str(source):
@@ -98,6 +106,12 @@ class PostTrainDataModule(ResumableLoaders):
             _check_int("max_examples", max_examples, 1)
         if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
             raise ConfigError(f"data.val_fraction must be a number with 0 < val_fraction < 1, got {val_fraction!r}")
+        if (isinstance(max_skipped_fraction, bool) or not isinstance(max_skipped_fraction, (int, float))
+                or not 0 <= max_skipped_fraction <= 1):
+            raise ConfigError(
+                f"data.max_skipped_fraction must be a number from 0 to 1 (the share of examples that may be"
+                f" skipped), got {max_skipped_fraction!r}"
+            )
         self.save_hyperparameters()
         self.source = os.fspath(source)
         self.format = format
@@ -106,55 +120,50 @@ class PostTrainDataModule(ResumableLoaders):
         self.split, self.val_split = split, val_split
         self.seq_len, self.batch_size, self.packing = int(seq_len), int(batch_size), bool(packing)
         self.val_fraction, self.max_examples = float(val_fraction), max_examples
+        self.max_skipped_fraction = float(max_skipped_fraction)
         self.seed, self.num_workers = int(seed), int(num_workers)
+        self.cache_dir = cache_dir
         self.tokenizer: Any = None
         """The ``transformers`` fast tokenizer (loaded in ``__init__`` when named, else in ``setup``)."""
         self.vocab_size: int | None = None
         """``len(tokenizer)``: the embedding size a model needs (``None`` until the tokenizer is known)."""
         self.skipped_examples = 0
-        """Examples skipped with a warning (no or an empty assistant turn, rejected by the template, empty text)."""
+        """Examples skipped (no or an empty assistant turn, rejected by the template, no target left, empty text)."""
         self.skip_reasons: dict[str, int] = {}
         """How many examples were skipped for each reason ("with no assistant turn", ...)."""
+        self.truncated_examples = 0
+        """Examples longer than ``seq_len`` that were cut (kept, unless nothing with a loss was left)."""
+        self.truncated_tokens = 0
+        """Tokens with a loss (assistant tokens; every token of text) lost to truncation."""
+        self.cache_path: str | None = None
+        """The cache folder of the tokenised rows (set by ``prepare_data``/``setup``)."""
+        self.loaded_from_cache = False
+        """True when the rows came from a cache built before, not by this process."""
         if tokenizer is not None:
             self._use_tokenizer(tokenizer)
-        self.train_dataset: RowDataset | None = None
-        self.val_dataset: RowDataset | None = None
+        self.train_dataset: CachedRows | None = None
+        self.val_dataset: CachedRows | None = None
+        self._meta: dict[str, Any] | None = None
+        self._datasets: dict[str, Any] = {}  # Hub / local splits loaded for the fingerprint, kept for the build
 
     # ----------------------------------------------------------------- lifecycle
 
     def prepare_data(self) -> None:
-        """Download a Hub dataset once (Lightning calls this on one process) before every rank reads it."""
-        if self.source != SYNTHETIC_CHAT and _local_files(self.source)[0] is None:
-            for field, split in (("data.split", self.split), ("data.val_split", self.val_split)):
-                if split is not None:
-                    self._dataset(field, split, None, None)
+        """Tokenise the examples into the cache, or check the one there (Lightning calls this on local rank 0 per node)."""
+        self._meta = self._open_or_build(verify=True)
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the tokenizer (the model's when none was named), read and tokenise both splits."""
+        """Open the cache (building it when ``prepare_data`` did not run), report what was skipped, make the datasets."""
         if self.train_dataset is not None:
             return
-        if self.tokenizer is None:
-            module = self.trainer.lightning_module if self.trainer is not None else None
-            source = getattr(module, "tokenizer_source", None)
-            if not isinstance(source, str) or not source:
-                raise ConfigError(
-                    "data.tokenizer is not set and the model names no tokenizer (no tokenizer_source);"
-                    " set data.tokenizer to a tokenizer folder, tokenizer.json or Hub name"
-                )
-            self._use_tokenizer(source)
-        train_rows, val_rows = self._read_examples()
-        fmt = self._resolve_format(train_rows[0])
-        self.skipped_examples, self.skip_reasons = 0, {}
-        self.train_dataset = self._rows(train_rows, fmt, "train")
-        self.val_dataset = self._rows(val_rows, fmt, "validation")
-        if self.skipped_examples:
-            reasons = sorted(self.skip_reasons.items(), key=lambda item: (-item[1], item[0]))
-            why = (f" {reasons[0][0]}" if len(reasons) == 1
-                   else ": " + ", ".join(f"{count} {reason}" for reason, count in reasons))
-            warnings.warn(f"data.source={self.source!r}: skipped {self.skipped_examples} examples{why}", stacklevel=2)
+        meta = self._meta if self._meta is not None else self._open_or_build(verify=False)
+        self._report(meta)
+        self.train_dataset = CachedRows(self.cache_path, "train", meta, packed=self.packing)
+        self.val_dataset = CachedRows(self.cache_path, "validation", meta, packed=self.packing)
         rank_zero_info(
             f"PostTrainDataModule: {len(self.train_dataset)} training and {len(self.val_dataset)} validation rows"
-            f" of {self.seq_len} tokens ({fmt}, {'packed' if self.packing else 'padded'}) from {self.source!r}"
+            f" of {self.seq_len} tokens ({meta['format']}, {'packed' if self.packing else 'padded'}) from"
+            f" {self.source!r}, {'reopened' if self.loaded_from_cache else 'tokenised into'} {self.cache_path}"
         )
 
     def too_few_rows(self, rows: int, ranks: int) -> str:
@@ -163,22 +172,182 @@ class PostTrainDataModule(ResumableLoaders):
             f" the {ranks} data-parallel ranks; use more examples or a smaller seq_len"
         )
 
+    # ----------------------------------------------------------------- the cache
+
+    def _open_or_build(self, verify: bool) -> dict[str, Any]:
+        """The cache's metadata, after opening it (CRCs checked when ``verify``) or building it."""
+        self._require_tokenizer()
+        key_material = self._key_material()
+        key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:24]
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", self.source).strip("_")[-40:] or "source"
+        path = os.path.join(self._resolved_cache_dir(), f"chat-{slug}-{key}")
+        self.cache_path = path
+        if os.path.isdir(path):
+            try:
+                meta = open_rows_cache(path, key, verify)
+                self.loaded_from_cache = True
+                return meta
+            except CacheDamaged as err:
+                rank_zero_warn(f"token cache {path!r} is damaged ({err}); rebuilding it")
+        elif os.path.exists(path):
+            os.unlink(path)  # a file where the cache folder belongs
+        start = time.perf_counter()
+        meta = build_rows_cache(path, {"key": key, "key_material": key_material}, self._write_rows)
+        self.loaded_from_cache = False
+        examples = sum(split["examples"] for split in meta["splits"].values())
+        rank_zero_info(f"PostTrainDataModule: {examples} examples tokenised in {time.perf_counter() - start:.1f}s")
+        return meta
+
+    def _resolved_cache_dir(self) -> str:
+        if self.cache_dir is not None:
+            return os.path.expanduser(os.fspath(self.cache_dir))
+        env = os.environ.get(_CACHE_ENV)
+        return os.path.expanduser(env) if env else os.path.join(Path.home(), ".cache", "lightning_moe")
+
+    def _key_material(self) -> dict[str, Any]:
+        """Everything the cached rows depend on (``max_skipped_fraction`` and the loader settings do not)."""
+        tok = self.tokenizer
+        template = tok.chat_template
+        return {
+            "version": CACHE_VERSION,
+            "source": self.source,
+            "identity": self._source_identity(),
+            "settings": {name: getattr(self, name) for name in (
+                "format", "messages_field", "text_field", "split", "val_split", "val_fraction", "max_examples",
+                "seed", "seq_len", "packing")},
+            "tokenizer": hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest(),
+            "special_tokens": [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, len(tok)],
+            "chat_template": template if template is None or isinstance(template, str) else json.dumps(template),
+        }
+
+    def _source_identity(self) -> Any:
+        """What changes when the source's examples do: the files' sizes and times, or the Hub dataset's fingerprint."""
+        if self.source == SYNTHETIC_CHAT:
+            return "synthetic"  # drawn from seed and max_examples, which the key holds
+        builder, files = _local_files(self.source)
+        if builder is not None:
+            return [[path, os.stat(path).st_size, os.stat(path).st_mtime_ns] for path in files]
+        # The datasets library fingerprints every Arrow table it builds from the files of one
+        # revision of the dataset: a new revision gives a new fingerprint.
+        return {field: getattr(ds, "_fingerprint", None) or len(ds) for field, ds in self._hub_splits().items()}
+
+    def _hub_splits(self) -> dict[str, Any]:
+        for field, split in (("data.split", self.split), ("data.val_split", self.val_split)):
+            if split is not None and field not in self._datasets:
+                self._datasets[field] = self._dataset(field, split, None, None)
+        return self._datasets
+
+    # ----------------------------------------------------------------- tokenising
+
+    def _write_rows(self, folder: str) -> dict[str, Any]:
+        """Tokenise both splits into rows in ``folder``; the metadata: format, dtype, what was skipped per split."""
+        sets = self._example_sets()
+        fmt = self._resolve_format(sets[0][1][0])
+        dtype = token_dtype(len(self.tokenizer))
+        pad_id = self._pad_id() if not self.packing else self._pad_id(required=False)
+        splits = {}
+        for split, rows, indices in sets:
+            stream = ExampleStream(folder, split, dtype, self.seq_len, split_long=fmt == "text" and self.packing)
+            report: dict[str, Any] = {"examples": len(indices), "skipped": {}, "truncated": 0, "lost_tokens": 0}
+            for index, example in _progress(_indexed(rows, indices), len(indices), f"Tokenising {split} examples"):
+                try:
+                    ids, labelled = self._tokenize(fmt, example, split, index)
+                    windows, lost = stream.windows(ids, labelled)
+                    if not any(labelled[start + 1 : start + length + 1].any() for start, length in windows):
+                        raise SkippedExample(NO_TARGET_LEFT)
+                except SkippedExample as skipped:
+                    reason = skipped.reason if type(skipped) is not SkippedExample else str(skipped)
+                    count, first = report["skipped"].get(reason, (0, index))
+                    report["skipped"][reason] = (count + 1, first)
+                    continue
+                if sum(length for _, length in windows) < len(ids) - 1:
+                    report["truncated"] += 1
+                    report["lost_tokens"] += lost
+                stream.add(ids, labelled, windows)
+            if not stream.lengths:
+                raise ConfigError(f"data.source={self.source!r}: no usable {split} examples ({fmt} format)")
+            report["rows"] = stream.write_rows(self.packing, pad_id)
+            splits[split] = report
+        return {"format": fmt, "dtype": dtype.name, "seq_len": self.seq_len, "packing": self.packing,
+                "splits": splits}
+
+    def _tokenize(self, fmt: str, example: dict[str, Any], split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and loss labels of one example; :class:`SkippedExample` for one to skip."""
+        if fmt == "text":
+            ids, labelled = self._tokenize_text(example.get(self.text_field))
+            if not len(ids):
+                raise SkippedExample("with no text")
+            return ids, labelled
+        try:
+            return tokenize_chat(self.tokenizer, messages_of(example, self.messages_field))
+        except ConfigError as err:
+            raise ConfigError(f"{err} ({split} example {index})") from None
+
+    def _report(self, meta: dict[str, Any]) -> None:
+        """One line on what was skipped and truncated; refuse the data when too much was skipped."""
+        splits = meta["splits"]
+        examples = sum(s["examples"] for s in splits.values())
+        reasons: dict[str, list[Any]] = {}
+        for split in SPLITS:  # the first example of each reason: training before validation
+            for reason, (count, first) in splits[split]["skipped"].items():
+                entry = reasons.setdefault(reason, [0, f"{split} example {first}"])
+                entry[0] += count
+        self.skip_reasons = {reason: count for reason, (count, _) in reasons.items()}
+        self.skipped_examples = sum(self.skip_reasons.values())
+        self.truncated_examples = sum(s["truncated"] for s in splits.values())
+        self.truncated_tokens = sum(s["lost_tokens"] for s in splits.values())
+        parts = []
+        if self.skipped_examples:
+            why = ", ".join(f"{count} {reason} (first: {first})"
+                            for reason, (count, first) in sorted(reasons.items(), key=lambda kv: (-kv[1][0], kv[0])))
+            parts.append(f"skipped {self.skipped_examples} of {examples} examples: {why}")
+        if self.truncated_examples:
+            what = "assistant tokens" if meta["format"] == "chat" else "tokens"
+            parts.append(f"truncated {self.truncated_examples} examples to data.seq_len={self.seq_len},"
+                         f" losing {self.truncated_tokens} {what}")
+        if self.skipped_examples > self.max_skipped_fraction * examples:
+            raise ConfigError(
+                f"data.source={self.source!r}: {parts[0]}; that is {self.skipped_examples / examples:.1%}, more"
+                f" than data.max_skipped_fraction={self.max_skipped_fraction:g}: fix the data, or raise the limit"
+            )
+        if parts:
+            rank_zero_warn(f"data.source={self.source!r}: " + "; ".join(parts))
+
     # ----------------------------------------------------------------- reading
+
+    def _require_tokenizer(self) -> None:
+        """Load the model's tokenizer when none was named."""
+        if self.tokenizer is not None:
+            return
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        source = getattr(module, "tokenizer_source", None)
+        if not isinstance(source, str) or not source:
+            raise ConfigError(
+                "data.tokenizer is not set and the model names no tokenizer (no tokenizer_source);"
+                " set data.tokenizer to a tokenizer folder, tokenizer.json or Hub name"
+            )
+        self._use_tokenizer(source)
 
     def _use_tokenizer(self, spec: str) -> None:
         self.tokenizer = load_chat_tokenizer(spec, self.chat_template)
         self.vocab_size = len(self.tokenizer)
 
-    def _read_examples(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Training and validation examples (rows as dicts), in a deterministic order."""
+    def _example_sets(self) -> list[tuple[str, Sequence[dict[str, Any]], list[int]]]:
+        """``(split, rows, indices)`` for training and validation: the rows (a list or a ``datasets.Dataset``)
+        and the indices of that split's examples among them, in order."""
         if self.source == SYNTHETIC_CHAT:
             conversations = synthetic_chat(self.max_examples or _SYNTHETIC_EXAMPLES, self.seed)
-            rows = [{self.messages_field: messages} for messages in conversations]
+            rows: Any = [{self.messages_field: messages} for messages in conversations]
         else:
             builder, files = _local_files(self.source)
-            rows = self._dataset("data.split", self.split, builder, files).to_list()
-            if self.val_split is not None:
-                return rows, self._dataset("data.val_split", self.val_split, builder, files).to_list()
+            if builder is None:
+                hub = self._hub_splits()
+                rows = hub["data.split"]
+                if self.val_split is not None:
+                    val = hub["data.val_split"]
+                    return [("train", rows, list(range(len(rows)))), ("validation", val, list(range(len(val))))]
+            else:
+                rows = self._dataset("data.split", self.split, builder, files)
         if self.val_split is not None:
             raise ConfigError(f"data.val_split applies to Hub datasets; {self.source!r} uses data.val_fraction")
         if len(rows) < 2:
@@ -187,8 +356,10 @@ class PostTrainDataModule(ResumableLoaders):
                 " one to validate on), or name a validation split with data.val_split"
             )
         order = np.random.default_rng(self.seed).permutation(len(rows))
-        held_out = set(order[: min(len(rows) - 1, max(1, round(self.val_fraction * len(rows))))].tolist())
-        return [r for i, r in enumerate(rows) if i not in held_out], [r for i, r in enumerate(rows) if i in held_out]
+        held_out = np.zeros(len(rows), dtype=bool)
+        held_out[order[: min(len(rows) - 1, max(1, round(self.val_fraction * len(rows))))]] = True
+        return [("train", rows, np.flatnonzero(~held_out).tolist()),
+                ("validation", rows, np.flatnonzero(held_out).tolist())]
 
     def _dataset(self, field: str, split: str, builder: str | None, files: list[str] | None) -> Any:
         """One split of a local (``builder`` and ``files``) or Hub dataset, at most ``max_examples`` rows."""
@@ -248,45 +419,6 @@ class PostTrainDataModule(ResumableLoaders):
             )
         return fmt
 
-    # ----------------------------------------------------------------- tokenising
-
-    def _rows(self, examples: list[dict[str, Any]], fmt: str, split: str) -> RowDataset:
-        tokens, masks = [], []
-        for index, example in enumerate(_progress(examples, f"Tokenising {split} examples")):
-            if fmt == "chat":
-                try:
-                    ids, mask = tokenize_chat(self.tokenizer, messages_of(example, self.messages_field))
-                except SkippedExample as skipped:
-                    self._skip(skipped.reason)
-                    continue
-                except ConfigError as err:
-                    raise ConfigError(f"{err} ({split} example {index})") from None
-            else:
-                ids, mask = self._tokenize_text(example.get(self.text_field))
-                if not len(ids):
-                    self._skip("with no text")
-                    continue
-            tokens.append(ids)
-            masks.append(mask)
-        if not tokens:
-            raise ConfigError(f"data.source={self.source!r}: no usable {split} examples ({fmt} format)")
-        if self.packing:
-            inputs_NT, targets_NT = pack(tokens, masks, self.seq_len)
-        else:
-            inputs_NT, targets_NT = pad(tokens, masks, self.seq_len, self._pad_id())
-        keep = (targets_NT != IGNORE_INDEX).any(axis=1)
-        if not keep.any():
-            raise ConfigError(
-                f"data.source={self.source!r}: the {split} examples ({len(tokens)}, {sum(map(len, tokens))} tokens)"
-                f" give no row of data.seq_len={self.seq_len} tokens with a loss target; use more data, a smaller"
-                " seq_len or a larger val_fraction"
-            )
-        return RowDataset(inputs_NT[keep], targets_NT[keep])
-
-    def _skip(self, reason: str) -> None:
-        self.skipped_examples += 1
-        self.skip_reasons[reason] = self.skip_reasons.get(reason, 0) + 1
-
     def _tokenize_text(self, text: Any) -> tuple[np.ndarray, np.ndarray]:
         # The tokenizer's own encoding (with its BOS when it adds one) and an EOS that ends the document.
         if not text:
@@ -297,40 +429,13 @@ class PostTrainDataModule(ResumableLoaders):
             ids.append(eos)
         return np.asarray(ids, dtype=np.int64), np.ones(len(ids), dtype=bool)
 
-    def _pad_id(self) -> int:
+    def _pad_id(self, required: bool = True) -> int:
+        """The token padding fills rows with: the tokenizer's pad token, else its EOS (packed rows: else 0)."""
         pad_id = self.tokenizer.pad_token_id
         pad_id = self.tokenizer.eos_token_id if pad_id is None else pad_id
-        if pad_id is None:
+        if pad_id is None and required:
             raise ConfigError("data.packing=false pads rows, but data.tokenizer has neither a pad nor an EOS token")
-        return int(pad_id)
-
-
-def pack(tokens: list[np.ndarray], masks: list[np.ndarray], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Examples concatenated, cut into windows of ``seq_len + 1`` tokens advancing by ``seq_len``.
-
-    Row ``i`` predicts ``stream[i*L + 1 : i*L + L + 1]`` from ``stream[i*L : i*L + L]``; a
-    target has loss when its token is labelled. Attention crosses example boundaries (no
-    per-document masking), as in pretraining; the stream's ragged tail is dropped.
-    """
-    stream, labelled = np.concatenate(tokens), np.concatenate(masks)
-    rows = max(0, (len(stream) - 1) // seq_len)
-    starts = np.arange(rows)[:, None] * seq_len + np.arange(seq_len)[None, :]
-    inputs_NT = stream[starts]
-    targets_NT = np.where(labelled[starts + 1], stream[starts + 1], IGNORE_INDEX)
-    return inputs_NT.astype(np.int32), targets_NT.astype(np.int32)
-
-
-def pad(
-    tokens: list[np.ndarray], masks: list[np.ndarray], seq_len: int, pad_id: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """One example per row: its first ``seq_len + 1`` tokens, right-padded to ``seq_len`` (padding has no loss)."""
-    inputs_NT = np.full((len(tokens), seq_len), pad_id, dtype=np.int32)
-    targets_NT = np.full((len(tokens), seq_len), IGNORE_INDEX, dtype=np.int32)
-    for row, (ids, mask) in enumerate(zip(tokens, masks)):
-        ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
-        inputs_NT[row, : len(ids) - 1] = ids[:-1]
-        targets_NT[row, : len(ids) - 1] = np.where(mask[1:], ids[1:], IGNORE_INDEX)
-    return inputs_NT, targets_NT
+        return 0 if pad_id is None else int(pad_id)
 
 
 def _local_files(source: str) -> tuple[str | None, list[str] | None]:
@@ -362,9 +467,15 @@ def _local_files(source: str) -> tuple[str | None, list[str] | None]:
     return builders.pop(), files
 
 
-def _progress(items: list[Any], desc: str) -> Any:
-    if len(items) < 5000 or rank_zero_only.rank != 0:
+def _indexed(rows: Any, indices: list[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(index, rows[index])`` for each of ``indices``; a ``datasets.Dataset`` is read in order through ``select``."""
+    chosen = rows.select(indices) if hasattr(rows, "select") else (rows[i] for i in indices)
+    return zip(indices, chosen)
+
+
+def _progress(items: Iterator[Any], total: int, desc: str) -> Any:
+    if total < 5000 or rank_zero_only.rank != 0:
         return items
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, leave=False)
+    return tqdm(items, total=total, desc=desc, leave=False)

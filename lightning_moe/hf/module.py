@@ -87,6 +87,14 @@ def set_trainable(model: nn.Module, trainable: str) -> None:
         param.requires_grad_(keep(param))
 
 
+
+def _refuse_aux_loss_under_reentrant_checkpointing() -> None:
+    raise ConfigError(
+        "`router_aux_loss` needs `activation_checkpointing` false or 'non_reentrant', not 'reentrant': the"
+        " router logits would be recorded in its no-grad forward and the loss would not reach the routers"
+    )
+
+
 class HFMoELanguageModel(CausalLMTraining):
     """A Hugging Face MoE causal LM post-trained with any estimator of this library.
 
@@ -178,13 +186,12 @@ class HFMoELanguageModel(CausalLMTraining):
         self.save_hyperparameters()
         if meta_init is None:
             meta_init = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if router_aux_loss and activation_checkpointing == "reentrant":
+            _refuse_aux_loss_under_reentrant_checkpointing()  # asked for explicitly: before the model loads
         model, self._pending_weights = load_causal_lm(pretrained, config, dtype, attn_implementation, meta_init)
         self._router_aux_loss_weight = family_aux_loss_weight(model.config, router_aux_loss, router_aux_loss_coef)
         if self._router_aux_loss_weight is not None and activation_checkpointing == "reentrant":
-            raise ConfigError(
-                "`router_aux_loss` needs `activation_checkpointing` false or 'non_reentrant', not 'reentrant': the"
-                " router logits would be recorded in its no-grad forward and the loss would not reach the routers"
-            )
+            _refuse_aux_loss_under_reentrant_checkpointing()  # on by the family's config
         self._router_aux_loss: Tensor | None = None  # of the last training forward (see logits)
         self.model = from_hf(model, estimator=estimator, backend=backend, **(estimator_args or {}))
         self.model.config.use_cache = False  # training: no key/value cache
@@ -273,7 +280,9 @@ class HFMoELanguageModel(CausalLMTraining):
         # The family's aux loss comes out of the same forward as the logits; training_step adds
         # it to the loss it returns, so Lightning scales it as the task loss (accumulation, AMP).
         wanted = self.training and self._router_aux_loss_weight is not None
-        out = self.model(input_ids=batch[0], use_cache=False, output_router_logits=wanted)
+        from lightning_moe.hf.packed import packed_forward  # packed rows: each example attends to itself
+
+        out = packed_forward(self.model, batch, use_cache=False, output_router_logits=wanted)
         self._router_aux_loss = out.aux_loss if wanted else None
         return out.logits
 
