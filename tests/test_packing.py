@@ -79,7 +79,7 @@ def test_packed_rows_hold_each_example_exactly_as_alone(tmp_path, tokenizer_dir)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", pytest.param("flex_attention", marks=pytest.mark.slow)])
 def test_packed_row_loss_is_the_sum_of_its_examples_run_alone(family, attn):
     if attn == "flex_attention":
         pytest.importorskip("torch.nn.attention.flex_attention")

@@ -14,7 +14,7 @@ from helpers import fit_quietly  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 from lightning_moe.data.chat import synthetic_chat  # noqa: E402
-from lightning_moe.data.posttrain import PostTrainDataModule, pack  # noqa: E402
+from lightning_moe.data.posttrain import PostTrainDataModule  # noqa: E402
 from lightning_moe.errors import ConfigError  # noqa: E402
 from lightning_moe.lm_training import CausalLMTraining  # noqa: E402
 from lightning_moe.hf.tiny import build_tokenizer  # noqa: E402
@@ -140,29 +140,27 @@ def test_template_that_rewrites_past_turns_is_read_through_its_generation_marker
     assert [t for t in targets if t != IGNORE] == tok("..." + END + "Rome" + END, add_special_tokens=False)["input_ids"]
 
 
-def test_packing_chains_rows_of_the_concatenated_examples():
-    tokens = [np.array([1, 2, 3, 4, 5]), np.array([6, 7, 8]), np.array([9, 10, 11, 12])]
-    masks = [np.array([0, 0, 1, 1, 1], bool), np.array([0, 1, 1], bool), np.array([0, 0, 0, 1], bool)]
-    inputs, targets = pack(tokens, masks, 4)
-    # The stream 1..12 in windows of 5 advancing by 4: [1..5], [5..9]; the tail 9..12 is too short.
-    assert inputs.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
-    assert targets.tolist() == [[IGNORE, 3, 4, 5], [IGNORE, 7, 8, IGNORE]]
-
-
-def test_text_format_packs_documents_with_eos_and_loss_on_every_token(tmp_path, tokenizer_dir, tok):
+def test_text_format_packs_documents_with_eos_in_windows_of_their_own(tmp_path, tokenizer_dir, tok):
     docs = [f"document {i}: " + " ".join(["apple", "river", "stone"][: 1 + i % 3]) * (1 + i % 4) for i in range(20)]
     source = write_jsonl(tmp_path / "text.jsonl", [{"text": d, "id": i} for i, d in enumerate(docs)])
     dm = setup_data(source=source, tokenizer=tokenizer_dir, seq_len=16, batch_size=2, val_fraction=0.3)
-    ds = dm.train_dataset
-    inputs = torch.stack([ds[i][0] for i in range(len(ds))])
-    targets = torch.stack([ds[i][1] for i in range(len(ds))])
-    assert inputs.shape == targets.shape == (len(ds), 16) and len(ds) > 5
-    assert (targets != IGNORE).all()
-    assert torch.equal(targets[:, :-1], inputs[:, 1:]) and torch.equal(targets[:-1, -1], inputs[1:, 0])
-    stream = tok.decode(torch.cat([inputs.reshape(-1), targets[-1, -1:]]).tolist())
-    whole = stream.split(tok.eos_token)
-    assert len(whole) > 3 and all(d in docs for d in whole[:-1])  # each document, then EOS
-    assert tok.decode(tok(docs[0])["input_ids"]) == docs[0]
+    held = set(np.random.default_rng(0).permutation(20)[:6].tolist())
+    # Each training document (its ids and EOS) cut into windows of 16 predictions, each window alone in its span.
+    expected = []
+    for i, doc in enumerate(docs):
+        ids = tok(doc)["input_ids"] + [tok.eos_token_id]
+        if i not in held:
+            expected += [(ids[s : s + 16][: len(ids) - 1 - s], ids[s + 1 : s + 17]) for s in range(0, len(ids) - 1, 16)]
+    found = []
+    for row in range(len(dm.train_dataset)):
+        inputs, targets, positions = dm.train_dataset[row]
+        starts = (positions == 0).nonzero().flatten().tolist() + [16]
+        for begin, end in zip(starts, starts[1:]):
+            loss = targets[begin:end] != IGNORE
+            n = int(loss.sum())
+            assert loss[:n].all() and not loss[n:].any()  # loss on every token, then padding
+            found.append((inputs[begin : begin + n].tolist(), targets[begin : begin + n].tolist()))
+    assert sorted(found) == sorted(expected)
 
 
 def test_padding_one_example_per_row_truncated_to_seq_len(tmp_path, tokenizer_dir, tok):
@@ -225,7 +223,7 @@ class RecordingModule(L.LightningModule):
         self.seen = []
 
     def training_step(self, batch, batch_idx):
-        inputs, targets = batch
+        inputs, targets = batch[:2]  # packed rows also carry position_ids
         self.seen.append(inputs.clone())
         return F.cross_entropy(self.lm(inputs).flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
@@ -254,8 +252,8 @@ def test_resumed_run_sees_the_same_batches_and_the_models_tokenizer(tmp_path, to
 def test_examples_without_an_assistant_turn_are_skipped_and_counted(tmp_path, tokenizer_dir):
     rows = [{"messages": CONVERSATION}] * 4 + [{"messages": CONVERSATION[:1]}] * 3
     source = write_jsonl(tmp_path / "chat.jsonl", rows)
-    with pytest.warns(UserWarning, match="skipped 3 examples with no assistant turn"):
-        dm = setup_data(source=source, tokenizer=tokenizer_dir, seq_len=16)
+    with pytest.warns(UserWarning, match="skipped 3 of 7 examples: 3 with no assistant turn"):
+        dm = setup_data(source=source, tokenizer=tokenizer_dir, seq_len=16, max_skipped_fraction=0.5)
     assert dm.skipped_examples == 3
 
 

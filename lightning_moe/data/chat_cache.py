@@ -177,17 +177,19 @@ def open_rows_cache(path: str, key: str, verify: bool) -> dict[str, Any]:
     return meta
 
 
-def build_rows_cache(path: str, meta: dict[str, Any], write: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
-    """Build the cache folder ``path`` with ``write(folder)`` (which returns more metadata) and return its meta.
+def build_rows_cache(
+    path: str, meta: dict[str, Any], write: Callable[[str], dict[str, Any]]
+) -> tuple[dict[str, Any], bool]:
+    """Build the cache folder ``path`` with ``write(folder)`` (which returns more metadata): ``(meta, built)``.
 
     Builders of one cache take turns under :class:`BuildLock`; one whose turn comes after
-    another finished the cache opens that instead of building (its CRCs checked).
+    another finished the cache opens that instead of building (its CRCs checked; ``built`` false).
     """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with BuildLock(path) as lock:
         if os.path.isdir(path):
             try:
-                return open_rows_cache(path, meta["key"], verify=True)
+                return open_rows_cache(path, meta["key"], verify=True), False
             except CacheDamaged:
                 lock.set_aside(path)  # checked under the lock: no builder is writing it
         tmp = lock.new_folder()
@@ -204,8 +206,8 @@ def build_rows_cache(path: str, meta: dict[str, Any], write: Callable[[str], dic
                 if not os.path.isdir(path):
                     raise
                 shutil.rmtree(tmp)  # a builder taken over as stale finished first: keep its cache
-                return open_rows_cache(path, meta["key"], verify=True)
+                return open_rows_cache(path, meta["key"], verify=True), False
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return full
+    return full, True

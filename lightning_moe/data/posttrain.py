@@ -192,10 +192,11 @@ class PostTrainDataModule(ResumableLoaders):
         elif os.path.exists(path):
             os.unlink(path)  # a file where the cache folder belongs
         start = time.perf_counter()
-        meta = build_rows_cache(path, {"key": key, "key_material": key_material}, self._write_rows)
-        self.loaded_from_cache = False
-        examples = sum(split["examples"] for split in meta["splits"].values())
-        rank_zero_info(f"PostTrainDataModule: {examples} examples tokenised in {time.perf_counter() - start:.1f}s")
+        meta, built = build_rows_cache(path, {"key": key, "key_material": key_material}, self._write_rows)
+        self.loaded_from_cache = not built  # another builder finished it while this one waited
+        if built:
+            examples = sum(split["examples"] for split in meta["splits"].values())
+            rank_zero_info(f"PostTrainDataModule: {examples} examples tokenised in {time.perf_counter() - start:.1f}s")
         return meta
 
     def _resolved_cache_dir(self) -> str:
