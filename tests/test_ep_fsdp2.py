@@ -188,3 +188,48 @@ def test_distributed_checkpoint_resumes_exactly_and_into_another_expert_parallel
             torch.testing.assert_close(resharded[rank]["grads"][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
         for key, value in whole[rank]["state"].items():
             torch.testing.assert_close(resharded[rank]["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+class RowsOfRank(L.LightningDataModule):
+    """Rank r of W reads rows r, r + W, ...: every step sees the same global batch for any W."""
+
+    def __init__(self, rows, batch_size):
+        super().__init__()
+        self.rows, self.batch_size = rows, batch_size
+
+    def train_dataloader(self):
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        return torch.utils.data.DataLoader(self.rows[rank::world], batch_size=self.batch_size)
+
+
+@pytest.mark.parametrize("meta_init", [False, True])
+def test_a_hugging_face_model_trains_as_in_one_process(tmp_path, meta_init):
+    pytest.importorskip("transformers")
+    from lightning_moe.hf.module import HFMoELanguageModel
+    from test_hf_meta_load import VOCAB, save_family
+
+    from helpers import fit_quietly
+
+    folder = save_family(tmp_path / "model", "olmoe")  # 8 experts, top-2
+    ids = torch.randint(0, VOCAB, (4 * WORLD, 8), generator=torch.Generator().manual_seed(0))
+    rows = list(zip(ids, ids.roll(-1, dims=1)))
+
+    def run(name, devices, strategy, batch_size):
+        (tmp_path / name).mkdir()
+        module = HFMoELanguageModel(
+            pretrained=folder, estimator="topk", attn_implementation="eager", meta_init=meta_init, warmup_steps=1,
+            router_aux_loss=False,  # a per-micro-batch loss: the mean over ranks is not the global batch's
+        )
+        fit_quietly(module, RowsOfRank(rows, batch_size), [Record(str(tmp_path / name))], devices=devices,
+                    strategy=strategy, max_steps=2, gradient_clip_val=0.5, use_distributed_sampler=False)
+        return [torch.load(tmp_path / name / f"rank{r}.pt") for r in range(devices)]
+
+    single = run("single", 1, "auto", 2 * WORLD)[0]
+    ranks = run("ep", WORLD, ep_strategy(), 2)
+    assert ranks[0]["local_shapes"]["model.model.layers.0.mlp.moe.experts.w1"][0] == 2  # 8 experts / 2 / 2
+    for step, loss in single["losses"].items():
+        assert sum(r["losses"][step] for r in ranks) / WORLD == pytest.approx(loss, rel=1e-5), step
+    for step, grads in single["grads"].items():
+        for name, grad in grads.items():
+            for rank in ranks:
+                torch.testing.assert_close(rank["grads"][step][name], grad, rtol=1e-4, atol=1e-6, msg=(step, name))

@@ -173,6 +173,7 @@ def checkpoint_plan(hf_model: nn.Module, keys: list[str]) -> dict[str, Source]:
 def _local_rows(param: Tensor) -> tuple[Tensor, int | None, int | None]:
     """The tensor to fill and which rows of the full tensor it holds (``None``: all of it)."""
     from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
 
     if not isinstance(param, DTensor):
         return param.data, None, None
@@ -180,7 +181,9 @@ def _local_rows(param: Tensor) -> tuple[Tensor, int | None, int | None]:
     placements = [p for p in param.placements if not p.is_replicate()]
     if not placements:
         return local, None, None
-    if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
+    # Rows over one mesh dimension (FSDP2), or over two (experts split over expert-parallel ranks,
+    # each block FSDP2-sharded: _StridedShard(0) then Shard(0), which still leaves a rank one run of rows).
+    if len(placements) > 2 or not all(isinstance(p, (Shard, _StridedShard)) and p.dim == 0 for p in placements):
         raise ConfigError(f"loading shard by shard supports FSDP2's row sharding (Shard(0)), not {param.placements}")
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
