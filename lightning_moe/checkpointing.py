@@ -3,8 +3,10 @@
 * :class:`AtomicCheckpointIO` writes every checkpoint to a temporary file in the target's
   own folder, flushes it to disk and renames it over the target, so a process killed
   mid-write leaves the previous checkpoint intact; a checkpoint that cannot be read
-  anyway (truncated, corrupt) gives a :class:`CheckpointError` that names the file and
-  the checkpoints beside it to resume from instead.
+  anyway (truncated, corrupt, an incomplete distributed checkpoint) gives a
+  :class:`CheckpointError` that names it and the checkpoints beside it to resume from instead.
+  :func:`use_atomic_checkpoint_io` does the same for the distributed checkpoints (folders,
+  :mod:`lightning_moe.distributed_checkpoint`) of ``ModelParallelStrategy``.
 * :class:`ResumableRNG` saves every rank's random number generator states (torch, CUDA,
   numpy, Python) in checkpoints and restores them on ``fit(ckpt_path=...)``, so sampled
   routing (SparseMixer's Gumbel draws and coins, router and input jitter) continues
@@ -16,29 +18,38 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import glob
 import os
-import random
+import shutil
+import sys
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
-from lightning_moe.distributed import all_gather_objects
+from lightning_moe.distributed_checkpoint import (
+    META_FILE,
+    checkpoint_time,
+    is_distributed_checkpoint,
+    load_distributed_weights,
+    missing_parts,
+)
 from lightning_moe.lightning_versions import require_tested_lightning
+from lightning_moe.rng_state import ResumableRNG, rng_states, set_rng_states  # noqa: F401 - part of exact resume
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -47,6 +58,7 @@ __all__ = [
     "ResumableEpochEnd",
     "ResumableRNG",
     "check_checkpoint_matches",
+    "read_checkpoint_settings",
     "use_atomic_checkpoint_io",
 ]
 
@@ -60,6 +72,22 @@ class CheckpointError(RuntimeError):
 
 def _temp_prefix(path: str) -> str:
     return f".{os.path.basename(path)}."
+
+
+def _remove(path: str) -> None:
+    """Remove the file or folder ``path``."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Remove the temporary files and folders that writers of ``path`` killed earlier left beside it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    for stale in glob.glob(os.path.join(glob.escape(directory), glob.escape(_temp_prefix(path)) + "*.tmp")):
+        with contextlib.suppress(OSError):
+            _remove(stale)
 
 
 def _fsync_directory(directory: str) -> None:
@@ -85,14 +113,11 @@ def atomic_write(path: str, write: Callable[[Any], None]) -> None:
     line naming ``path`` and the system's reason, the file at ``path`` left as it was.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    prefix = _temp_prefix(path)
     tmp = None
     try:
         os.makedirs(directory, exist_ok=True)
-        for stale in glob.glob(os.path.join(glob.escape(directory), glob.escape(prefix) + "*.tmp")):
-            with contextlib.suppress(OSError):
-                os.unlink(stale)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
+        _remove_stale_temporaries(path)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temp_prefix(path), suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -138,24 +163,38 @@ def _is_intact_zip(path: str) -> bool:
 
 
 def _other_checkpoints(path: str) -> list[str]:
-    """The other ``*.ckpt`` files in ``path``'s folder, newest first."""
+    """The other ``*.ckpt`` files and complete distributed checkpoints in ``path``'s folder, newest first."""
     directory = os.path.dirname(os.path.abspath(path))
-    found = [p for p in glob.glob(os.path.join(glob.escape(directory), "*.ckpt")) if not os.path.samefile(p, path)]
-    return sorted(found, key=os.path.getmtime, reverse=True)
+    found = [
+        p
+        for p in glob.glob(os.path.join(glob.escape(directory), "*.ckpt"))
+        if not os.path.samefile(p, path) and (os.path.isfile(p) or not missing_parts(p))
+    ]
+    return sorted(found, key=checkpoint_time, reverse=True)
+
+
+def _resume_instead(path: str) -> str:
+    others = _other_checkpoints(path)
+    if others:
+        return "Resume from an earlier checkpoint instead, e.g. " + ", ".join(repr(p) for p in others[:3])
+    return "No other checkpoint is in that folder; start the run again without ckpt_path"
 
 
 def corrupt_checkpoint_error(path: str, err: BaseException) -> CheckpointError:
     """The error for a checkpoint file that exists but cannot be read."""
-    others = _other_checkpoints(path)
-    hint = (
-        "Resume from an earlier checkpoint instead, e.g. " + ", ".join(repr(p) for p in others[:3])
-        if others
-        else "No other checkpoint is in that folder; start the run again without ckpt_path"
-    )
     return CheckpointError(
         f"Cannot read the checkpoint {path!r} ({os.path.getsize(path)} bytes): the file is truncated or corrupt"
         f" [{type(err).__name__}: {err}]. A run killed while writing it with a non-atomic writer leaves such a"
-        f" file (lightning_moe.checkpointing.AtomicCheckpointIO prevents that). {hint}."
+        f" file (lightning_moe.checkpointing.AtomicCheckpointIO prevents that). {_resume_instead(path)}."
+    )
+
+
+def incomplete_checkpoint_error(path: str, missing: list[str]) -> CheckpointError:
+    """The error for a distributed checkpoint folder that lacks ``missing`` (see :func:`missing_parts`)."""
+    return CheckpointError(
+        f"Cannot read the checkpoint {path!r}: it is an incomplete distributed checkpoint (no {' or '.join(missing)}"
+        " in the folder); a run killed while Lightning wrote it in place leaves such a folder (lightning-moe writes"
+        f" a temporary folder and renames it into place). {_resume_instead(path)}."
     )
 
 
@@ -186,155 +225,159 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(os.fspath(path), lambda fh: torch.save(checkpoint, fh))
 
     def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage, weights_only=None):
+        if isinstance(get_filesystem(path), LocalFileSystem) and is_distributed_checkpoint(path):
+            # A sharded run's checkpoint read by a strategy that does not shard (evaluation on one
+            # device): its weights, assembled whole; resuming training needs ModelParallelStrategy.
+            _check_complete(os.fspath(path))
+            return load_distributed_weights(path)
         with damaged_checkpoint_errors(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
 
+def _check_complete(path: str) -> None:
+    missing = missing_parts(path)
+    if missing:
+        raise incomplete_checkpoint_error(path, missing)
+
+
 @contextlib.contextmanager
 def damaged_checkpoint_errors(path):
-    """Turn a failure to read the local checkpoint ``path`` into :class:`CheckpointError` if the file is damaged.
+    """Turn a failure to read the local checkpoint ``path`` into :class:`CheckpointError` if it is damaged.
 
     A missing file raises ``FileNotFoundError`` as usual; an intact archive that fails to
     load has another problem (e.g. ``weights_only`` refusing an object) and its error passes
-    through unchanged.
+    through unchanged. A distributed checkpoint (a folder) is damaged when it is incomplete.
     """
     try:
         yield
     except FileNotFoundError:
+        if isinstance(get_filesystem(path), LocalFileSystem) and is_distributed_checkpoint(path):
+            _check_complete(os.fspath(path))
         raise
     except Exception as err:
-        if not isinstance(get_filesystem(path), LocalFileSystem) or _is_intact_zip(os.fspath(path)):
+        if not isinstance(get_filesystem(path), LocalFileSystem):
             raise
-        raise corrupt_checkpoint_error(os.fspath(path), err) from err
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            missing = missing_parts(path) if is_distributed_checkpoint(path) else []
+            if missing:
+                raise incomplete_checkpoint_error(path, missing) from err
+            raise
+        if _is_intact_zip(path):
+            raise
+        raise corrupt_checkpoint_error(path, err) from err
+
+
+def read_checkpoint_settings(path: str | os.PathLike) -> Any:
+    """Checkpoint ``path`` with its tensors unread, for the settings it holds (``hyper_parameters``, ...).
+
+    A ``.ckpt`` file is memory-mapped, so little of it is read; of a distributed checkpoint only
+    ``meta.pt`` is read, which holds everything but the weights and optimizer states (so no
+    ``state_dict``). A damaged file or an incomplete folder raises :class:`CheckpointError`.
+    """
+    path = os.fspath(path)
+    if is_distributed_checkpoint(path):
+        _check_complete(path)
+        path = os.path.join(path, META_FILE)
+    with damaged_checkpoint_errors(path):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def use_atomic_checkpoint_io(trainer: L.Trainer) -> None:
-    """Make ``trainer`` write checkpoints with :class:`AtomicCheckpointIO`.
+    """Make ``trainer`` write checkpoints atomically: :class:`AtomicCheckpointIO`, and distributed ones renamed into place.
 
-    Only Lightning's default, a plain ``TorchCheckpointIO``, is replaced; a checkpoint IO
-    of another class, chosen by the user or the strategy, is kept.
+    Only Lightning's default checkpoint IO, a plain ``TorchCheckpointIO``, is replaced; a
+    checkpoint IO of another class, chosen by the user or the strategy, is kept. Under
+    ``ModelParallelStrategy`` with ``save_distributed_checkpoint=True``, which writes its
+    checkpoint folders itself (not through the checkpoint IO), every rank writes its shards into
+    a temporary folder beside the target, and rank 0 puts it in the target's place once the
+    checkpoint is complete (:class:`AtomicDistributedSave`).
     """
-    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+    if isinstance(strategy, ModelParallelStrategy) and not isinstance(strategy.save_checkpoint, AtomicDistributedSave):
+        strategy.save_checkpoint = AtomicDistributedSave(strategy, strategy.save_checkpoint)
 
 
-# --------------------------------------------------------------------------- RNG state
+class AtomicDistributedSave:
+    """``ModelParallelStrategy.save_checkpoint`` that writes a distributed checkpoint beside its target, then swaps it in.
 
-
-def rng_states() -> dict[str, Any]:
-    """This process's global RNG states (torch, CUDA when in use, numpy, Python)."""
-    states: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state()
-    return states
-
-
-def set_rng_states(states: Mapping[str, Any]) -> None:
-    """Restore what :func:`rng_states` returned (also after :func:`saveable_rng_states`)."""
-    torch.set_rng_state(states["torch"])
-    name, keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    version, internal, python_gauss = states["python"]
-    random.setstate((version, tuple(internal), python_gauss))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
-
-
-def saveable_rng_states(states: Mapping[str, Any]) -> dict[str, Any]:
-    """``states`` in plain types, which ``torch.load(weights_only=True)`` accepts (numpy arrays it does not)."""
-    name, keys, pos, has_gauss, gauss = states["numpy"]
-    version, internal, python_gauss = states["python"]
-    return {
-        **states,
-        "numpy": [name, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(gauss)],
-        "python": [version, list(internal), python_gauss],
-    }
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """A 63-bit seed for ``rank`` derived from the run's ``seed`` (distinct ranks, unrelated streams)."""
-    low, high = np.random.SeedSequence([seed % 2**64, rank]).generate_state(2, dtype=np.uint32)
-    return (int(high) << 32 | int(low)) & (2**63 - 1)
-
-
-class ResumableRNG(L.Callback):
-    """Saves each rank's RNG states in checkpoints; ``fit(ckpt_path=...)`` continues the same streams.
-
-    The estimators draw from torch's global RNG (SparseMixer's Gumbel samples and coins,
-    router and input jitter), so resuming bit for bit needs those streams back where they
-    were. Lightning does not save them; this callback does, for every data-parallel rank
-    (gathered when the checkpoint is written, each rank restoring its own).
-
-    The state saved is the one at the end of the latest training batch, and at the start
-    of each training batch the RNGs are set back to it. So whatever runs between two
-    training batches (validation, creating a DataLoader iterator at an epoch start,
-    another callback's sampling) does not move the streams training draws from, and a
-    resumed run, which skips or repeats some of that work, draws exactly what the
-    uninterrupted run drew. The flip side: code that draws from the global RNG between
-    training batches gets numbers the next batch draws again, and the same numbers every
-    time if training itself draws none (``topk`` without jitter); give such code its own
-    ``torch.Generator``. Randomness inside the training batch's own fetch (a dataset that
-    draws from the global RNG in the main process) is not covered: give such datasets
-    their own generator, or use DataLoader workers.
-
-    Independent ranks: ``seed_everything`` gives every data-parallel rank the same seed,
-    so without care rank r's token t would get the same Gumbel sample, coin and jitter as
-    rank 0's token t: sampled routing noise correlated across the shards of the global
-    batch (each token's noise still has the right distribution, but the global-batch
-    gradient averages fewer independent draws). With ``independent_ranks=True`` (the
-    default) a fresh multi-process run re-seeds torch's CPU and CUDA generators at the
-    start of training from (``torch.initial_seed()``, global rank), after the model is
-    built and its weights broadcast, so the ranks draw independent streams that are still
-    reproducible from the one seed. ``False`` keeps the shared streams. One process is
-    left untouched; a resumed run restores the saved streams instead.
-
-    A callback rather than a LightningModule hook so that it works for any module. It
-    is stateful: the checkpoint holds its states under its ``state_key``. Resuming with a
-    different number of ranks restores the ranks that exist and warns that the resumed
-    run is not bit-exact. ``MoELanguageModel`` adds it itself.
+    Lightning writes the folder in place: a run killed while it overwrites ``last.ckpt`` leaves
+    some of the new step's shards with the old step's ``meta.pt`` (a folder that loads, wrongly),
+    and one killed while writing a new folder leaves it without ``.metadata`` or ``meta.pt``.
+    Here every rank writes into ``.<name>.<random>.tmp`` in the target's folder (a name
+    ``--ckpt_path last`` never takes); DCP's save ends with a collective after which every
+    rank's shards are on disk (its writer fsyncs each file) and rank 0 writes ``.metadata``
+    and ``meta.pt``; then rank 0 alone exchanges the temporary folder with the target (Linux's
+    ``renameat2(RENAME_EXCHANGE)``: atomic, whether the target is a folder, a file or absent;
+    elsewhere the old target is renamed aside first) and removes the old one. Every rank
+    learns whether that worked and raises the same :class:`CheckpointError` if not. Full
+    checkpoints (``save_distributed_checkpoint=False``) and remote paths are left to Lightning.
     """
 
-    def __init__(self, independent_ranks: bool = True) -> None:
-        self.independent_ranks = independent_ranks
-        self._states: dict[str, Any] | None = None
-        self._loaded: list[dict[str, Any]] | None = None
+    def __init__(self, strategy: ModelParallelStrategy, save: Callable[..., None]) -> None:
+        self.strategy, self.save = strategy, save
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._loaded is None:
-            if self.independent_ranks and trainer.world_size > 1 and self._states is None:
-                torch.manual_seed(rank_seed(torch.initial_seed(), trainer.global_rank))
+    def __call__(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        strategy = self.strategy
+        if not strategy._save_distributed_checkpoint or not isinstance(get_filesystem(filepath), LocalFileSystem):
+            self.save(checkpoint, filepath, storage_options)
             return
-        loaded, self._loaded = self._loaded, None
-        if len(loaded) != trainer.world_size:
-            rank_zero_warn(
-                f"ResumableRNG: the checkpoint holds RNG states of {len(loaded)} ranks but this run has"
-                f" {trainer.world_size}; ranks without a saved state keep their own, so sampled routing will not"
-                " repeat the uninterrupted run exactly."
-            )
-        if trainer.global_rank < len(loaded):
-            self._states = loaded[trainer.global_rank]
+        path = os.path.abspath(os.fspath(strategy.broadcast(filepath)))  # rank 0's path, as Lightning's save uses
+        temp = None
+        if strategy.is_global_zero:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _remove_stale_temporaries(path)
+            temp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=_temp_prefix(path), suffix=".tmp")
+        temp = strategy.broadcast(temp)
+        try:
+            self.save(checkpoint, temp, storage_options)
+        except BaseException:
+            if strategy.is_global_zero:
+                shutil.rmtree(temp, ignore_errors=True)
+            raise
+        error = None
+        if strategy.is_global_zero:
+            try:
+                _put_in_place(temp, path)
+            except OSError as err:
+                shutil.rmtree(temp, ignore_errors=True)
+                error = str(_write_error(path, err, partial=True))
+        error = strategy.broadcast(error)
+        if error is not None:
+            raise CheckpointError(error)
 
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self._states is not None:
-            set_rng_states(self._states)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
-        self._states = rng_states()
+def _exchange(a: str, b: str) -> bool:
+    """Swap the names ``a`` and ``b`` atomically (Linux ``renameat2``); False where the system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform == "linux" else None
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a file system or kernel without it
+        return False
+    raise OSError(code, os.strerror(code), b)
 
-    def state_dict(self) -> dict[str, Any]:
-        # Called on every rank while a checkpoint is assembled, so the gather is collective.
-        states = self._states if self._states is not None else rng_states()
-        return {"ranks": all_gather_objects(saveable_rng_states(states))}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Applied in ``on_train_start``, when this process knows its rank.
-        self._loaded = list(state_dict["ranks"])
+def _put_in_place(folder: str, path: str) -> None:
+    """Give the complete checkpoint ``folder`` the name ``path``, replacing what is there, then remove that."""
+    _fsync_directory(folder)
+    if not os.path.lexists(path):
+        os.replace(folder, path)
+    elif not _exchange(folder, path):
+        # Without an atomic exchange: for an instant ``path`` is absent; the old checkpoint is then
+        # under the temporary name, removed with the next save's stale temporaries.
+        aside = folder + ".old.tmp"
+        os.replace(path, aside)
+        os.replace(folder, path)
+        folder = aside
+    _fsync_directory(os.path.dirname(path))
+    if os.path.lexists(folder):
+        _remove(folder)
 
 
 # --------------------------------------------------------------------------- stopping

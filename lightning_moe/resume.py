@@ -3,7 +3,8 @@ resume keeps and changes, the folders it writes, and that they can be written.
 
 **A run's identity.** A run is its model and data configuration (estimator included;
 :mod:`lightning_moe.run_identity` says which settings count and which are training settings
-only). ``--ckpt_path last`` means the newest ``last*.ckpt`` of a run *of the same
+only). ``--ckpt_path last`` means the newest ``last*.ckpt`` (a file, or the folder of a
+distributed checkpoint, :mod:`lightning_moe.distributed_checkpoint`) of a run *of the same
 configuration*: Lightning itself would take the newest one in the new run's own (empty)
 ``version_N/checkpoints`` folder, or, once found, whatever run wrote it. Here the candidates
 are the checkpoint folders of every earlier version of the run's logger
@@ -14,8 +15,9 @@ with the new configuration, and the newest that matches wins. When checkpoints e
 matches, :class:`~lightning_moe.errors.ConfigError` names what differs and the folder of the
 newest, and says how to resume a specific run (``--ckpt_path PATH``) or start a new one; with
 no checkpoint at all it says where it looked. A run never starts over silently and never
-continues in another configuration's folder. ``validate``/``test``/``predict --ckpt_path last``
-choose the same way.
+continues in another configuration's folder. An incomplete distributed checkpoint (a folder
+without ``.metadata`` or ``meta.pt``: its writer was killed part-way) is passed over with a
+warning that names it. ``validate``/``test``/``predict --ckpt_path last`` choose the same way.
 
 **Overrides on resume.** Lightning reloads the checkpoint's model hyperparameters over the parsed
 ones, so a ``--model.*`` flag given with ``--ckpt_path`` used to vanish. Here
@@ -47,20 +49,22 @@ import re
 import tempfile
 from typing import Any
 
-import torch
 from jsonargparse import Namespace
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_moe.checkpointing import damaged_checkpoint_errors
+from lightning_moe.checkpointing import read_checkpoint_settings
+from lightning_moe.distributed_checkpoint import checkpoint_time, is_distributed_checkpoint, missing_parts
 from lightning_moe.errors import ConfigError
 from lightning_moe.run_identity import config_differences, describe, plain_settings, saved_config
 
 __all__ = [
     "RunConfigSaver",
+    "check_sharded_resume",
     "check_writable_folders",
     "continue_in_run_folder",
     "evaluate_without_run_folder",
@@ -68,7 +72,7 @@ __all__ = [
     "resume_settings",
 ]
 
-#: What Lightning takes for a last checkpoint: ``last.ckpt``, ``last-v1.ckpt``, ...
+#: What Lightning takes for a last checkpoint: ``last.ckpt``, ``last-v1.ckpt``, ... (files or folders)
 _LAST = re.compile(r"^last.*\.ckpt$")
 _VERSION = re.compile(r"^version_(\d+)$")
 
@@ -85,6 +89,11 @@ def _last_checkpoints(folder: str) -> list[str]:
     if not os.path.isdir(folder):
         return []
     return [os.path.join(folder, f) for f in os.listdir(folder) if _LAST.match(f)]
+
+
+def _incomplete(path: str) -> bool:
+    """Whether ``path`` is a folder that is not a complete distributed checkpoint (a killed writer's)."""
+    return os.path.isdir(path) and bool(missing_parts(path))
 
 
 def _log_folder(logger: Any, default_root: str) -> tuple[str, Any] | None:
@@ -161,9 +170,8 @@ def _checkpoint_folders(trainer: Any) -> tuple[list[tuple[str, str | None]], lis
 
 
 def _saved(path: str) -> dict[str, dict[str, Any]]:
-    """The model and data settings of checkpoint ``path`` (memory-mapped: little of it is read)."""
-    with damaged_checkpoint_errors(path):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    """The model and data settings of checkpoint ``path`` (its tensors are not read)."""
+    checkpoint = read_checkpoint_settings(path)
     return saved_config(checkpoint if isinstance(checkpoint, dict) else {})
 
 
@@ -181,7 +189,7 @@ def resolve_last_checkpoint(config: Any, subcommand: str = "fit") -> None:
     checkpoint folder of a logger with a fixed version or of a run without a logger. Among the
     checkpoints whose model and data settings match ``config``'s on every identity setting
     (:mod:`lightning_moe.run_identity`), the newest by modification time (as Lightning chooses)
-    wins; for ``fit``, when it lies in a version folder, the logger's ``version`` is set to it.
+    wins, incomplete distributed checkpoints passed over with a warning; for ``fit``, when it lies in a version folder, the logger's ``version`` is set to it.
     Other loggers and remote folders are left to Lightning. Raises :class:`ConfigError` when
     there is no checkpoint, or none of this configuration.
     """
@@ -192,14 +200,24 @@ def resolve_last_checkpoint(config: Any, subcommand: str = "fit") -> None:
         return
     folders, searched = found
     candidates = {path: version for folder, version in folders for path in _last_checkpoints(folder)}
+    incomplete = sorted(path for path in candidates if _incomplete(path))
+    for path in incomplete:
+        del candidates[path]
+        rank_zero_warn(
+            f"ckpt_path='last': passing over {path}, an incomplete distributed checkpoint (no"
+            f" {' or '.join(missing_parts(path))}; its writer was killed part-way)"
+        )
     if not candidates:
+        found_only = (
+            f"only incomplete distributed checkpoints ({', '.join(incomplete)})" if incomplete else "no last*.ckpt"
+        )
         raise ConfigError(
-            f"ckpt_path='last': no checkpoint to resume; no last*.ckpt in {', '.join(searched)}"
+            f"ckpt_path='last': no checkpoint to resume; {found_only} in {', '.join(searched)}"
             " (a ModelCheckpoint with save_last: true writes one). Run without --ckpt_path to start a new run,"
             " or give a checkpoint's path."
         )
     ours = _run_config(config)
-    newest_first = sorted(candidates, key=os.path.getmtime, reverse=True)
+    newest_first = sorted(candidates, key=checkpoint_time, reverse=True)
     differing = {}  # identity settings that differ, by checkpoint
     for path in newest_first:
         differing[path] = [d for d in config_differences(_saved(path), ours) if d[0] != "training"]
@@ -227,14 +245,37 @@ def continue_in_run_folder(config: Any) -> None:
     version folder, so no checkpoint of the run is overwritten.
     """
     path = config.get("ckpt_path")
-    found = _checkpoint_folders(config.trainer) if path and os.path.isfile(path) else None
+    found = _checkpoint_folders(config.trainer) if path and os.path.exists(path) else None
     if found is None:
         return
     for folder, version in found[0]:
-        lasts = _last_checkpoints(folder)
-        if version is not None and lasts and os.path.samefile(max(lasts, key=os.path.getmtime), path):
+        lasts = [last for last in _last_checkpoints(folder) if not _incomplete(last)]
+        if version is not None and lasts and os.path.samefile(max(lasts, key=checkpoint_time), path):
             _use_version(config.trainer, version)
             return
+
+
+def check_sharded_resume(config: Any) -> None:
+    """For ``fit --ckpt_path PATH``: refuse to resume a distributed checkpoint under a strategy that cannot load its shards.
+
+    Only ``ModelParallelStrategy`` (or a subclass) restores the sharded optimizer state; any other
+    strategy would get the weights alone and fail in Lightning with a message about
+    ``save_weights_only``. ``validate``/``test``/``predict`` read the weights of such a checkpoint
+    under any strategy.
+    """
+    path = config.get("ckpt_path")
+    if not (path and is_distributed_checkpoint(path)):
+        return
+    strategy = config.trainer.get("strategy")
+    cls = _class(strategy.class_path) if hasattr(strategy, "class_path") else None
+    if cls is None or not issubclass(cls, ModelParallelStrategy):
+        shown = strategy.class_path if hasattr(strategy, "class_path") else strategy
+        raise ConfigError(
+            f"ckpt_path={os.fspath(path)!r} is a distributed checkpoint (a folder of shards), which only"
+            f" lightning.pytorch.strategies.ModelParallelStrategy resumes; trainer.strategy is {shown!r}: resume with"
+            " --trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy (as the run that wrote it), or"
+            " evaluate its weights with validate/test"
+        )
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -255,7 +296,7 @@ def _as_parsed(settings: dict[str, Any], like: Any) -> dict[str, Any]:
 
 
 def resume_settings(config: Any, explicit: Any) -> dict[str, dict[str, Any]]:
-    """The model and data settings a run resumed from ``config.ckpt_path`` (a file) builds with.
+    """The model and data settings a run resumed from ``config.ckpt_path`` (a file or a distributed checkpoint) builds with.
 
     The checkpoint's settings, with every setting given explicitly (``explicit``: the subcommand's
     namespace parsed without defaults, i.e. the recipe and the command line) on top. A different

@@ -15,7 +15,6 @@ import warnings
 from argparse import ArgumentError
 from typing import Any
 
-import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -23,13 +22,15 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_moe.checkpointing import CheckpointError, damaged_checkpoint_errors, use_atomic_checkpoint_io
+from lightning_moe.checkpointing import CheckpointError, read_checkpoint_settings, use_atomic_checkpoint_io
 from lightning_moe.data import TextDataModule
+from lightning_moe.distributed_checkpoint import is_distributed_checkpoint
 from lightning_moe.errors import ConfigError
 from lightning_moe.module import MoELanguageModel, canonical_estimator_flags
 from lightning_moe.progress import choose_progress_display
 from lightning_moe.resume import (
     RunConfigSaver,
+    check_sharded_resume,
     check_writable_folders,
     continue_in_run_folder,
     evaluate_without_run_folder,
@@ -71,9 +72,10 @@ class MoECLI(LightningCLI):
         config = self.config[subcommand]
         resolve_last_checkpoint(config, subcommand)  # "last": the newest checkpoint of this configuration
         check_checkpoint(config.get("ckpt_path"), "ckpt_path")
-        if not (config.get("ckpt_path") and os.path.isfile(config.ckpt_path)):
+        if not (config.get("ckpt_path") and os.path.exists(config.ckpt_path)):
             return
         if subcommand == "fit":
+            check_sharded_resume(config)
             continue_in_run_folder(config)
         # What the recipe and command line set, without defaults: those settings override the checkpoint's.
         parse = self.parser.parse_object if isinstance(self._args, (dict, Namespace)) else self.parser.parse_args
@@ -118,33 +120,37 @@ def check_checkpoint(path: str | None, field: str) -> type[LightningModule] | No
     """Refuse ``path`` unless it is a readable checkpoint of :class:`MoELanguageModel` or ``HFMoELanguageModel``.
 
     Returns the class whose constructor takes the checkpoint's hyperparameters, or None for
-    a path passed unchecked.
+    a path passed unchecked. A checkpoint is a ``.ckpt`` file or the folder of a distributed
+    checkpoint (:mod:`lightning_moe.distributed_checkpoint`).
 
-    Missing files, folders, files that are not ``torch.save`` archives and checkpoints of
-    another LightningModule raise :class:`ConfigError`; a damaged archive raises
-    :class:`CheckpointError` (naming the checkpoints beside it). ``None``, Lightning's
-    special values (``last``, ``best``, ...) and remote URLs pass unchecked. The archive is
-    memory-mapped, so checking a large checkpoint reads little of it.
+    Missing files, other folders, files that are not ``torch.save`` archives and checkpoints of
+    another LightningModule raise :class:`ConfigError`; a damaged archive or an incomplete
+    distributed checkpoint raises :class:`CheckpointError` (naming the checkpoints beside it).
+    ``None``, Lightning's special values (``last``, ``best``, ...) and remote URLs pass
+    unchecked. Tensors are not read (the archive is memory-mapped; of a folder only ``meta.pt``
+    is read), so checking a large checkpoint reads little of it.
     """
     if path is None or str(path).split(":")[0] in _SPECIAL_CKPT_PATHS or "://" in str(path):
         return None
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ConfigError(f"{field}={path!r}: no such file; give a .ckpt written by lightning-moe fit")
-    if not os.path.isfile(path):
+    distributed = is_distributed_checkpoint(path)
+    if not (distributed or os.path.isfile(path)):
         raise ConfigError(f"{field}={path!r} is a folder; give a .ckpt file in it (e.g. checkpoints/last.ckpt)")
-    with open(path, "rb") as fh:
-        is_zip = fh.read(4) == b"PK\x03\x04"
-    if not is_zip:  # torch.save writes zip archives; a damaged one still starts like one
-        raise ConfigError(
-            f"{field}={path!r} is not a checkpoint (not a torch.save archive); give a .ckpt written by lightning-moe fit"
-        )
-    with damaged_checkpoint_errors(path):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not distributed:
+        with open(path, "rb") as fh:
+            is_zip = fh.read(4) == b"PK\x03\x04"
+        if not is_zip:  # torch.save writes zip archives; a damaged one still starts like one
+            raise ConfigError(
+                f"{field}={path!r} is not a checkpoint (not a torch.save archive); give a .ckpt written by lightning-moe"
+                " fit"
+            )
+    checkpoint = read_checkpoint_settings(path)
     hparams = dict(checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
     hparams.pop("_instantiator", None)
     hparams.pop("_class_path", None)  # recorded by LightningCLI for a model named by class_path
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+    if not isinstance(checkpoint, dict) or not (distributed or "state_dict" in checkpoint):
         raise ConfigError(f"{field}={path!r} is not a Lightning checkpoint (it has no state_dict)")
     from lightning_moe.hf.module import HFMoELanguageModel
 

@@ -1,0 +1,202 @@
+"""Distributed (sharded) checkpoints of FSDP2 runs: exact resume, atomic writes, ``--ckpt_path last``.
+
+``ModelParallelStrategy(save_distributed_checkpoint=True)`` writes a checkpoint as a folder named
+like the file it replaces (``last.ckpt/``): every rank's shards and the index through
+``torch.distributed.checkpoint`` (``__<rank>_0.distcp``, ``.metadata``) and rank 0's non-tensor
+part (``meta.pt``). Two gloo ranks on the CPU train a tiny MoELanguageModel with sampled routing
+(SparseMixer-v2) and the router callbacks, so a resume is only exact if the weights, AdamW's
+state, the schedule, every rank's RNG streams, the data position and the callbacks' states all
+come back from the folder.
+"""
+
+import os
+import shutil
+import sys
+from datetime import timedelta
+
+import lightning as L
+import pytest
+import torch
+from helpers import ForkedModelParallel, RankRecord, assert_same
+from jsonargparse import Namespace
+from lightning.fabric.utilities.load import _load_distributed_checkpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import model_parallel
+
+from lightning_moe.callbacks import LoadBalancingLoss, RouterZLoss, RoutingMonitor
+from lightning_moe.checkpointing import CheckpointError, use_atomic_checkpoint_io
+from lightning_moe.data import TextDataModule
+from lightning_moe.errors import ConfigError
+from lightning_moe.module import MoELanguageModel
+from lightning_moe.resume import resolve_last_checkpoint
+from lightning_moe.trainer_cli import check_checkpoint
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="forked ranks need fork")
+
+STEPS = 4
+TIMEOUT = timedelta(seconds=30)  # a collective one rank never joins fails the test instead of hanging it
+MOE = {"num_experts": 4, "top_k": 2, "estimator": "sparsemixer_v2", "backend": "torch"}
+
+
+@pytest.fixture(autouse=True)
+def _no_cuda():
+    if torch.cuda.is_initialized():
+        pytest.skip("forking ranks is impossible once CUDA is initialised in this process")
+
+
+def corpus(folder):
+    path = folder / "corpus.py"
+    if not path.exists():
+        path.write_text("".join(f"def g{i}(x, y):\n    return (x - {i}) * y // {i + 1}\n" for i in range(40)))
+    return str(path)
+
+
+def fit_sharded(root, run, checkpoints, max_steps, ckpt_path=None, save_top_k=0):
+    """Two FSDP2 ranks train for ``max_steps``, saving distributed checkpoints in ``checkpoints`` every step."""
+    out_dir = root / run
+    out_dir.mkdir()
+    L.seed_everything(0)
+    model = MoELanguageModel(d_model=32, n_heads=2, n_layers=2, max_seq_len=16, moe=MOE, warmup_steps=2)
+    data = TextDataModule(source=corpus(root), seq_len=16, batch_size=4, cache_dir=str(root / "cache"))
+    strategy = ForkedModelParallel(
+        data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=True, timeout=TIMEOUT
+    )
+    saver = ModelCheckpoint(
+        dirpath=checkpoints, filename="{step}", every_n_train_steps=1, save_top_k=save_top_k, save_last=True
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_steps=max_steps,
+        log_every_n_steps=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[
+            RankRecord(str(out_dir)),
+            saver,
+            LoadBalancingLoss(alpha=0.01, scope="global"),
+            RouterZLoss(1e-3),
+            RoutingMonitor(log_every_n_steps=STEPS),  # logs once, over steps before and after the resume
+        ],
+    )
+    use_atomic_checkpoint_io(trainer)  # as lightning-moe does for every run
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(2)]
+
+
+def read_sharded(folder):
+    """A distributed checkpoint read back whole, independently of the code under test: the tensors
+    through torch.distributed.checkpoint, the rest from ``meta.pt``."""
+    tensors = _load_distributed_checkpoint(folder)
+    return {**torch.load(folder / "meta.pt", weights_only=False), **tensors}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An uninterrupted run of STEPS steps, and one stopped half-way then resumed from its DCP ``last``."""
+    root = tmp_path_factory.mktemp("dcp")
+    full = fit_sharded(root, "full", root / "full_ckpt", STEPS)
+    fit_sharded(root, "half", root / "ckpt", STEPS // 2)
+    resumed = fit_sharded(root, "resumed", root / "ckpt", STEPS, ckpt_path="last")
+    return root, full, resumed
+
+
+def test_resume_from_the_distributed_last_checkpoint_equals_an_uninterrupted_run_bit_for_bit(runs):
+    root, full, resumed = runs
+    for rank in range(2):
+        assert resumed[rank]["losses"] == {s: full[rank]["losses"][s] for s in range(STEPS // 2, STEPS)}
+        for key, value in full[rank]["state"].items():
+            assert torch.equal(resumed[rank]["state"][key], value), key
+    # The final checkpoints hold the same training state: weights, AdamW's state, schedule, every
+    # rank's RNG streams, the routing monitor's sums and the loops' data position.
+    expected, got = read_sharded(root / "full_ckpt" / "last.ckpt"), read_sharded(root / "ckpt" / "last.ckpt")
+    assert got["global_step"] == expected["global_step"] == STEPS
+    assert_same(got["state_dict"], expected["state_dict"])
+    assert_same(got["optimizer_0"], expected["optimizer_0"])
+    assert got["lr_schedulers"] == expected["lr_schedulers"]
+    for name in ("ResumableRNG", "RoutingMonitor"):
+        assert_same(got["callbacks"][name], expected["callbacks"][name])
+    assert len(got["callbacks"]["ResumableRNG"]["ranks"]) == 2  # each rank's own streams, not rank 0's twice
+    assert got["loops"]["fit_loop"]["state_dict"] == expected["loops"]["fit_loop"]["state_dict"]
+
+
+def test_a_save_cut_short_leaves_the_previous_distributed_checkpoint_intact(tmp_path, monkeypatch):
+    """A run killed while writing ``last.ckpt`` (shards written, the rest not) must not leave a folder that
+    mixes the new shards with the old step's ``meta.pt``: the previous checkpoint stays whole."""
+    write = model_parallel._distributed_checkpoint_save
+    saves_of_last = []
+
+    def killed_after_the_shards(state, path):
+        write(state, path)
+        if "last.ckpt" in os.path.basename(path):
+            saves_of_last.append(path)
+            if len(saves_of_last) == 2:  # the second step's last.ckpt: shards and index written, meta.pt not
+                raise RuntimeError("killed")
+
+    monkeypatch.setattr(model_parallel, "_distributed_checkpoint_save", killed_after_the_shards)
+    with pytest.raises(Exception, match="killed"):  # the ranks' error, as the launcher re-raises it
+        fit_sharded(tmp_path, "killed", tmp_path / "ckpt", STEPS, save_top_k=-1)
+    last, step1 = read_sharded(tmp_path / "ckpt" / "last.ckpt"), read_sharded(tmp_path / "ckpt" / "step=1.ckpt")
+    assert last["global_step"] == 1
+    assert_same(last["state_dict"], step1["state_dict"])
+    assert_same(last["optimizer_0"], step1["optimizer_0"])
+
+
+def fit_config(root):
+    """A parsed ``fit`` configuration as LightningCLI hands it over: Lightning's default logger under ``root``."""
+    return Namespace(ckpt_path="last", trainer=Namespace(default_root_dir=str(root), logger=None, callbacks=[]))
+
+
+def version_checkpoint(root, version, source, mtime):
+    """A copy of the distributed checkpoint ``source`` as ``version``'s last.ckpt, modified at ``mtime``."""
+    target = root / "lightning_logs" / version / "checkpoints" / "last.ckpt"
+    shutil.copytree(source, target)
+    os.utime(target, (mtime, mtime))
+    return target
+
+
+def test_last_finds_a_distributed_checkpoint_and_passes_over_a_half_written_one(runs, tmp_path):
+    real = runs[0] / "ckpt" / "last.ckpt"
+    complete = version_checkpoint(tmp_path, "version_0", real, 1000)
+    config = fit_config(tmp_path)
+    resolve_last_checkpoint(config)
+    assert config.ckpt_path == str(complete)
+    assert config.trainer.logger.init_args.version == "version_0"
+
+    # Newer, but written in place by a run killed before the index and meta.pt (no atomic writer).
+    half = version_checkpoint(tmp_path, "version_1", real, 2000)
+    os.remove(half / ".metadata")
+    os.remove(half / "meta.pt")
+    os.utime(half, (2000, 2000))
+    config = fit_config(tmp_path)
+    with pytest.warns(UserWarning, match="incomplete distributed checkpoint") as caught:
+        resolve_last_checkpoint(config)
+    assert config.ckpt_path == str(complete)
+    assert any(str(half) in str(warning.message) for warning in caught)
+
+    # Only a half-written one: refused in one line that names it, never loaded.
+    shutil.rmtree(complete)
+    with pytest.raises(ConfigError) as caught, pytest.warns(UserWarning, match="passing over"):
+        resolve_last_checkpoint(fit_config(tmp_path))
+    assert str(half) in str(caught.value) and "incomplete" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_distributed_checkpoint_is_accepted_where_a_ckpt_file_is(runs, tmp_path):
+    real = runs[0] / "ckpt" / "last.ckpt"
+    assert check_checkpoint(str(real), "ckpt_path") is MoELanguageModel
+
+    half = tmp_path / "last.ckpt"
+    shutil.copytree(real, half)
+    os.remove(half / "meta.pt")
+    with pytest.raises((ConfigError, CheckpointError)) as caught:
+        check_checkpoint(str(half), "ckpt_path")
+    message = str(caught.value)
+    assert repr(str(half)) in message and "incomplete" in message and "meta.pt" in message
+    assert "\n" not in message
+
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ConfigError, match="is a folder"):
+        check_checkpoint(str(tmp_path / "plain"), "ckpt_path")
