@@ -10,6 +10,7 @@ import io
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,16 @@ def listed_cases():
     return cases
 
 
+def split_command(command):
+    """(environment settings written before the command as ``VAR=value``, the command's arguments)."""
+    words = shlex.split(command)
+    env = {}
+    while "=" in words[0] and words[0].split("=", 1)[0].isupper():
+        name, value = words.pop(0).split("=", 1)
+        env[name] = value
+    return env, cli_args(shlex.join(words))
+
+
 def cli_args(command):
     args = shlex.split(command)
     assert args[0] == "lightning-moe"
@@ -99,7 +110,29 @@ def scratch(tmp_path_factory):
     other = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     other.strategy.connect(BoringModel())
     other.save_checkpoint(folder / "other_model.ckpt")
+    (folder / "other_run" / "checkpoints").mkdir(parents=True)
+    shutil.copy(folder / "moe.ckpt", folder / "other_run" / "checkpoints" / "last.ckpt")
+    (folder / "full_folder").mkdir()
+    (folder / "full_folder" / "keep.txt").write_text("a file export must not overwrite\n")
+    (folder / "drop_turns.jinja").write_text(
+        "{% for m in messages %}{% if loop.last %}{{ m['content'] }}{% else %}<{{ m['role'] }}>{% endif %}{% endfor %}"
+    )
+    save_hf_checkpoint(folder)
     return folder
+
+
+def save_hf_checkpoint(folder):
+    """``tiny/``: a tiny OLMoE folder (also the posttrain recipe's ``runs/tiny-olmoe``); ``hf.ckpt``: a checkpoint of it."""
+    from lightning_moe.hf import HFMoELanguageModel
+    from lightning_moe.hf.tiny import build_tiny_model
+
+    build_tiny_model("olmoe", str(folder / "tiny"), vocab_size=320)
+    (folder / "runs").mkdir(exist_ok=True)
+    (folder / "runs" / "tiny-olmoe").symlink_to(folder / "tiny")
+    module = HFMoELanguageModel(pretrained=str(folder / "tiny"), dtype="float32")
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(folder / "hf.ckpt")
 
 
 def test_the_list_is_long_enough():
@@ -112,8 +145,13 @@ def test_bad_input_gives_one_line_naming_the_field(command, field, scratch, monk
     monkeypatch.delenv("LIGHTNING_MOE_DEBUG", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a Hub name fails at once instead of waiting for the network
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    code, stderr = run_in_process(cli_args(command))
-    lines = stderr.splitlines()
+    env, args = split_command(command)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, stderr = run_in_process(args)
+    # transformers draws a "Loading weights" bar while a model loads: progress, not part of an
+    # error found after the model is loaded.
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("Loading weights")]
     assert code == 2, stderr
     assert len(lines) == 1, stderr
     assert lines[0].startswith("error: ") and field in lines[0], lines[0]
