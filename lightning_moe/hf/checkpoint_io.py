@@ -10,16 +10,18 @@ holds at most one shard and one tensor.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import Tensor
 
 from lightning_moe.errors import ConfigError
+from lightning_moe.hf.safetensors_io import bytes_of, header_for
 
 #: The largest safetensors shard export writes unless told otherwise (``transformers``' unit: 5 GB = 5 * 10**9 bytes).
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -103,44 +105,55 @@ class CheckpointTensors:
 
 
 class ShardWriter:
-    """Safetensors shards of at most ``max_bytes`` each (a larger tensor gets one of its own),
-    named and indexed as ``save_pretrained`` names them, written as tensors are added."""
+    """Safetensors shards of at most ``max_bytes`` each (a larger tensor gets one of its own), named and
+    indexed as ``save_pretrained`` names them, planned from ``entries`` (name, dtype, shape, in the
+    order they will come) and written as each tensor comes: only that tensor is in memory."""
 
-    def __init__(self, folder: str, max_bytes: int) -> None:
-        self.folder, self.max_bytes = folder, max_bytes
-        self.pending: dict[str, Tensor] = {}
-        self.pending_bytes = 0
-        self.files: list[list[str]] = []  # the tensor names of each shard written
-        self.total_bytes = 0
+    def __init__(self, folder: str, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes: int) -> None:
+        shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+        size = 0
+        for entry in entries:
+            nbytes = math.prod(entry[2]) * torch.empty((), dtype=entry[1]).element_size()
+            if shards[-1] and size + nbytes > max_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(entry)
+            size += nbytes
+        self.folder, self.shards = folder, shards
+        self.total_bytes = sum(math.prod(e[2]) * torch.empty((), dtype=e[1]).element_size() for e in entries)
+        count = len(shards)
+        self.filenames = (
+            ["model.safetensors"] if count == 1
+            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        )
+        self._next = ((i, j) for i, shard in enumerate(shards) for j in range(len(shard)))
+        self._file: IO[bytes] | None = None
 
-    def add(self, name: str, tensor: Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
-        self.total_bytes += size
+    def write(self, name: str, tensor: Tensor) -> None:
+        """Append ``tensor``, which must be the next entry of the plan."""
+        shard, position = next(self._next)
+        expected = self.shards[shard][position]
+        if (name, tensor.dtype, tuple(tensor.shape)) != expected:
+            raise RuntimeError(f"export wrote {name} {tensor.dtype} {tuple(tensor.shape)} where it planned {expected}")
+        if position == 0:
+            self._close_file()
+            self._file = open(os.path.join(self.folder, self.filenames[shard]), "wb")  # noqa: SIM115 (closed below)
+            self._file.write(header_for(self.shards[shard]))
+        self._file.write(bytes_of(tensor.contiguous()))
 
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        save_file(self.pending, os.path.join(self.folder, f".shard-{len(self.files)}"), metadata={"format": "pt"})
-        self.files.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def close(self) -> None:
-        """Write the last shard, then name the shards and write the index (none for a single file)."""
-        if self.pending or not self.files:
-            self._flush()
-        count = len(self.files)
-        if count == 1:
-            os.rename(os.path.join(self.folder, ".shard-0"), os.path.join(self.folder, "model.safetensors"))
+        """Close the last shard and write the index (none for a single file)."""
+        self._close_file()
+        if next(self._next, None) is not None:
+            raise RuntimeError("export ended before writing every planned tensor")
+        if len(self.filenames) == 1:
             return
-        weight_map = {}
-        for i, names in enumerate(self.files):
-            filename = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-            os.rename(os.path.join(self.folder, f".shard-{i}"), os.path.join(self.folder, filename))
-            weight_map.update(dict.fromkeys(names, filename))
+        weight_map = {name: self.filenames[i] for i, shard in enumerate(self.shards) for name, _, _ in shard}
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         with open(os.path.join(self.folder, "model.safetensors.index.json"), "w") as fh:
             json.dump(index, fh, indent=2, sort_keys=True)

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
+
 from lightning_moe.data.tokenizers import load_transformers_tokenizer
 from lightning_moe.errors import ConfigError
 from lightning_moe.hf.checkpoint_io import (
@@ -147,8 +149,9 @@ def stream_export(source: CheckpointTensors, output: str, tokenizer: str | None,
     The Hugging Face model is built on the meta device from the stored config (no weights), so
     the names, tied weights and checkpoint layout ``save_pretrained`` would write (per-expert
     tensors where the family's released checkpoints have them) come from ``transformers``
-    itself; each of our tensors is read, transposed back to the Hugging Face expert layout and
-    added to the current shard (:class:`~lightning_moe.hf.checkpoint_io.ShardWriter`).
+    itself. The shards are planned from the shapes alone (on the meta device); then each of our
+    tensors is read, transposed back to the Hugging Face expert layout and written into its
+    shard (:class:`~lightning_moe.hf.checkpoint_io.ShardWriter`) before the next is read.
     """
     import transformers
     from transformers.core_model_loading import revert_weight_conversion
@@ -168,21 +171,28 @@ def stream_export(source: CheckpointTensors, output: str, tokenizer: str | None,
         first_name.setdefault(id(param), name)
     tied = {name for name, param in hf_model.named_parameters(remove_duplicate=False) if first_name[id(param)] != name}
     _warn_dropped(source, ours)
-    dtype = None
+    work = []  # (our name, the Hugging Face name, transposed), in the order written
+    entries = []  # what each becomes in the files: (name, dtype, shape), planned on the meta device
+    for name, (hf_name, transposed) in ours.items():
+        if hf_name is None or hf_name in tied or hf_name not in persistent:
+            continue
+        if name not in source.shapes:
+            raise ConfigError(f"checkpoint={source.path!r} has no tensor {MODEL_PREFIX}{name}; it is not of this model")
+        work.append((name, hf_name, transposed))
+        shape, dtype = source.shapes[name]
+        planned = torch.empty(shape, dtype=dtype, device="meta")
+        planned = planned.transpose(1, 2) if transposed else planned.reshape(persistent[hf_name])
+        entries += [(k, v.dtype, tuple(v.shape)) for k, v in revert_weight_conversion(hf_model, {hf_name: planned}).items()]
     with _replaced_whole(output) as folder:
-        writer = ShardWriter(folder, max_bytes)
-        for name, (hf_name, transposed) in ours.items():
-            if hf_name is None or hf_name in tied or hf_name not in persistent:
-                continue
-            if name not in source.shapes:
-                raise ConfigError(f"checkpoint={source.path!r} has no tensor {MODEL_PREFIX}{name}; it is not of this model")
+        writer = ShardWriter(folder, entries, max_bytes)
+        for name, hf_name, transposed in work:
             tensor = source.get(name)
             tensor = tensor.transpose(1, 2) if transposed else tensor.reshape(persistent[hf_name])  # [E] -> ERNIE's [1, E]
-            dtype = dtype or (tensor.dtype if tensor.is_floating_point() else None)
             for key, value in revert_weight_conversion(hf_model, {hf_name: tensor}).items():
-                writer.add(key, value)
+                writer.write(key, value)
             del tensor
         writer.close()
+        dtype = next((dtype for _, dtype, _ in entries if dtype.is_floating_point), None)
         config.use_cache = True
         config.architectures = [type(hf_model).__name__]
         if dtype is not None:

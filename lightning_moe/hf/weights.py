@@ -2,8 +2,9 @@
 
 A model too large for one rank is built on the meta device, converted (:func:`~lightning_moe.hf.from_hf`
 only moves meta tensors) and sharded with FSDP2; then each rank allocates its own shards and
-fills them from the checkpoint's files (:func:`fill_from_checkpoint`): memory-mapped, one tensor
-at a time, only the rows of its shard, transposed into ``MoELayer``'s expert layout on the way.
+fills them from the checkpoint's files (:func:`fill_from_checkpoint`): one tensor at a time,
+only the rows of its shard, read straight into the shard where the layouts agree and
+transposed into ``MoELayer``'s expert layout on the way where they do not.
 
 Checkpoint keys are the model's names after ``transformers``' own conversion mapping
 (:func:`checkpoint_plan`): released MoE checkpoints store each expert's ``gate_proj``, ``up_proj``
@@ -15,16 +16,19 @@ loads; here the stacking reads only the experts of a rank's shard.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import IO
 
 import torch
 from torch import Tensor, nn
 
 from lightning_moe.errors import ConfigError
 from lightning_moe.hf.convert import hf_tensor_names
+from lightning_moe.hf.safetensors_io import DTYPES, read_header, read_rows
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -58,50 +62,56 @@ def has_safetensors(folder: str) -> bool:
 
 
 class SafetensorsFolder:
-    """The tensors of a Hugging Face model folder's safetensors (one file or several with an index).
-
-    Files are opened (memory-mapped) on first use and closed with the reader, so the pages
-    read stay mapped only while the model is being filled.
-    """
+    """The tensors of a Hugging Face model folder's safetensors (one file or several with an index),
+    read with plain file I/O (:mod:`~lightning_moe.hf.safetensors_io`): only the bytes asked for,
+    straight into the tensor that keeps them, nothing memory-mapped."""
 
     def __init__(self, folder: str) -> None:
         index = os.path.join(folder, SAFE_INDEX)
+        self.folder = folder
+        self._stack = ExitStack()
+        self._files: dict[str, tuple[IO[bytes], int, dict]] = {}
         if os.path.isfile(index):
             with open(index) as fh:
-                weight_map = json.load(fh)["weight_map"]
+                self.weight_map = json.load(fh)["weight_map"]
         elif os.path.isfile(os.path.join(folder, SAFE_SINGLE)):
-            from safetensors import safe_open
-
-            with safe_open(os.path.join(folder, SAFE_SINGLE), framework="pt") as fh:
-                weight_map = dict.fromkeys(fh.keys(), SAFE_SINGLE)
+            self.weight_map = {k: SAFE_SINGLE for k in self._file(SAFE_SINGLE)[2] if k != "__metadata__"}
         else:
             raise ConfigError(
                 f"`pretrained`={folder!r} has no safetensors weights ({SAFE_SINGLE} or {SAFE_INDEX}), which loading"
                 " shard by shard (meta_init) reads; convert it with save_pretrained, or set meta_init: false"
             )
-        self.folder, self.weight_map = folder, weight_map
-        self._stack = ExitStack()
-        self._open: dict[str, object] = {}
 
     def __enter__(self) -> SafetensorsFolder:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
-        self._open.clear()
+        self._files.clear()
 
-    def rows(self, key: str, start: int | None = None, stop: int | None = None) -> Tensor:
-        """Rows ``[start:stop]`` of tensor ``key`` (all of it for ``None``), read from the file alone."""
-        from safetensors import safe_open
+    def _file(self, filename: str) -> tuple[IO[bytes], int, dict]:
+        if filename not in self._files:
+            fh = self._stack.enter_context(open(os.path.join(self.folder, filename), "rb"))
+            self._files[filename] = (fh, *read_header(fh))
+        return self._files[filename]
 
-        filename = self.weight_map[key]
-        if filename not in self._open:
-            path = os.path.join(self.folder, filename)
-            self._open[filename] = self._stack.enter_context(safe_open(path, framework="pt"))
-        handle = self._open[filename]
-        if start is None:
-            return handle.get_tensor(key)
-        return handle.get_slice(key)[start:stop]
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._file(self.weight_map[key])[2][key]["shape"])
+
+    def read_into(self, key: str, out: Tensor, start: int = 0) -> None:
+        """Fill ``out`` with rows ``start:start + len(out)`` of tensor ``key`` (cast to ``out``'s dtype)."""
+        fh, data_offset, header = self._file(self.weight_map[key])
+        entry = header[key]
+        dtype = DTYPES[entry["dtype"]]
+        if out.dtype == dtype and out.is_contiguous():
+            read_rows(fh, data_offset, entry, out, start)
+            return
+        staged = torch.empty(out.shape, dtype=dtype)
+        read_rows(fh, data_offset, entry, staged, start)
+        out.copy_(staged)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return DTYPES[self._file(self.weight_map[key])[2][key]["dtype"]]
 
 
 @dataclass(frozen=True)
@@ -113,11 +123,29 @@ class Source:
     key: str | None = None
     stacked: tuple[tuple[str, ...], ...] = ()
 
-    def read(self, files: SafetensorsFolder, start: int | None = None, stop: int | None = None) -> Tensor:
+    def shape(self, files: SafetensorsFolder) -> tuple[int, ...]:
+        """The tensor's shape in the ``transformers`` model."""
         if self.key is not None:
-            return files.rows(self.key, start, stop)
-        parts = [torch.stack([files.rows(key) for key in keys[start:stop]]) for keys in self.stacked]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            return files.shape(self.key)
+        widths = [files.shape(keys[0]) for keys in self.stacked]
+        return (len(self.stacked[0]), sum(w[0] for w in widths), *widths[0][1:])
+
+    def read(self, files: SafetensorsFolder, start: int | None = None, stop: int | None = None) -> Tensor:
+        """Rows ``[start:stop]`` (all for ``None``) in the ``transformers`` layout and the checkpoint's dtype."""
+        shape = self.shape(files)
+        start, stop = (0, shape[0]) if start is None else (start, stop)
+        first = self.key if self.key is not None else self.stacked[0][0]
+        out = torch.empty((stop - start, *shape[1:]), dtype=files.dtype(first))
+        if self.key is not None:
+            files.read_into(self.key, out, start)
+            return out
+        offset = 0
+        for keys in self.stacked:  # each expert's tensor is one contiguous block of its row of `out`
+            width = files.shape(keys[0])[0]
+            for row, key in enumerate(keys[start:stop]):
+                files.read_into(key, out[row, offset : offset + width])
+            offset += width
+        return out
 
 
 def checkpoint_plan(hf_model: nn.Module, keys: list[str]) -> dict[str, Source]:
@@ -235,17 +263,22 @@ def fill_from_checkpoint(model: nn.Module, hf_plan: dict[str, Source], folder: s
                 continue
             hf_name, transposed = found[0]
             local, start, stop = _local_rows(tensor)
-            value = hf_plan[hf_name].read(files, start, stop)
-            if transposed:
-                value = value.transpose(1, 2)
-            elif value.shape != local.shape and value.numel() == local.numel() and start is None:
-                value = value.reshape(local.shape)  # a selection bias: [1, E] in ERNIE-4.5, [E] in MoELayer
-            if value.shape != local.shape:
+            source = hf_plan[hf_name]
+            shape = source.shape(files)
+            rows = (shape[0] if start is None else stop - start, *shape[1:])
+            expected = (rows[0], rows[2], rows[1], *rows[3:]) if transposed else rows
+            if tuple(expected) != tuple(local.shape) and (transposed or start is not None or
+                                                          math.prod(expected) != local.numel()):
                 raise ConfigError(
-                    f"checkpoint tensor {hf_name} has shape {tuple(value.shape)}, the model expects"
-                    f" {tuple(local.shape)} (rows {start}:{stop}); the checkpoint and its config.json disagree"
+                    f"checkpoint tensor {hf_name} has shape {shape}, the model expects {tuple(local.shape)}"
+                    f" (rows {start}:{stop}); the checkpoint and its config.json disagree"
                 )
-            local.copy_(value)
+            if source.key is not None and not transposed and tuple(expected) == tuple(local.shape):
+                files.read_into(source.key, local, start or 0)  # straight into the shard: no copy in between
+                continue
+            value = source.read(files, start, stop)
+            # experts: the transpose; a selection bias: [1, E] in ERNIE-4.5, [E] in MoELayer
+            local.copy_(value.transpose(1, 2) if transposed else value.reshape(local.shape))
             del value
     if missing:
         raise ConfigError(
