@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +68,7 @@ class BlockSpec:
     sparsemixer_eps: float  # sparsemixer: the jitter mask's eps (config.router_jitter_noise)
     input_jitter: float  # training noise on the block input (Mixtral, PhiMoE)
     shared_expert: bool  # Qwen2-MoE: a shared expert scaled by sigmoid(shared_expert_gate(x))
-    scoring: Scoring = Scoring()  # MoELayer's score function, expert groups and routed scaling factor
+    scoring: Scoring = field(default_factory=Scoring)  # MoELayer's score function, expert groups and routed scaling factor
     selection_bias: str | None = None  # the router's e_score_correction_bias, by its name in the router
     shared_experts: bool = False  # DeepSeek-V3, ERNIE-4.5: shared_experts(x) added without a gate
 

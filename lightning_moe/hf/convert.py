@@ -35,8 +35,8 @@ from lightning_moe.hf.blocks import (
     probe_inputs,
     routings_agree,
 )
-from lightning_moe.hf.sigmoid_blocks import SHARED_EXPERTS, read_selection_bias, write_selection_bias
 from lightning_moe.hf.router_records import hooks_installed, install_record_hooks, recording_owner, router_records
+from lightning_moe.hf.sigmoid_blocks import SHARED_EXPERTS, read_selection_bias, write_selection_bias
 from lightning_moe.layer import MoELayer, moe_layers
 
 
