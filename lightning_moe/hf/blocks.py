@@ -11,7 +11,9 @@ is decided by running the router itself on a random probe against each routing
 ``MoELayer`` represents exactly (:func:`routing_of`), not by attribute names, which
 families spell differently or not at all (Jamba has no ``norm_topk_prob`` and does not
 renormalise). A block whose router computes anything else, or fails to run, is refused,
-never converted approximately.
+never converted approximately. DeepSeek-V3-style parts (sigmoid scores, expert groups, a
+routed scaling factor, a selection bias, ungated shared experts) are read by
+:mod:`lightning_moe.hf.sigmoid_blocks`.
 """
 
 from __future__ import annotations
