@@ -138,3 +138,17 @@ def test_meta_init_needs_safetensors(tmp_path):
         name.unlink()
     with pytest.raises(ConfigError, match="safetensors"):
         HFMoELanguageModel(pretrained=folder, meta_init=True)
+
+
+def test_a_hub_name_is_read_from_its_cached_snapshot(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny-moe" / "snapshots" / "0123abcd"
+    save_family(snapshot, "olmoe")
+    (tmp_path / "hub" / "models--someone--tiny-moe" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny-moe" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the cache only: no request
+    module = HFMoELanguageModel(pretrained="someone/tiny-moe", estimator="topk", meta_init=True)
+    module.configure_model()
+    assert_same_as_reference(tensors(module.model), str(snapshot), "topk")
