@@ -252,3 +252,14 @@ def test_cohere2_moe_with_added_shared_experts_converts_and_averaged_ones_are_re
     averaged = transformers.Cohere2MoeConfig(**args, shared_expert_combination_strategy="average")
     with pytest.raises(ConfigError, match="Cohere2MoeSparseMoeBlock has shared experts combined by 'average'"):
         from_hf(transformers.AutoModelForCausalLM.from_config(averaged))
+
+
+def test_trainable_experts_includes_the_ungated_shared_experts():
+    from lightning_moe.hf.module import set_trainable
+
+    model = from_hf(make_model("glm4_moe"))
+    set_trainable(model, "experts")
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    shared = {name for name, _ in model.named_parameters() if ".mlp.shared_experts." in name}
+    routed = {name for name, _ in model.named_parameters() if ".moe.experts." in name}
+    assert shared and routed and trained == shared | routed

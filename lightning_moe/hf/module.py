@@ -69,6 +69,8 @@ def _expert_parameters(model: nn.Module) -> set[int]:
         if isinstance(block, HFMoEBlock) and block.shared_expert is not None:
             ids |= {id(p) for p in block.shared_expert.parameters()}
             ids |= {id(p) for p in block.shared_expert_gate.parameters()}
+        if isinstance(block, HFMoEBlock) and block.shared_experts is not None:  # DeepSeek-V3's, ungated
+            ids |= {id(p) for p in block.shared_experts.parameters()}
     return ids
 
 
@@ -112,7 +114,7 @@ class HFMoELanguageModel(CausalLMTraining):
         estimator_args: the estimator's arguments.
         backend: expert backend (``auto``, ``torch``, ``loop``, ``megablocks``).
         trainable: ``all``; ``router`` (only the routers train); ``experts`` (only the
-            routed experts and, in Qwen2-MoE, the shared expert and its gate);
+            routed experts and the shared experts: Qwen2-MoE's with its gate, DeepSeek-V3's);
             ``all_but_router`` (routers frozen, the usual post-training choice for stability).
         dtype: the weights' dtype when loaded (``auto``: the checkpoint's own).
         attn_implementation: passed to ``transformers`` (``None``: its default).
