@@ -233,3 +233,48 @@ def test_a_hugging_face_model_trains_as_in_one_process(tmp_path, meta_init):
         for name, grad in grads.items():
             for rank in ranks:
                 torch.testing.assert_close(rank["grads"][step][name], grad, rtol=1e-4, atol=1e-6, msg=(step, name))
+
+
+# ---- configuration ---------------------------------------------------------------------
+
+
+def test_the_strategy_is_registered_by_name_and_takes_all_ranks_by_default():
+    assert "moe_expert_parallel_fsdp2" in StrategyRegistry
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="moe_expert_parallel_fsdp2", logger=False)
+    assert isinstance(trainer.strategy, ExpertParallelFSDP2Strategy)
+    assert trainer.strategy.expert_parallel_size == 2
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [
+        (3, r"expert_parallel_size=3 does not divide the world size 4 \(num_nodes x devices\)"),
+        (0, r"expert_parallel_size must be a positive int or None \(all ranks\), got 0"),
+    ],
+)
+def test_a_bad_expert_parallel_size_fails_when_the_trainer_is_built(size, message):
+    with pytest.raises(ConfigError, match=message):
+        L.Trainer(accelerator="cpu", devices=WORLD, strategy=ExpertParallelFSDP2Strategy(expert_parallel_size=size))
+
+
+def test_experts_that_the_expert_parallel_size_does_not_divide_are_refused_naming_the_layer(tmp_path):
+    model = MoELanguageModel(d_model=16, n_heads=2, n_layers=1, max_seq_len=8, moe={"num_experts": 3, "top_k": 1})
+    data = TextDataModule(source=corpus(tmp_path), seq_len=8, batch_size=2, cache_dir=str(tmp_path / "cache"))
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy=ForkedExpertParallelFSDP2(timeout=TIMEOUT), max_steps=1, logger=False
+    )
+    with pytest.raises(Exception, match="MoE layer 'blocks.0.ffn' has num_experts=3, which expert_parallel_size=2"):
+        trainer.fit(model, data)
+
+
+@pytest.mark.slow
+def test_lightning_moe_fit_takes_the_strategy_from_yaml(tmp_path):
+    # The real command, whose ranks ModelParallelStrategy's launcher starts as processes of their own.
+    from test_multiprocess_cli import assert_ends_cleanly
+
+    config = tmp_path / "strategy.yaml"
+    config.write_text(
+        "trainer:\n  strategy:\n    class_path: lightning_moe.strategies.ExpertParallelFSDP2Strategy\n"
+        "    init_args:\n      expert_parallel_size: 2\n"
+    )
+    assert_ends_cleanly(tmp_path, ["--config", str(config)])

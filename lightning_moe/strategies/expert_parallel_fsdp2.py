@@ -39,10 +39,12 @@ after sharding), as for FSDP2 alone. The language models shard through
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import nn
@@ -64,28 +66,26 @@ class ExpertParallelFSDP2Strategy(ModelParallelStrategy):
         expert_parallel_size: ranks that share one copy of the experts (each owns
             ``num_experts / expert_parallel_size`` of every layer's experts). Must divide the
             world size and every MoE layer's ``num_experts``. ``None``: all ranks.
-        **kwargs: what :class:`~lightning.pytorch.strategies.ModelParallelStrategy` takes
-            (``save_distributed_checkpoint``, ``process_group_backend``, ``timeout``), except
-            ``data_parallel_size`` and ``tensor_parallel_size``: FSDP2 shards over all ranks
-            and tensor parallelism is not supported.
+        save_distributed_checkpoint, process_group_backend, timeout: as in
+            :class:`~lightning.pytorch.strategies.ModelParallelStrategy`. Its
+            ``data_parallel_size`` and ``tensor_parallel_size`` are not taken: FSDP2 shards
+            over all ranks, and tensor parallelism is not supported.
 
     Registered name: ``"moe_expert_parallel_fsdp2"`` (``expert_parallel_size=None``).
     """
 
-    def __init__(self, expert_parallel_size: int | None = None, **kwargs: Any) -> None:
-        if expert_parallel_size is not None and (
-            isinstance(expert_parallel_size, bool)
-            or not isinstance(expert_parallel_size, int)
-            or expert_parallel_size < 1
-        ):
-            raise ConfigError(f"expert_parallel_size must be a positive int or None, got {expert_parallel_size!r}")
-        for name in ("data_parallel_size", "tensor_parallel_size"):
-            if name in kwargs:
-                raise ConfigError(
-                    f"ExpertParallelFSDP2Strategy takes no {name}: FSDP2 shards over all ranks and tensor"
-                    " parallelism is not supported; set expert_parallel_size (and devices, num_nodes)."
-                )
-        super().__init__(**kwargs)
+    def __init__(
+        self,
+        expert_parallel_size: int | None = None,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
         self._expert_parallel_size = expert_parallel_size
         self.expert_mesh: DeviceMesh | None = None
 
@@ -94,7 +94,11 @@ class ExpertParallelFSDP2Strategy(ModelParallelStrategy):
         return self._expert_parallel_size or self.num_nodes * self.num_processes
 
     def _configure_launcher(self) -> None:
-        # Runs when the Trainer is built: a bad size fails before any process starts.
+        # Runs when the Trainer is built: a bad size fails before any process starts (and, unlike a
+        # check in __init__, LightningCLI reports it as one line rather than inside its parse error).
+        size = self._expert_parallel_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ConfigError(f"expert_parallel_size must be a positive int or None (all ranks), got {size!r}")
         check_world_size(self.num_nodes * self.num_processes, self.expert_parallel_size)
         super()._configure_launcher()
 
