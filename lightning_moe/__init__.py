@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from lightning_moe.layer import MoELayer, RoutingStats, moe_layers
     from lightning_moe.losses import attach_aux_loss, load_balancing_loss, router_z_loss
     from lightning_moe.routing import Router, Routing, Scoring
-    from lightning_moe.strategies import ExpertParallelStrategy
+    from lightning_moe.strategies import ExpertParallelFSDP2Strategy, ExpertParallelStrategy
 
 __version__ = "0.1.0"
 
@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ESTIMATOR_REGISTRY": "lightning_moe.estimators",
     "Estimator": "lightning_moe.estimators",
+    "ExpertParallelFSDP2Strategy": "lightning_moe.strategies",  # registers "moe_expert_parallel_fsdp2"
     "ExpertParallelStrategy": "lightning_moe.strategies",  # importing it registers "moe_expert_parallel"
     "ExpertStats": "lightning_moe.experts",
     "Experts": "lightning_moe.experts",
