@@ -246,7 +246,8 @@ def damaged_checkpoint_errors(path):
 
     A missing file raises ``FileNotFoundError`` as usual; an intact archive that fails to
     load has another problem (e.g. ``weights_only`` refusing an object) and its error passes
-    through unchanged. A distributed checkpoint (a folder) is damaged when it is incomplete.
+    through unchanged. A distributed checkpoint (a folder) is damaged when it is incomplete; a
+    complete one given to code that opens it as a file is refused in one line.
     """
     try:
         yield
@@ -259,9 +260,18 @@ def damaged_checkpoint_errors(path):
             raise
         path = os.fspath(path)
         if os.path.isdir(path):
-            missing = missing_parts(path) if is_distributed_checkpoint(path) else []
+            if not is_distributed_checkpoint(path):
+                raise
+            missing = missing_parts(path)
             if missing:
                 raise incomplete_checkpoint_error(path, missing) from err
+            if isinstance(err, IsADirectoryError):  # code that reads checkpoints as files only
+                raise CheckpointError(
+                    f"Cannot read the checkpoint {path!r} here: it is a distributed checkpoint (a folder of shards,"
+                    " written by ModelParallelStrategy with save_distributed_checkpoint: true), which this reads as a"
+                    " file; evaluate it with lightning-moe validate/test --ckpt_path, resume it under"
+                    " ModelParallelStrategy, or export it (HFMoELanguageModel)"
+                ) from err
             raise
         if _is_intact_zip(path):
             raise

@@ -25,10 +25,11 @@ from lightning.pytorch.strategies import model_parallel
 
 from lightning_moe.callbacks import LoadBalancingLoss, RouterZLoss, RoutingMonitor
 from lightning_moe.checkpointing import CheckpointError, use_atomic_checkpoint_io
+from lightning_moe.cli import main
 from lightning_moe.data import TextDataModule
 from lightning_moe.errors import ConfigError
 from lightning_moe.module import MoELanguageModel
-from lightning_moe.resume import resolve_last_checkpoint
+from lightning_moe.resume import check_sharded_resume, resolve_last_checkpoint
 from lightning_moe.trainer_cli import check_checkpoint
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="forked ranks need fork")
@@ -200,3 +201,40 @@ def test_a_distributed_checkpoint_is_accepted_where_a_ckpt_file_is(runs, tmp_pat
     (tmp_path / "plain").mkdir()
     with pytest.raises(ConfigError, match="is a folder"):
         check_checkpoint(str(tmp_path / "plain"), "ckpt_path")
+
+
+def test_evaluation_on_one_device_reads_the_weights_of_a_distributed_checkpoint(runs):
+    """``validate``/``test`` need no sharding: the weights are assembled whole from the ranks' shards."""
+    root, full, _ = runs
+    model = MoELanguageModel(d_model=32, n_heads=2, n_layers=2, max_seq_len=16, moe=MOE, warmup_steps=2)
+    data = TextDataModule(source=corpus(root), seq_len=16, batch_size=4, cache_dir=str(root / "cache"))
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, limit_val_batches=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    use_atomic_checkpoint_io(trainer)
+    trainer.validate(model, data, ckpt_path=root / "full_ckpt" / "last.ckpt")
+    state = model.state_dict()
+    assert state.keys() == full[0]["state"].keys()
+    for key, value in full[0]["state"].items():  # what rank 0 gathered at the end of the run that wrote it
+        assert torch.equal(state[key], value), key
+
+
+def test_what_cannot_use_a_distributed_checkpoint_refuses_it_in_one_line(runs, capsys):
+    real = str(runs[0] / "ckpt" / "last.ckpt")
+    # fit under a strategy that does not shard would get the weights without the optimizer state.
+    ddp = Namespace(ckpt_path=real, trainer=Namespace(strategy="ddp"))
+    with pytest.raises(ConfigError) as caught:
+        check_sharded_resume(ddp)
+    message = str(caught.value)
+    assert message.startswith(f"ckpt_path={real!r}") and "ModelParallelStrategy" in message and "'ddp'" in message
+    assert "\n" not in message
+    sharded = Namespace(class_path="lightning.pytorch.strategies.ModelParallelStrategy", init_args=Namespace())
+    check_sharded_resume(Namespace(ckpt_path=real, trainer=Namespace(strategy=sharded)))
+
+    # sample reads a .ckpt file.
+    with pytest.raises(SystemExit) as exited:
+        main(["sample", real, "--max_new_tokens", "2"])
+    assert exited.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and real in line and "distributed checkpoint" in line
