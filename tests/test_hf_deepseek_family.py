@@ -263,3 +263,14 @@ def test_trainable_experts_includes_the_ungated_shared_experts():
     shared = {name for name, _ in model.named_parameters() if ".mlp.shared_experts." in name}
     routed = {name for name, _ in model.named_parameters() if ".moe.experts." in name}
     assert shared and routed and trained == shared | routed
+
+
+def test_ernie_own_aux_loss_is_the_originals_after_conversion():
+    model = make_model("ernie4_5_moe")
+    original = copy.deepcopy(model)
+    from_hf(model)
+    ids = input_ids()
+    ours, theirs = (m(ids, labels=ids, output_router_logits=True) for m in (model, original))
+    assert theirs.aux_loss > 0
+    torch.testing.assert_close(ours.aux_loss, theirs.aux_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-6, atol=1e-6)
