@@ -348,6 +348,8 @@ class PostTrainDataModule(ResumableLoaders):
                     val = hub["data.val_split"]
                     return [("train", rows, list(range(len(rows)))), ("validation", val, list(range(len(val))))]
             else:
+                if self.val_split is not None:
+                    self._dataset("data.val_split", self.val_split, builder, files)  # refuses it, naming the field
                 rows = self._dataset("data.split", self.split, builder, files)
         if self.val_split is not None:
             raise ConfigError(f"data.val_split applies to Hub datasets; {self.source!r} uses data.val_fraction")
