@@ -11,6 +11,7 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
+from helpers import _ForkLauncher
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import StrategyRegistry
 
@@ -19,8 +20,6 @@ from lightning_moe.data import TextDataModule
 from lightning_moe.errors import ConfigError
 from lightning_moe.module import MoELanguageModel
 from lightning_moe.strategies import ExpertParallelFSDP2Strategy
-
-from helpers import _ForkLauncher
 
 pytestmark = [
     pytest.mark.skipif(sys.platform == "win32", reason="forked ranks need fork"),
@@ -54,7 +53,9 @@ class Record(L.Callback):
     def on_train_start(self, trainer, pl_module):
         # What this rank holds of each expert tensor: E / ep experts, FSDP2-sharded over the other ranks.
         self.local_shapes = {
-            name: tuple(p.to_local().shape) for name, p in pl_module.named_parameters() if hasattr(p, "to_local") and ".experts." in name
+            name: tuple(p.to_local().shape)
+            for name, p in pl_module.named_parameters()
+            if hasattr(p, "to_local") and ".experts." in name
         }
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -161,11 +162,17 @@ def test_resume_from_a_full_checkpoint_is_exact_and_the_checkpoint_loads_into_on
     assert got["state_dict"].keys() == expected["state_dict"].keys()
     for key, value in expected["state_dict"].items():
         torch.testing.assert_close(got["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
-    moments = [{k: v for k, v in entry.items() if k != "step"} for entry in expected["optimizer_states"][0]["state"].values()]
-    got_moments = [{k: v for k, v in entry.items() if k != "step"} for entry in got["optimizer_states"][0]["state"].values()]
+    moments = [
+        {k: v for k, v in entry.items() if k != "step"} for entry in expected["optimizer_states"][0]["state"].values()
+    ]
+    got_moments = [
+        {k: v for k, v in entry.items() if k != "step"} for entry in got["optimizer_states"][0]["state"].values()
+    ]
     torch.testing.assert_close(got_moments, moments, rtol=1e-4, atol=1e-7)
     # ... and one process resumed from it trains as the uninterrupted single run.
-    continued = fit(tmp_path, "continued", "topk", 1, "auto", batch_size=2 * WORLD, ckpt_path=tmp_path / "ep" / "step=1.ckpt")[0]
+    continued = fit(
+        tmp_path, "continued", "topk", 1, "auto", batch_size=2 * WORLD, ckpt_path=tmp_path / "ep" / "step=1.ckpt"
+    )[0]
     for key, value in single["state"].items():
         torch.testing.assert_close(continued["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
 
@@ -174,9 +181,13 @@ def test_distributed_checkpoint_resumes_exactly_and_into_another_expert_parallel
     # DCP stores every expert tensor once, in its global [E, ...] layout, whatever the mesh.
     whole = fit(tmp_path, "whole", "topk", WORLD, ep_strategy(), batch_size=2, callbacks=checkpoints(tmp_path, "ep"))
     assert (tmp_path / "ep" / "step=1.ckpt").is_dir()
-    resumed = fit(tmp_path, "resumed", "topk", WORLD, ep_strategy(), batch_size=2, ckpt_path=tmp_path / "ep" / "step=1.ckpt")
+    resumed = fit(
+        tmp_path, "resumed", "topk", WORLD, ep_strategy(), batch_size=2, ckpt_path=tmp_path / "ep" / "step=1.ckpt"
+    )
     wider = ForkedExpertParallelFSDP2(expert_parallel_size=WORLD, timeout=TIMEOUT)
-    resharded = fit(tmp_path, "resharded", "topk", WORLD, wider, batch_size=2, ckpt_path=tmp_path / "ep" / "step=1.ckpt")
+    resharded = fit(
+        tmp_path, "resharded", "topk", WORLD, wider, batch_size=2, ckpt_path=tmp_path / "ep" / "step=1.ckpt"
+    )
     for rank in range(WORLD):
         assert resumed[rank]["losses"] == {s: whole[rank]["losses"][s] for s in range(1, STEPS)}
         for key, value in whole[rank]["state"].items():
@@ -205,10 +216,10 @@ class RowsOfRank(L.LightningDataModule):
 @pytest.mark.parametrize("meta_init", [False, True])
 def test_a_hugging_face_model_trains_as_in_one_process(tmp_path, meta_init):
     pytest.importorskip("transformers")
-    from lightning_moe.hf.module import HFMoELanguageModel
+    from helpers import fit_quietly
     from test_hf_meta_load import VOCAB, save_family
 
-    from helpers import fit_quietly
+    from lightning_moe.hf.module import HFMoELanguageModel
 
     folder = save_family(tmp_path / "model", "olmoe")  # 8 experts, top-2
     ids = torch.randint(0, VOCAB, (4 * WORLD, 8), generator=torch.Generator().manual_seed(0))
@@ -217,11 +228,23 @@ def test_a_hugging_face_model_trains_as_in_one_process(tmp_path, meta_init):
     def run(name, devices, strategy, batch_size):
         (tmp_path / name).mkdir()
         module = HFMoELanguageModel(
-            pretrained=folder, estimator="topk", attn_implementation="eager", meta_init=meta_init, warmup_steps=1,
+            pretrained=folder,
+            estimator="topk",
+            attn_implementation="eager",
+            meta_init=meta_init,
+            warmup_steps=1,
             router_aux_loss=False,  # a per-micro-batch loss: the mean over ranks is not the global batch's
         )
-        fit_quietly(module, RowsOfRank(rows, batch_size), [Record(str(tmp_path / name))], devices=devices,
-                    strategy=strategy, max_steps=2, gradient_clip_val=0.5, use_distributed_sampler=False)
+        fit_quietly(
+            module,
+            RowsOfRank(rows, batch_size),
+            [Record(str(tmp_path / name))],
+            devices=devices,
+            strategy=strategy,
+            max_steps=2,
+            gradient_clip_val=0.5,
+            use_distributed_sampler=False,
+        )
         return [torch.load(tmp_path / name / f"rank{r}.pt") for r in range(devices)]
 
     single = run("single", 1, "auto", 2 * WORLD)[0]

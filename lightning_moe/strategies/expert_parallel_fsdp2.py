@@ -39,15 +39,16 @@ after sharding), as for FSDP2 alone. The language models shard through
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.optim import Optimizer
@@ -55,6 +56,9 @@ from torch.optim import Optimizer
 from lightning_moe.errors import ConfigError
 from lightning_moe.experts.expert_parallel import ExpertShard
 from lightning_moe.strategies.expert_parallel import check_expert_parallel_model, check_world_size
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 EXPERT_MESH_DIMS = ("expert_data_parallel", "expert_parallel")
 
@@ -111,7 +115,7 @@ class ExpertParallelFSDP2Strategy(ModelParallelStrategy):
             self.root_device.type, (self.world_size // ep, ep), mesh_dim_names=EXPERT_MESH_DIMS
         )
 
-    def setup(self, trainer: Any) -> None:
+    def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
         # Instance attribute: the plugin's clipping would stack norms of DTensors on two meshes.
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_global_norm
@@ -149,12 +153,26 @@ class ExpertParallelFSDP2Strategy(ModelParallelStrategy):
     def _clip_grad_by_global_norm(self, optimizer: Optimizer, clip_val: float) -> None:
         grads = [p.grad for p in self.precision_plugin.main_params(optimizer) if p.grad is not None]
         local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-        # Every element is held by one rank (FSDP2 shards over all W; experts over ep x W / ep).
-        squares = torch.nn.utils.get_total_norm(local).pow(2) if local else torch.zeros((), device=self.root_device)
+        # Each rank adds the squares of what it holds, divided by how many ranks hold the same
+        # elements (1 for FSDP2's shards and the experts, all ranks for a parameter left unsharded).
+        squares = torch.zeros((), device=self.root_device)
+        for norm, grad in zip(torch._foreach_norm(local) if local else [], grads):
+            squares += norm.to(squares.device).pow(2) / self._holders(grad)
         dist.all_reduce(squares)
         scale = (clip_val / (squares.sqrt() + 1e-6)).clamp(max=1.0)
         if local:
             torch._foreach_mul_(local, scale.to(local[0].device))
+
+    def _holders(self, grad: Tensor) -> int:
+        """How many ranks hold each element of ``grad`` (its replicas)."""
+        if not isinstance(grad, DTensor):
+            return self.world_size
+        mesh = grad.device_mesh
+        return math.prod(mesh.size(dim) for dim, placement in enumerate(grad.placements) if placement.is_replicate())
+
+    def teardown(self) -> None:
+        vars(self.precision_plugin).pop("clip_grad_by_norm", None)
+        super().teardown()
 
     @classmethod
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
@@ -167,4 +185,3 @@ class ExpertParallelFSDP2Strategy(ModelParallelStrategy):
 
 
 ExpertParallelFSDP2Strategy.register_strategies(StrategyRegistry)
-
