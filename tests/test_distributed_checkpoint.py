@@ -11,8 +11,10 @@ come back from the folder.
 
 import os
 import shutil
+import subprocess
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -36,6 +38,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="forked ranks ne
 
 STEPS = 4
 TIMEOUT = timedelta(seconds=30)  # a collective one rank never joins fails the test instead of hanging it
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 MOE = {"num_experts": 4, "top_k": 2, "estimator": "sparsemixer_v2", "backend": "torch"}
 
 
@@ -238,3 +241,43 @@ def test_what_cannot_use_a_distributed_checkpoint_refuses_it_in_one_line(runs, c
     assert exited.value.code == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: ") and real in line and "distributed checkpoint" in line
+
+
+@pytest.mark.slow
+def test_lightning_moe_fit_ckpt_path_last_resumes_the_distributed_checkpoint(tmp_path):
+    """Through the real command, as a user runs it: FSDP2 over two processes (ModelParallelStrategy's own
+    launcher starts rank 1), a DCP ``last.ckpt``, then ``--ckpt_path last`` continues it in its run folder."""
+    (tmp_path / "corpus.txt").write_text(
+        "".join(f"def g{i}(x, y):\n    return (x - {i}) * y // {i + 1}\n" for i in range(100))
+    )
+    tiny = [
+        *("fit", "--config", str(RECIPES / "quickstart.yaml")),
+        *("--model.d_model=32", "--model.n_heads=2", "--model.n_layers=1", "--model.max_seq_len=16"),
+        *("--model.moe.num_experts=4", "--model.moe.ffn_hidden=32", "--data.source=corpus.txt"),
+        *("--data.seq_len=16", "--data.batch_size=2", "--data.cache_dir=cache", "--trainer.limit_val_batches=0"),
+        *("--trainer.enable_model_summary=false", "--trainer.logger.init_args.save_dir=runs"),
+        *("--trainer.accelerator=cpu", "--trainer.devices=2"),
+        "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
+        *("--trainer.strategy.data_parallel_size=2", "--trainer.strategy.tensor_parallel_size=1"),
+        "--trainer.strategy.save_distributed_checkpoint=true",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LIGHTNING_MOE_CACHE": str(tmp_path / "cache")}
+    env.pop("LOCAL_RANK", None)  # a rank's variables would make the command think it is one
+
+    def lightning_moe(*args):
+        done = subprocess.run(
+            [sys.executable, "-m", "lightning_moe.cli", *tiny, *args],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    lightning_moe("--trainer.max_steps=2")
+    last = Path("runs", "quickstart", "version_0", "checkpoints", "last.ckpt")
+    assert (tmp_path / last / ".metadata").is_file()
+    resumed = lightning_moe("--trainer.max_steps=4", "--ckpt_path=last")
+    assert f"Restored all states from the checkpoint at {last}" in resumed.stderr
+    assert f"Last checkpoint: {last}" in resumed.stdout  # the same run folder, no version_1
+    assert sorted(os.listdir(tmp_path / "runs" / "quickstart")) == ["version_0"]
+    assert os.listdir(tmp_path / last.parent) == ["last.ckpt"]  # no temporary folder left beside it
+    assert torch.load(tmp_path / last / "meta.pt", weights_only=True)["global_step"] == 4
