@@ -101,8 +101,9 @@ class Experts(nn.Module):
         first_width = 2 * ffn_hidden if activation == "swiglu" else ffn_hidden
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, first_width))
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden, d_model))
-        # Set by ExpertParallelStrategy while this module holds only its rank's slice of
-        # the experts (then w1/w2 have E / ep rows); None when it holds all of them.
+        # Set by the expert-parallel strategies while this module holds only its rank's slice
+        # of the experts (then w1/w2 have E / ep rows, or are DTensors of E rows under
+        # ExpertParallelFSDP2Strategy); None when it holds all of them.
         self.expert_parallel: ExpertShard | None = None
         self.register_load_state_dict_pre_hook(merge_gate_and_up)
         self.reset_parameters()

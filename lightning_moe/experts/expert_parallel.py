@@ -28,7 +28,8 @@ sharded form).
 Gradients take the same path backwards: the backward of an all-to-all is the all-to-all
 with the split sizes swapped (:class:`AllToAll`). An expert's gradient on its owner
 therefore sums the contributions of every rank's tokens; the strategy scales it
-(:mod:`lightning_moe.strategies.expert_parallel`).
+(:mod:`lightning_moe.strategies.expert_parallel`, or FSDP2's reduction under
+:mod:`lightning_moe.strategies.expert_parallel_fsdp2`).
 
 :class:`~lightning_moe.experts.ExpertStats` describe this rank's tokens over the GLOBAL
 experts, exactly as the single-process backends do, so balancing losses and Default-MoE
