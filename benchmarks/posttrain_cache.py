@@ -89,6 +89,7 @@ def phase_build(args: argparse.Namespace) -> dict:
     return {"conversations": args.conversations, "json_to_arrow_s": round(arrow_s, 1), "build_s": round(build_s, 1),
             "conversations_per_s": round(args.conversations / build_s, 1), "train_rows": len(train),
             "row_fill": round(float(train.lengths.sum()) / (len(train) * args.seq_len), 3),
+            "tokens_per_conversation": round(float(train.lengths.sum()) / len(train.lengths) + 1),
             "truncated": dm.truncated_examples,
             "cache_mb": round(sum(f.stat().st_size for f in Path(dm.cache_path).iterdir()) / 2**20),
             "peak_rss_mb": round(peak_rss_mb())}

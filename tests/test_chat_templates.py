@@ -285,11 +285,13 @@ def test_the_data_module_counts_skipped_examples_by_reason(tmp_path, tok):
     ]
     source = tmp_path / "chat.jsonl"
     source.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
-    dm = PostTrainDataModule(source=str(source), tokenizer=str(folder), seq_len=16, val_fraction=0.01)
-    with pytest.warns(UserWarning, match="skipped 4 examples: 2 with no assistant turn, 1 ") as warned:
+    dm = PostTrainDataModule(source=str(source), tokenizer=str(folder), seq_len=64, val_fraction=0.01,
+                             max_skipped_fraction=0.6)
+    with pytest.warns(UserWarning, match=r"skipped 4 of 7 examples: 2 with no assistant turn \(first: train example 5\)"
+                      ) as warned:
         dm.setup("fit")
     message = str(warned[0].message)
-    assert "1 with an empty assistant turn" in message and "1 that the chat template rejects" in message
+    assert "1 with an empty assistant turn (first: " in message and "1 that the chat template rejects (first: " in message
     assert dm.skipped_examples == 4
 
     dropping = "{% for m in messages %}{% if loop.last %}{{ m['content'] }}{% else %}<{{ m['role'] }}>{% endif %}{% endfor %}"
