@@ -16,7 +16,7 @@ from lightning.fabric.utilities.load import _load_distributed_checkpoint
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_moe.callbacks import LoadBalancingLoss
+from lightning_moe.callbacks import AuxLossFreeBalancing, LoadBalancingLoss
 from lightning_moe.data import TextDataModule
 from lightning_moe.errors import ConfigError
 from lightning_moe.module import MoELanguageModel
@@ -99,7 +99,12 @@ def fit(tmp_path, run, estimator, devices, strategy, batch_size, ckpt_path=None,
         enable_progress_bar=False,
         enable_model_summary=False,
         gradient_clip_val=0.5,
-        callbacks=[Record(str(out_dir)), LoadBalancingLoss(alpha=0.01, scope="global"), *callbacks],
+        callbacks=[
+            Record(str(out_dir)),
+            LoadBalancingLoss(alpha=0.01, scope="global"),
+            AuxLossFreeBalancing(0.01),
+            *callbacks,
+        ],
     )
     trainer.fit(model, data, ckpt_path=ckpt_path)
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(devices)]
@@ -120,6 +125,7 @@ def test_losses_and_every_gradient_equal_one_process_with_the_same_global_batch(
     for rank in ranks:
         for name, shape in rank["local_shapes"].items():
             assert shape == (1, *single["state"][name].shape[1:]) and single["state"][name].shape[0] == 4, name
+    assert single["state"]["model.blocks.0.ffn.selection_bias"].abs().sum() > 0  # aux-loss-free balancing moved
     # The clipping threshold acts: the norm of the global gradient exceeds it.
     norm = torch.stack([g.norm() for g in single["grads"][0].values()]).norm()
     assert norm > 0.5
