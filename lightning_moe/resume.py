@@ -255,6 +255,13 @@ def continue_in_run_folder(config: Any) -> None:
             return
 
 
+def _loads_shards(trainer: Any) -> bool:
+    """Whether a parsed trainer configuration's strategy loads distributed checkpoints shard by shard."""
+    strategy = trainer.get("strategy")
+    cls = _class(strategy.class_path) if hasattr(strategy, "class_path") else None
+    return cls is not None and issubclass(cls, ModelParallelStrategy)
+
+
 def check_sharded_resume(config: Any) -> None:
     """For ``fit --ckpt_path PATH``: refuse to resume a distributed checkpoint under a strategy that cannot load its shards.
 
@@ -266,9 +273,8 @@ def check_sharded_resume(config: Any) -> None:
     path = config.get("ckpt_path")
     if not (path and is_distributed_checkpoint(path)):
         return
-    strategy = config.trainer.get("strategy")
-    cls = _class(strategy.class_path) if hasattr(strategy, "class_path") else None
-    if cls is None or not issubclass(cls, ModelParallelStrategy):
+    if not _loads_shards(config.trainer):
+        strategy = config.trainer.get("strategy")
         shown = strategy.class_path if hasattr(strategy, "class_path") else strategy
         raise ConfigError(
             f"ckpt_path={os.fspath(path)!r} is a distributed checkpoint (a folder of shards), which only"
@@ -301,7 +307,8 @@ def resume_settings(config: Any, explicit: Any) -> dict[str, dict[str, Any]]:
     The checkpoint's settings, with every setting given explicitly (``explicit``: the subcommand's
     namespace parsed without defaults, i.e. the recipe and the command line) on top. A different
     model architecture raises :class:`ConfigError` naming the fields; other changes (training
-    settings, the estimator, the data) are applied and reported in one line. Returns
+    settings, the estimator, the data) are applied and reported in one line, except an estimator
+    switch on a distributed checkpoint loaded by ``ModelParallelStrategy`` (refused). Returns
     ``{"model": ..., "data": ...}`` to parse over ``config`` (sections the checkpoint has no
     settings for are left out).
     """
@@ -321,6 +328,14 @@ def resume_settings(config: Any, explicit: Any) -> dict[str, dict[str, Any]]:
             f"ckpt_path={path!r}: {describe(refused, here='this configuration')}; a run's model (architecture,"
             " pretrained weights, trainable parameters) cannot change on resume, only its training settings and"
             " estimator: drop these settings to resume it, or leave out --ckpt_path to start a new run"
+        )
+    switched = [change for change in changes if change[0] == "routing"]
+    if switched and is_distributed_checkpoint(path) and _loads_shards(config.trainer):
+        raise ConfigError(
+            f"ckpt_path={path!r}: {describe(switched, here='this configuration')}; switching the estimator is not"
+            " supported when resuming a distributed checkpoint (its shards load into the model as built, and a new"
+            " estimator's state is not among them): keep the checkpoint's estimator settings, or switch from a .ckpt"
+            " file (save_distributed_checkpoint: false)"
         )
     if changes:
         rank_zero_info(f"Resuming {path} with settings changed: {describe(changes, here='this run')}")

@@ -31,7 +31,7 @@ from lightning_moe.cli import main
 from lightning_moe.data import TextDataModule
 from lightning_moe.errors import ConfigError
 from lightning_moe.module import MoELanguageModel
-from lightning_moe.resume import check_sharded_resume, resolve_last_checkpoint
+from lightning_moe.resume import check_sharded_resume, resolve_last_checkpoint, resume_settings
 from lightning_moe.trainer_cli import check_checkpoint
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="forked ranks need fork")
@@ -281,3 +281,19 @@ def test_lightning_moe_fit_ckpt_path_last_resumes_the_distributed_checkpoint(tmp
     assert sorted(os.listdir(tmp_path / "runs" / "quickstart")) == ["version_0"]
     assert os.listdir(tmp_path / last.parent) == ["last.ckpt"]  # no temporary folder left beside it
     assert torch.load(tmp_path / last / "meta.pt", weights_only=True)["global_step"] == 4
+
+
+def test_switching_the_estimator_on_a_sharded_resume_is_refused_in_one_line(runs):
+    """The shards load into the model as built: a new estimator's state (Default MoE's EMA) is not among
+    them, and torch.distributed.checkpoint would stop every rank with a traceback."""
+    real = str(runs[0] / "ckpt" / "last.ckpt")
+    sharded = Namespace(class_path="lightning.pytorch.strategies.ModelParallelStrategy", init_args=Namespace())
+    config = Namespace(ckpt_path=real, trainer=Namespace(strategy=sharded), model=Namespace(), data=Namespace())
+    with pytest.raises(ConfigError) as caught:
+        resume_settings(config, Namespace(model=Namespace(estimator="default_moe")))
+    message = str(caught.value)
+    assert message.startswith(f"ckpt_path={real!r}") and "'sparsemixer_v2'" in message and "'default_moe'" in message
+    assert "\n" not in message
+    # A training setting may still change.
+    settings = resume_settings(config, Namespace(model=Namespace(learning_rate=1e-4)))
+    assert settings["model"]["learning_rate"] == 1e-4
