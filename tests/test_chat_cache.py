@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from lightning_moe.data import posttrain  # noqa: E402
+from lightning_moe.data import chat_examples  # noqa: E402
 from lightning_moe.data.chat import tokenize_chat  # noqa: E402
 from lightning_moe.data.posttrain import PostTrainDataModule  # noqa: E402
 from lightning_moe.errors import ConfigError  # noqa: E402
@@ -56,7 +56,7 @@ def test_second_setup_reopens_the_cache_without_tokenising(tmp_path, tokenizer_d
     def no_tokenising(*args, **kwargs):
         raise AssertionError("tokenised again")
 
-    monkeypatch.setattr(posttrain, "tokenize_chat", no_tokenising)
+    monkeypatch.setattr(chat_examples, "tokenize_chat", no_tokenising)
     again = PostTrainDataModule(tokenizer=tokenizer_dir, seq_len=32, max_examples=80, cache_dir=tmp_path)
     again.setup("fit")  # another rank: no prepare_data
     assert again.loaded_from_cache and again.cache_path == first.cache_path
@@ -201,3 +201,13 @@ def test_bad_examples_are_skipped_counted_and_summarised_in_one_line(tmp_path, t
     kept = ids[1 : SEQ_LEN + 1][labelled[1 : SEQ_LEN + 1]].tolist()
     assert re.search(",".join(map(str, kept)), ",".join(map(str, targets))) or where["truncated"][0] in held
     assert torch.is_tensor(dm.train_dataset[0][2])
+
+
+def test_worker_processes_give_the_same_cache(tmp_path, tokenizer_dir):
+    args = dict(tokenizer=tokenizer_dir, seq_len=32, max_examples=300)
+    one = PostTrainDataModule(**args, cache_dir=tmp_path / "one")
+    one.setup("fit")
+    two = PostTrainDataModule(**args, num_proc=2, cache_dir=tmp_path / "two")
+    two.setup("fit")
+    assert os.path.basename(one.cache_path) == os.path.basename(two.cache_path)
+    assert rows(two.train_dataset) == rows(one.train_dataset) and rows(two.val_dataset) == rows(one.val_dataset)

@@ -15,7 +15,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from lightning_moe.data.cache import CacheDamaged
-from lightning_moe.data.chat import SkippedExample, load_chat_tokenizer, messages_of, synthetic_chat, tokenize_chat
+from lightning_moe.data.chat import SkippedExample, load_chat_tokenizer, synthetic_chat
 from lightning_moe.data.chat_cache import (
     CACHE_VERSION,
     CachedRows,
@@ -24,6 +24,7 @@ from lightning_moe.data.chat_cache import (
     open_rows_cache,
     token_dtype,
 )
+from lightning_moe.data.chat_examples import ExampleTokenizer, tokenized
 from lightning_moe.data.loading import ResumableLoaders
 from lightning_moe.data.module import _CACHE_ENV, _check_int
 from lightning_moe.data.sources import HubSource, resolve_source
@@ -63,6 +64,8 @@ class PostTrainDataModule(ResumableLoaders):
         max_skipped_fraction: refuse the data when more than this share of its examples is skipped.
         seed: seeds the synthetic source, the validation hold-out and the training shuffle.
         num_workers: DataLoader worker processes.
+        num_proc: processes that render and tokenise the examples when the cache is built
+            (the cache does not depend on it).
         cache_dir: where tokenised examples are cached; default ``$LIGHTNING_MOE_CACHE`` or
             ``~/.cache/lightning_moe``.
 
@@ -92,6 +95,7 @@ class PostTrainDataModule(ResumableLoaders):
         max_skipped_fraction: float = 0.1,
         seed: int = 0,
         num_workers: int = 0,
+        num_proc: int = 1,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -100,7 +104,7 @@ class PostTrainDataModule(ResumableLoaders):
         if format not in FORMATS:
             raise ConfigError(f"data.format={format!r} is unknown; use one of {list(FORMATS)}")
         for field, value, minimum in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1),
-                                      ("num_workers", num_workers, 0)):
+                                      ("num_workers", num_workers, 0), ("num_proc", num_proc, 1)):
             _check_int(field, value, minimum)
         if max_examples is not None:
             _check_int("max_examples", max_examples, 1)
@@ -121,7 +125,7 @@ class PostTrainDataModule(ResumableLoaders):
         self.seq_len, self.batch_size, self.packing = int(seq_len), int(batch_size), bool(packing)
         self.val_fraction, self.max_examples = float(val_fraction), max_examples
         self.max_skipped_fraction = float(max_skipped_fraction)
-        self.seed, self.num_workers = int(seed), int(num_workers)
+        self.seed, self.num_workers, self.num_proc = int(seed), int(num_workers), int(num_proc)
         self.cache_dir = cache_dir
         self.tokenizer: Any = None
         """The ``transformers`` fast tokenizer (loaded in ``__init__`` when named, else in ``setup``)."""
@@ -213,7 +217,7 @@ class PostTrainDataModule(ResumableLoaders):
             "version": CACHE_VERSION,
             "source": self.source,
             "identity": self._source_identity(),
-            "settings": {name: getattr(self, name) for name in (
+            "settings": {name: getattr(self, name) for name in (  # num_proc: the rows do not depend on it
                 "format", "messages_field", "text_field", "split", "val_split", "val_fraction", "max_examples",
                 "seed", "seq_len", "packing")},
             "tokenizer": hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest(),
@@ -246,18 +250,20 @@ class PostTrainDataModule(ResumableLoaders):
         fmt = self._resolve_format(sets[0][1][0])
         dtype = token_dtype(len(self.tokenizer))
         pad_id = self._pad_id() if not self.packing else self._pad_id(required=False)
+        tokenize = ExampleTokenizer(self.tokenizer, fmt, self.messages_field, self.text_field)
         splits = {}
         for split, rows, indices in sets:
             stream = ExampleStream(folder, split, dtype, self.seq_len, split_long=fmt == "text" and self.packing)
             report: dict[str, Any] = {"examples": len(indices), "skipped": {}, "truncated": 0, "lost_tokens": 0}
-            for index, example in _progress(_indexed(rows, indices), len(indices), f"Tokenising {split} examples"):
-                try:
-                    ids, labelled = self._tokenize(fmt, example, split, index)
+            items = _progress(_indexed(rows, indices), len(indices), f"Tokenising {split} examples")
+            for index, result in tokenized(tokenize, items, split, self.num_proc):
+                if not isinstance(result, SkippedExample):
+                    ids, labelled = result
                     windows, lost = stream.windows(ids, labelled)
                     if not any(labelled[start + 1 : start + length + 1].any() for start, length in windows):
-                        raise SkippedExample(NO_TARGET_LEFT)
-                except SkippedExample as skipped:
-                    reason = skipped.reason if type(skipped) is not SkippedExample else str(skipped)
+                        result = SkippedExample(NO_TARGET_LEFT)
+                if isinstance(result, SkippedExample):
+                    reason = result.reason if type(result) is not SkippedExample else str(result)
                     count, first = report["skipped"].get(reason, (0, index))
                     report["skipped"][reason] = (count + 1, first)
                     continue
@@ -271,18 +277,6 @@ class PostTrainDataModule(ResumableLoaders):
             splits[split] = report
         return {"format": fmt, "dtype": dtype.name, "seq_len": self.seq_len, "packing": self.packing,
                 "splits": splits}
-
-    def _tokenize(self, fmt: str, example: dict[str, Any], split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids and loss labels of one example; :class:`SkippedExample` for one to skip."""
-        if fmt == "text":
-            ids, labelled = self._tokenize_text(example.get(self.text_field))
-            if not len(ids):
-                raise SkippedExample("with no text")
-            return ids, labelled
-        try:
-            return tokenize_chat(self.tokenizer, messages_of(example, self.messages_field))
-        except ConfigError as err:
-            raise ConfigError(f"{err} ({split} example {index})") from None
 
     def _report(self, meta: dict[str, Any]) -> None:
         """One line on what was skipped and truncated; refuse the data when too much was skipped."""
@@ -421,16 +415,6 @@ class PostTrainDataModule(ResumableLoaders):
                 "data.chat_template is not set and the tokenizer has no chat template; format 'chat' needs one"
             )
         return fmt
-
-    def _tokenize_text(self, text: Any) -> tuple[np.ndarray, np.ndarray]:
-        # The tokenizer's own encoding (with its BOS when it adds one) and an EOS that ends the document.
-        if not text:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
-        ids = list(self.tokenizer(str(text))["input_ids"])
-        eos = self.tokenizer.eos_token_id
-        if eos is not None and (not ids or ids[-1] != eos):
-            ids.append(eos)
-        return np.asarray(ids, dtype=np.int64), np.ones(len(ids), dtype=bool)
 
     def _pad_id(self, required: bool = True) -> int:
         """The token padding fills rows with: the tokenizer's pad token, else its EOS (packed rows: else 0)."""
