@@ -145,7 +145,7 @@ def _os_error(err: BaseException) -> OSError | None:
 
 def _write_error(path: str, err: OSError, partial: bool) -> CheckpointError:
     code = errno.errorcode.get(err.errno, str(err.errno))
-    kept = "the previous checkpoint there is unchanged" if os.path.isfile(path) else "no file was written there"
+    kept = "the previous checkpoint there is unchanged" if os.path.exists(path) else "no file was written there"
     removed = "the partial file was removed and " if partial else ""
     hint = " Free space on that disk or save elsewhere (ModelCheckpoint dirpath)." if err.errno == errno.ENOSPC else ""
     return CheckpointError(
@@ -334,26 +334,30 @@ class AtomicDistributedSave:
         if not strategy._save_distributed_checkpoint or not isinstance(get_filesystem(filepath), LocalFileSystem):
             self.save(checkpoint, filepath, storage_options)
             return
-        path = os.path.abspath(os.fspath(strategy.broadcast(filepath)))  # rank 0's path, as Lightning's save uses
-        temp = None
+        path = strategy.broadcast(os.path.abspath(os.fspath(filepath)))  # rank 0's path, as Lightning's save uses
+        temp, error = None, None  # rank 0 decides; every rank learns the outcome (no rank left waiting)
         if strategy.is_global_zero:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            _remove_stale_temporaries(path)
-            temp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=_temp_prefix(path), suffix=".tmp")
-        temp = strategy.broadcast(temp)
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                _remove_stale_temporaries(path)
+                temp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=_temp_prefix(path), suffix=".tmp")
+            except OSError as err:
+                error = str(_write_error(path, err, partial=False))
+        temp, error = strategy.broadcast((temp, error))
+        if error is not None:
+            raise CheckpointError(error)
         try:
             self.save(checkpoint, temp, storage_options)
         except BaseException:
             if strategy.is_global_zero:
                 shutil.rmtree(temp, ignore_errors=True)
             raise
-        error = None
         if strategy.is_global_zero:
             try:
                 _put_in_place(temp, path)
             except OSError as err:
                 shutil.rmtree(temp, ignore_errors=True)
-                error = str(_write_error(path, err, partial=True))
+                error = str(_write_error(path, err, partial=False))
         error = strategy.broadcast(error)
         if error is not None:
             raise CheckpointError(error)
@@ -386,7 +390,7 @@ def _put_in_place(folder: str, path: str) -> None:
         os.replace(folder, path)
         folder = aside
     _fsync_directory(os.path.dirname(path))
-    if os.path.lexists(folder):
+    with contextlib.suppress(OSError):  # the new checkpoint is in place; a leftover goes with the next save
         _remove(folder)
 
 
@@ -444,9 +448,12 @@ class PreemptionCheckpoint(L.Callback):
     Schedulers and spot instances send SIGTERM some time before they stop a job. Lightning
     catches it: the training loop finishes the batch it is on, then raises
     ``SIGTERMException`` (a ``SystemExit``: the process exits with status 0), and calls every
-    callback's ``on_exception`` on the way out. This callback then writes a full checkpoint
-    to the ``last`` file of every ``ModelCheckpoint`` (``<dirpath>/last.ckpt``, atomically
-    with :class:`AtomicCheckpointIO`), whether or not it saves a last checkpoint itself, so
+    callback's ``on_exception`` on the way out (on every rank: Lightning broadcasts rank 0's
+    SIGTERM). This callback then writes a full checkpoint to the ``last`` file of every
+    ``ModelCheckpoint`` (``<dirpath>/last.ckpt``, atomically with :class:`AtomicCheckpointIO`;
+    under ``ModelParallelStrategy(save_distributed_checkpoint=True)`` a distributed checkpoint
+    that every rank writes its shards of, swapped into place by :class:`AtomicDistributedSave`),
+    whether or not it saves a last checkpoint itself, so
     ``fit(ckpt_path="last")`` (``lightning-moe fit ... --ckpt_path last``) continues from
     that step. The loops are between two batches at that point (or between validation
     batches, which Lightning resumes), so the resumed run repeats the uninterrupted one.

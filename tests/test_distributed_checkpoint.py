@@ -9,6 +9,7 @@ state, the schedule, every rank's RNG streams, the data position and the callbac
 come back from the folder.
 """
 
+import errno
 import os
 import shutil
 import subprocess
@@ -25,6 +26,7 @@ from lightning.fabric.utilities.load import _load_distributed_checkpoint
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import model_parallel
 
+from lightning_moe import checkpointing
 from lightning_moe.callbacks import LoadBalancingLoss, RouterZLoss, RoutingMonitor
 from lightning_moe.checkpointing import CheckpointError, use_atomic_checkpoint_io
 from lightning_moe.cli import main
@@ -143,10 +145,38 @@ def test_a_save_cut_short_leaves_the_previous_distributed_checkpoint_intact(tmp_
     monkeypatch.setattr(model_parallel, "_distributed_checkpoint_save", killed_after_the_shards)
     with pytest.raises(Exception, match="killed"):  # the ranks' error, as the launcher re-raises it
         fit_sharded(tmp_path, "killed", tmp_path / "ckpt", STEPS, save_top_k=-1)
-    last, step1 = read_sharded(tmp_path / "ckpt" / "last.ckpt"), read_sharded(tmp_path / "ckpt" / "step=1.ckpt")
+    assert_last_is_step_1(tmp_path / "ckpt")
+
+
+def assert_last_is_step_1(folder):
+    last, step1 = read_sharded(folder / "last.ckpt"), read_sharded(folder / "step=1.ckpt")
     assert last["global_step"] == 1
     assert_same(last["state_dict"], step1["state_dict"])
     assert_same(last["optimizer_0"], step1["optimizer_0"])
+
+
+def test_a_failed_rename_stops_every_rank_with_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """Rank 0 alone puts the folder in place; the other ranks must learn that it failed rather than train on
+    (or wait for a collective rank 0 never joins)."""
+    put_in_place = checkpointing._put_in_place
+    calls = []
+
+    def disk_full_on_the_second_last(folder, path):
+        calls.append(path)
+        if os.path.basename(path) == "last.ckpt" and sum(c.endswith("last.ckpt") for c in calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        put_in_place(folder, path)
+
+    monkeypatch.setattr(checkpointing, "_put_in_place", disk_full_on_the_second_last)
+    with pytest.raises(Exception) as caught:
+        fit_sharded(tmp_path, "full_disk", tmp_path / "ckpt", STEPS, save_top_k=-1)
+    message = str(tmp_path / "ckpt" / "last.ckpt")
+    # The launcher re-raises the first rank's error, in its traceback text; both ranks raised it.
+    assert f"CheckpointError: Cannot write the checkpoint {message!r}: No space left on device (ENOSPC)" in str(
+        caught.value
+    )
+    assert_last_is_step_1(tmp_path / "ckpt")
+    assert not [name for name in os.listdir(tmp_path / "ckpt") if name.startswith(".")]  # the new folder removed
 
 
 def fit_config(root):
