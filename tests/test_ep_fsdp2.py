@@ -227,7 +227,7 @@ class RowsOfRank(L.LightningDataModule):
 
 
 @pytest.mark.parametrize("meta_init", [False, True])
-def test_a_hugging_face_model_trains_as_in_one_process(tmp_path, meta_init):
+def test_a_hugging_face_model_trains_as_in_one_process_and_resumes_exactly(tmp_path, meta_init):
     pytest.importorskip("transformers")
     from helpers import fit_quietly
     from test_hf_meta_load import VOCAB, save_family
@@ -235,10 +235,12 @@ def test_a_hugging_face_model_trains_as_in_one_process(tmp_path, meta_init):
     from lightning_moe.hf.module import HFMoELanguageModel
 
     folder = save_family(tmp_path / "model", "olmoe")  # 8 experts, top-2
-    ids = torch.randint(0, VOCAB, (4 * WORLD, 8), generator=torch.Generator().manual_seed(0))
-    rows = list(zip(ids, ids.roll(-1, dims=1)))
+    ids = torch.randint(0, VOCAB, (2 * WORLD, 8), generator=torch.Generator().manual_seed(0))
+    # Twice the same rows: both steps train on the same global batch, so a resumed run (whose plain
+    # DataLoader starts over) sees what the uninterrupted one saw.
+    rows = list(zip(ids, ids.roll(-1, dims=1))) * 2
 
-    def run(name, devices, strategy, batch_size):
+    def run(name, devices, strategy, batch_size, callbacks=(), ckpt_path=None):
         (tmp_path / name).mkdir()
         module = HFMoELanguageModel(
             pretrained=folder,
@@ -251,17 +253,19 @@ def test_a_hugging_face_model_trains_as_in_one_process(tmp_path, meta_init):
         fit_quietly(
             module,
             RowsOfRank(rows, batch_size),
-            [Record(str(tmp_path / name))],
+            [Record(str(tmp_path / name)), *callbacks],
+            ckpt_path=ckpt_path,
             devices=devices,
             strategy=strategy,
             max_steps=2,
             gradient_clip_val=0.5,
             use_distributed_sampler=False,
+            enable_checkpointing=bool(callbacks),
         )
         return [torch.load(tmp_path / name / f"rank{r}.pt") for r in range(devices)]
 
     single = run("single", 1, "auto", 2 * WORLD)[0]
-    ranks = run("ep", WORLD, ep_strategy(), 2)
+    ranks = run("ep", WORLD, ep_strategy(), 2, callbacks=checkpoints(tmp_path, "ckpt"))
     assert ranks[0]["local_shapes"]["model.model.layers.0.mlp.moe.experts.w1"][0] == 2  # 8 experts / 2 / 2
     for step, loss in single["losses"].items():
         assert sum(r["losses"][step] for r in ranks) / WORLD == pytest.approx(loss, rel=1e-5), step
@@ -269,6 +273,13 @@ def test_a_hugging_face_model_trains_as_in_one_process(tmp_path, meta_init):
         for name, grad in grads.items():
             for rank in ranks:
                 torch.testing.assert_close(rank["grads"][step][name], grad, rtol=1e-4, atol=1e-6, msg=(step, name))
+
+    # A distributed checkpoint of the converted model resumes exactly.
+    resumed = run("resumed", WORLD, ep_strategy(), 2, ckpt_path=tmp_path / "ckpt" / "step=1.ckpt")
+    for rank, whole in zip(resumed, ranks):
+        assert rank["losses"] == {1: whole["losses"][1]}
+        for key, value in whole["state"].items():
+            assert torch.equal(rank["state"][key], value), key
 
 
 # ---- configuration ---------------------------------------------------------------------
