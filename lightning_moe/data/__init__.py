@@ -27,12 +27,16 @@ resumable sampler and loader), :mod:`~lightning_moe.data.module` (the data modul
 
 :class:`PostTrainDataModule` (:mod:`~lightning_moe.data.posttrain`, :mod:`~lightning_moe.data.chat`)
 makes post-training batches of the same format with a Hugging Face model's own tokenizer:
-chat conversations with loss on the assistant's tokens only, or plain text (docs/posttrain_data.md).
+chat conversations with loss on the assistant's tokens only, or plain text (docs/posttrain_data.md),
+tokenised once into a cache (:mod:`~lightning_moe.data.chat_cache`); packed rows come as a
+:class:`PackedBatch` whose ``position_ids`` (:func:`position_ids_of`) keep examples apart
+(:mod:`~lightning_moe.data.packing`).
 """
 
 from lightning_moe.data.cache import TokenStream
 from lightning_moe.data.loading import ResumableDataLoader, ResumableSampler, TokenChunkDataset
 from lightning_moe.data.module import TextDataModule
+from lightning_moe.data.packing import PackedBatch, position_ids_of
 from lightning_moe.data.posttrain import PostTrainDataModule
 from lightning_moe.data.tokenizers import (
     BOS_ID,
@@ -56,6 +60,7 @@ __all__ = [
     "PAD_ID",
     "VOCAB_SIZE",
     "HFTokenizer",
+    "PackedBatch",
     "PostTrainDataModule",
     "ResumableDataLoader",
     "ResumableSampler",
@@ -66,6 +71,7 @@ __all__ = [
     "decode",
     "encode",
     "load_tokenizer",
+    "position_ids_of",
     "tokenizer_from_state",
     "train_bpe",
 ]

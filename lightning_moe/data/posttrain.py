@@ -301,9 +301,11 @@ class PostTrainDataModule(ResumableLoaders):
             parts.append(f"truncated {self.truncated_examples} examples to data.seq_len={self.seq_len},"
                          f" losing {self.truncated_tokens} {what}")
         if self.skipped_examples > self.max_skipped_fraction * examples:
+            longer = ", use a larger data.seq_len" if NO_TARGET_LEFT in reasons else ""
             raise ConfigError(
                 f"data.source={self.source!r}: {parts[0]}; that is {self.skipped_examples / examples:.1%}, more"
-                f" than data.max_skipped_fraction={self.max_skipped_fraction:g}: fix the data, or raise the limit"
+                f" than data.max_skipped_fraction={self.max_skipped_fraction:g}: fix the data{longer}, or raise"
+                " the limit"
             )
         if parts:
             rank_zero_warn(f"data.source={self.source!r}: " + "; ".join(parts))
