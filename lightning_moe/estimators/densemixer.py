@@ -24,8 +24,7 @@ if TYPE_CHECKING:
 
 def expert_output(experts: Experts, e: int, x_nD: Tensor) -> Tensor:
     """FFN_e(x) for rows of ``x_nD``, casting only expert e's weights to the rows' dtype."""
-    w1, w2 = experts.w1[e].to(x_nD.dtype), experts.w2[e].to(x_nD.dtype)
-    return experts.activate(x_nD @ w1) @ w2
+    return experts.expert_ffn(e, x_nD)
 
 
 class _UnselectedExperts(torch.autograd.Function):

@@ -1,7 +1,7 @@
 """Gather -> grouped FFN -> weighted combine as one autograd function that keeps what a dense FFN keeps.
 
 Shape legend: T tokens, D model width, F expert hidden width, E experts, N = T * K
-(token, slot) pairs sorted by expert, H the first projection's width (2F for SwiGLU, gate
+(token, slot) pairs sorted by expert, H the first projection's width (2F for the SwiGLUs, gate
 and up side by side; F for GELU).
 
 Left to autograd, the sorted pipeline keeps for backward the gathered input x_ND and the
@@ -15,7 +15,9 @@ backward (SonicMoE, arXiv 2512.14080, Sec. 3):
 * recomputes the activation a = act(h) from h (elementwise);
 * gets the gate gradient without out_ND: with out_n = a_n W2_e and y_t = sum_n gate_n out_n,
   dL/dgate_n = <dy_t, out_n> = <dy_t W2_e^T, a_n>, and dy_t W2_e^T is the product
-  backward needs anyway for dL/da_n = gate_n * dy_t W2_e^T.
+  backward needs anyway for dL/da_n = gate_n * dy_t W2_e^T. Experts with biases (gpt-oss:
+  h_n = x_n W1_e + b1_e, out_n = a_n W2_e + b2_e) add <dy_t, b2_e> to it; the biases'
+  gradients are per-expert sums of dL/dh_n and of gate_n dy_t.
 
 Two schedules of the same steps, every matmul through the grouped GEMM seam
 (:mod:`lightning_moe.experts.grouped_gemm`):
@@ -43,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_moe.experts import activate, expert_output_sums
+from lightning_moe.experts import Activation, activate, expert_output_sums
 from lightning_moe.experts.grouped_gemm import Segments, grouped_mm, grouped_mm_weight_grad, on_per_segment_device
 
 
@@ -54,18 +56,22 @@ def _gather(x_TD: Tensor, token_ids_N: Tensor, out: Tensor | None = None) -> Ten
     return torch.index_select(x_TD, 0, token_ids_N, out=out)
 
 
-def _recomputed_activation(name: str, h_NH: Tensor) -> tuple[Tensor, Tensor | None]:
-    """``(a, silu(h1))`` for SwiGLU (backward needs both), ``(gelu(h), None)`` for GELU."""
-    if name != "swiglu":
-        return F.gelu(h_NH), None
+def _recomputed_activation(activation: Activation, h_NH: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(a, silu(h1))`` for SwiGLU (backward needs both), ``(a, None)`` for the others."""
+    if activation.name != "swiglu":
+        return activate(activation, h_NH), None
     h1_NF, h3_NF = h_NH.chunk(2, dim=1)
     silu_NF = F.silu(h1_NF)
     return silu_NF * h3_NF, silu_NF
 
 
-def _activation_backward(name: str, da_NF: Tensor, h_NH: Tensor, silu_NF: Tensor | None, dh_NH: Tensor) -> Tensor:
+def _activation_backward(
+    activation: Activation, da_NF: Tensor, h_NH: Tensor, silu_NF: Tensor | None, dh_NH: Tensor
+) -> Tensor:
     """dL/dh from dL/da (``da_NF`` is overwritten), written into ``dh_NH`` in eager code."""
-    if name != "swiglu":
+    if activation.name == "clamped_swiglu":
+        return _clamped_swiglu_backward(activation, da_NF, h_NH, dh_NH)
+    if activation.name != "swiglu":
         if torch.compiler.is_compiling():
             return torch.ops.aten.gelu_backward(da_NF, h_NH)
         return torch.ops.aten.gelu_backward.grad_input(da_NF, h_NH, grad_input=dh_NH)
@@ -77,6 +83,46 @@ def _activation_backward(name: str, da_NF: Tensor, h_NH: Tensor, silu_NF: Tensor
     torch.mul(da_NF, silu_NF, out=dh3_NF)
     torch.ops.aten.silu_backward.grad_input(da_NF.mul_(h3_NF), h1_NF, grad_input=dh1_NF)
     return dh_NH
+
+
+def _clamped_swiglu_backward(activation: Activation, da_NF: Tensor, h_NH: Tensor, dh_NH: Tensor) -> Tensor:
+    """dL/dh of gpt-oss's clamped SwiGLU, a = (u' + 1) * g' * s with g' = min(g, limit),
+    u' = clamp(u, -limit, limit), s = sigmoid(alpha * g'):
+
+    * da/dg = (u' + 1) * s * (1 + alpha * g' * (1 - s)) where g <= limit, else 0 (the clamp is flat);
+    * da/du = g' * s where -limit <= u <= limit, else 0.
+
+    The masks include the limits themselves, as ``torch.clamp``'s backward does (the reference).
+    """
+    alpha, limit = activation.alpha, activation.limit
+    gate_NF, up_NF = h_NH.chunk(2, dim=1)
+    clamped_NF = gate_NF.clamp(max=limit)
+    s_NF = torch.sigmoid(clamped_NF * alpha)
+    dgate_NF = da_NF * (up_NF.clamp(-limit, limit) + 1) * s_NF * (1 + alpha * clamped_NF * (1 - s_NF))
+    dgate_NF = dgate_NF.masked_fill_(gate_NF > limit, 0)
+    dup_NF = da_NF.mul_(clamped_NF * s_NF).masked_fill_(up_NF.abs() > limit, 0)
+    if torch.compiler.is_compiling():
+        return torch.cat([dgate_NF, dup_NF], dim=1)
+    dh1_NF, dh3_NF = dh_NH.chunk(2, dim=1)
+    dh1_NF.copy_(dgate_NF)
+    dh3_NF.copy_(dup_NF)
+    return dh_NH
+
+
+def _expert_ids(tokens_per_expert_E: Tensor, num_rows: int) -> Tensor:
+    """[N] int64: the expert of each row sorted by expert."""
+    num_experts = tokens_per_expert_E.shape[0]
+    return torch.repeat_interleave(
+        torch.arange(num_experts, device=tokens_per_expert_E.device), tokens_per_expert_E, output_size=num_rows
+    )  # output_size given: no host synchronisation
+
+
+class _Biases(NamedTuple):
+    """The experts' biases and each sorted row's expert (to index them by)."""
+
+    b1_EH: Tensor
+    b2_ED: Tensor
+    expert_ids_N: Tensor
 
 
 def _gate_gradient_terms(dout_nF: Tensor, a_nF: Tensor, scratch_nF: Tensor) -> Tensor:
@@ -154,7 +200,7 @@ def _in_expert_blocks(x_TD: Tensor) -> bool:
 class GatherFFNCombine(torch.autograd.Function):
     """``y_TD = index_add(token_ids_N, gate_N * FFN_e(x_TD[token_ids_N]))`` over pairs sorted by expert.
 
-    Returns ``(y_TD, sums_E2D)``: with ``output_sums``, float32 [E, 2, D] (no gradient), per
+    ``b1_EH``/``b2_ED``: the experts' biases (both or neither). Returns ``(y_TD, sums_E2D)``: with ``output_sums``, float32 [E, 2, D] (no gradient), per
     expert the sum of its outputs over its pairs and the sum of the gate-weighted ones
     (Default MoE's statistics), taken while each block's outputs are at hand, so no [N, D]
     copy of the outputs is kept for them; else None. Double backward is not supported. On the devices of
@@ -170,12 +216,15 @@ class GatherFFNCombine(torch.autograd.Function):
         gate_N: Tensor,
         token_ids_N: Tensor,
         tokens_per_expert_E: Tensor,
-        activation: str,
+        activation: Activation,
         w1_EDH: Tensor,
         w2_EFD: Tensor,
+        b1_EH: Tensor | None,
+        b2_ED: Tensor | None,
         output_sums: bool,
     ) -> tuple[Tensor, Tensor | None]:
         segments = Segments(tokens_per_expert_E, token_ids_N.shape[0])
+        biases = None if b1_EH is None else _Biases(b1_EH, b2_ED, _expert_ids(tokens_per_expert_E, token_ids_N.shape[0]))
         # The gates multiply in the compute dtype; the output sums use them as routed (float32).
         sums_gate_N, gate_N = (gate_N if output_sums else None), gate_N.to(x_TD.dtype)
         # Chosen once, kept for backward (host-side ints): the block layout, or None for all rows at once.
@@ -183,15 +232,20 @@ class GatherFFNCombine(torch.autograd.Function):
         if ctx.block_layout is not None:
             blocks = _ExpertBlocks(ctx.block_layout, x_TD)
             y_TD, sums_E2D, h_NH = _forward_in_blocks(blocks, x_TD, gate_N, token_ids_N, activation, w1_EDH, w2_EFD,
-                                                       sums_gate_N)
+                                                       sums_gate_N, biases)
         else:
             x_ND = _gather(x_TD, token_ids_N)
             h_NH = grouped_mm(x_ND, w1_EDH, segments)
+            if biases is not None:
+                h_NH.add_(biases.b1_EH.index_select(0, biases.expert_ids_N))
             a_NF = activate(activation, h_NH, in_place=True)
             out_ND = grouped_mm(a_NF, w2_EFD, segments, out=x_ND)  # x_ND is done with
+            if biases is not None:
+                out_ND.add_(biases.b2_ED.index_select(0, biases.expert_ids_N))
             sums_E2D = None if sums_gate_N is None else _output_sums(out_ND, sums_gate_N, tokens_per_expert_E)
             y_TD = torch.zeros_like(x_TD).index_add_(0, token_ids_N, out_ND.mul_(gate_N[:, None]))
-        ctx.save_for_backward(x_TD, gate_N, token_ids_N, segments.offsets(), w1_EDH, w2_EFD, h_NH)
+        ctx.save_for_backward(x_TD, gate_N, token_ids_N, segments.offsets(), w1_EDH, w2_EFD, h_NH,
+                              *(biases or (None, None, None)))
         # Host-side segment sizes of the per-segment matmul (None on the grouped kernel): read once, reused.
         ctx.activation, ctx.sizes = activation, segments.cached_sizes()
         if sums_E2D is None:
@@ -202,22 +256,23 @@ class GatherFFNCombine(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y_TD: Tensor, _grad_sums: Tensor | None):
-        x_TD, gate_N, token_ids_N, offsets_E, w1, w2, h_NH = ctx.saved_tensors
-        needs = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[5], ctx.needs_input_grad[6]
+        x_TD, gate_N, token_ids_N, offsets_E, w1, w2, h_NH, b1, b2, expert_ids_N = ctx.saved_tensors
+        biases = None if b1 is None else _Biases(b1, b2, expert_ids_N)
+        needs = tuple(ctx.needs_input_grad[i] for i in (0, 1, 5, 6, 7, 8))
         grad_y_TD = grad_y_TD.to(x_TD.dtype)
         if ctx.block_layout is not None:
             blocks = _ExpertBlocks(ctx.block_layout, x_TD)
             grads = _backward_in_blocks(blocks, grad_y_TD, x_TD, gate_N, token_ids_N, ctx.activation, w1, w2, h_NH,
-                                         needs)
+                                         needs, biases)
         else:
             segments = Segments.known(offsets_E, token_ids_N.shape[0], ctx.sizes)
             grads = _backward_grouped(grad_y_TD, x_TD, gate_N, token_ids_N, segments, ctx.activation, w1, w2, h_NH,
-                                      needs)
-        grad_x, grad_gate_N, grad_w1, grad_w2 = grads
-        return grad_x, grad_gate_N, None, None, None, grad_w1, grad_w2, None
+                                      needs, biases)
+        grad_x, grad_gate_N, grad_w1, grad_w2, grad_b1, grad_b2 = grads
+        return grad_x, grad_gate_N, None, None, None, grad_w1, grad_w2, grad_b1, grad_b2, None
 
 
-def _forward_in_blocks(blocks, x_TD, gate_N, token_ids_N, activation, w1_EDH, w2_EFD, sums_gate_N):
+def _forward_in_blocks(blocks, x_TD, gate_N, token_ids_N, activation, w1_EDH, w2_EFD, sums_gate_N, biases):
     """The forward of :class:`GatherFFNCombine`, a block of experts at a time: ``(y_TD, sums_E2D or None, h_NH)``;
     the output sums only with their gates ``sums_gate_N``."""
     h_NH = x_TD.new_empty(token_ids_N.shape[0], w1_EDH.shape[2])
@@ -225,13 +280,18 @@ def _forward_in_blocks(blocks, x_TD, gate_N, token_ids_N, activation, w1_EDH, w2
     sums_E2D = x_TD.new_empty(w2_EFD.shape[0], 2, x_TD.shape[1], dtype=torch.float32) if output_sums else None
     sums_gates = blocks.split(sums_gate_N) if output_sums else itertools.repeat(None)
     y_TD = torch.zeros_like(x_TD)
+    expert_ids = itertools.repeat(None) if biases is None else blocks.split(biases.expert_ids_N)
     per_block = zip(blocks.experts, blocks.segments, blocks.split(token_ids_N), blocks.split(gate_N),
                     blocks.split(h_NH))
-    for (experts, segs, ids_n, gate_n, h_nH), sums_gate_n in zip(per_block, sums_gates):
+    for (experts, segs, ids_n, gate_n, h_nH), sums_gate_n, eids_n in zip(per_block, sums_gates, expert_ids):
         x_nD = blocks.gather(x_TD, ids_n)
         grouped_mm(x_nD, w1_EDH[experts], segs, out=h_nH)
+        if biases is not None:
+            h_nH.add_(biases.b1_EH.index_select(0, eids_n))
         a_nF = activate(activation, h_nH, in_place=True)
         out_nD = grouped_mm(a_nF, w2_EFD[experts], segs, out=x_nD)  # x_nD is done with
+        if biases is not None:
+            out_nD.add_(biases.b2_ED.index_select(0, eids_n))
         if output_sums:
             _segment_output_sums(out_nD, sums_gate_n, segs.sizes(), sums_E2D[experts])
         y_TD.index_add_(0, ids_n, out_nD.mul_(gate_n[:, None]))
@@ -254,16 +314,21 @@ def _segment_output_sums(out_nD: Tensor, gate_n: Tensor, sizes: list[int], sums_
 def _output_sums(out_ND: Tensor, gate_N: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
     """Float32 [E, 2, D]: per expert the sum of its rows of ``out_ND`` and of ``gate_N`` times them (all rows
     at once)."""
-    num_experts = tokens_per_expert_E.shape[0]
-    expert_ids_N = torch.repeat_interleave(
-        torch.arange(num_experts, device=out_ND.device), tokens_per_expert_E, output_size=out_ND.shape[0]
-    )  # output_size given: no host synchronisation
-    return torch.stack(expert_output_sums(expert_ids_N, out_ND, gate_N, num_experts), dim=1)
+    expert_ids_N = _expert_ids(tokens_per_expert_E, out_ND.shape[0])
+    return torch.stack(expert_output_sums(expert_ids_N, out_ND, gate_N, tokens_per_expert_E.shape[0]), dim=1)
 
 
-def _backward_in_blocks(blocks, grad_y_TD, x_TD, gate_N, token_ids_N, activation, w1, w2, h_NH, needs):
+def _bias_grads(biases: _Biases | None, needs: tuple[bool, ...]) -> tuple[Tensor | None, Tensor | None]:
+    """Zeroed gradients of ``(b1, b2)``, each only where asked for."""
+    if biases is None:
+        return None, None
+    return (torch.zeros_like(biases.b1_EH) if needs[4] else None), (torch.zeros_like(biases.b2_ED) if needs[5] else None)
+
+
+def _backward_in_blocks(blocks, grad_y_TD, x_TD, gate_N, token_ids_N, activation, w1, w2, h_NH, needs, biases):
     """The backward of :class:`GatherFFNCombine`, a block of experts at a time (as :func:`_backward_grouped`)."""
-    need_x, need_gate, need_w1, need_w2 = needs
+    need_x, need_gate, need_w1, need_w2 = needs[:4]
+    grad_b1, grad_b2 = _bias_grads(biases, needs)
     grad_x = torch.zeros_like(x_TD) if need_x else None
     grad_gate_N = gate_N.new_empty(gate_N.shape) if need_gate else None
     grad_gates = blocks.split(grad_gate_N) if need_gate else itertools.repeat(None)
@@ -271,36 +336,58 @@ def _backward_in_blocks(blocks, grad_y_TD, x_TD, gate_N, token_ids_N, activation
     grad_w2 = torch.empty_like(w2) if need_w2 else None
     per_block = zip(blocks.experts, blocks.segments, blocks.split(token_ids_N), blocks.split(gate_N[:, None]),
                     blocks.split(h_NH))
-    for (experts, segs, ids_n, gate_n1, h_nH), grad_gate_n in zip(per_block, grad_gates):
+    expert_ids = itertools.repeat(None) if biases is None else blocks.split(biases.expert_ids_N)
+    for (experts, segs, ids_n, gate_n1, h_nH), grad_gate_n, eids_n in zip(per_block, grad_gates, expert_ids):
         dy_nD = blocks.gather(grad_y_TD, ids_n)
         dout_nF = grouped_mm(dy_nD, w2[experts].transpose(1, 2), segs)
         a_nF, silu_nF = _recomputed_activation(activation, h_nH)
         dh_nH = torch.empty_like(h_nH)
         if need_gate:
             torch.sum(_gate_gradient_terms(dout_nF, a_nF, dh_nH[:, : a_nF.shape[1]]), dim=1, out=grad_gate_n)
+        if biases is not None:  # before dy is scaled in place for w2's gradient
+            _output_bias_backward(biases, eids_n, dy_nD, gate_n1, grad_gate_n if need_gate else None, grad_b2)
         if need_w2:
             grouped_mm_weight_grad(*_gated_w2_operands(a_nF, dy_nD, gate_n1), segs, out=grad_w2[experts])
         dh_nH = _activation_backward(activation, dout_nF.mul_(gate_n1), h_nH, silu_nF, dh_nH)
+        if grad_b1 is not None:
+            grad_b1.index_add_(0, eids_n, dh_nH)
         if need_w1:  # x re-gathered instead of kept
             grouped_mm_weight_grad(blocks.gather(x_TD, ids_n), dh_nH, segs, out=grad_w1[experts])
         if need_x:
             grad_x.index_add_(0, ids_n, grouped_mm(dh_nH, w1[experts].transpose(1, 2), segs, out=blocks.scratch(ids_n)))
-    return grad_x, grad_gate_N, grad_w1, grad_w2
+    return grad_x, grad_gate_N, grad_w1, grad_w2, grad_b1, grad_b2
 
 
-def _backward_grouped(grad_y_TD, x_TD, gate_N, token_ids_N, segments, activation, w1, w2, h_NH, needs):
+def _output_bias_backward(
+    biases: _Biases, expert_ids_n: Tensor, dy_nD: Tensor, gate_n1: Tensor, grad_gate_n: Tensor | None,
+    grad_b2: Tensor | None,
+) -> None:
+    """The output bias's parts of the gradients, added in place: <dy_t, b2_e> to each gate's, and the per-expert
+    sum of gate_n dy_t to b2's."""
+    if grad_gate_n is not None:
+        grad_gate_n.add_((dy_nD * biases.b2_ED.index_select(0, expert_ids_n)).sum(dim=1))
+    if grad_b2 is not None:
+        grad_b2.index_add_(0, expert_ids_n, dy_nD * gate_n1)
+
+
+def _backward_grouped(grad_y_TD, x_TD, gate_N, token_ids_N, segments, activation, w1, w2, h_NH, needs, biases):
     """The backward of :class:`GatherFFNCombine`, every row at once on the grouped GEMM."""
-    need_x, need_gate, need_w1, need_w2 = needs
+    need_x, need_gate, need_w1, need_w2 = needs[:4]
+    grad_b1, grad_b2 = _bias_grads(biases, needs)
     gate_N1 = gate_N[:, None]
     dy_ND = _gather(grad_y_TD, token_ids_N)
     dout_NF = grouped_mm(dy_ND, w2.transpose(1, 2), segments)  # dy W2^T: dL/da = gate * this
     a_NF, silu_NF = _recomputed_activation(activation, h_NH)
     dh_NH = h_NH.new_empty(h_NH.shape)  # its first F columns hold scratch until dL/dh is written
     grad_gate_N = _gate_gradient_terms(dout_NF, a_NF, dh_NH[:, : a_NF.shape[1]]).sum(dim=1) if need_gate else None
+    if biases is not None:  # before dy is scaled in place for w2's gradient
+        _output_bias_backward(biases, biases.expert_ids_N, dy_ND, gate_N1, grad_gate_N, grad_b2)
     grad_w2 = grouped_mm_weight_grad(*_gated_w2_operands(a_NF, dy_ND, gate_N1), segments) if need_w2 else None
     del a_NF
     dh_NH = _activation_backward(activation, dout_NF.mul_(gate_N1), h_NH, silu_NF, dh_NH)
     del dout_NF, silu_NF
+    if grad_b1 is not None:
+        grad_b1.index_add_(0, biases.expert_ids_N, dh_NH)
     grad_x = grad_w1 = None
     if need_w1:
         x_ND = _gather(x_TD, token_ids_N, out=dy_ND)  # re-gathered instead of kept
@@ -308,7 +395,7 @@ def _backward_grouped(grad_y_TD, x_TD, gate_N, token_ids_N, segments, activation
     if need_x:
         dx_ND = grouped_mm(dh_NH, w1.transpose(1, 2), segments, out=dy_ND)
         grad_x = torch.zeros_like(x_TD).index_add_(0, token_ids_N, dx_ND)
-    return grad_x, grad_gate_N, grad_w1, grad_w2
+    return grad_x, grad_gate_N, grad_w1, grad_w2, grad_b1, grad_b2
 
 
 def gather_ffn_combine(
@@ -316,13 +403,18 @@ def gather_ffn_combine(
     gate_N: Tensor,
     token_ids_N: Tensor,
     tokens_per_expert_E: Tensor,
-    activation: str,
+    activation: str | Activation,
     weights: tuple[Tensor, Tensor],
     output_sums: bool = False,
+    biases: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """:class:`GatherFFNCombine` on pairs sorted by expert; ``weights`` = (w1, w2) in x's dtype."""
+    """:class:`GatherFFNCombine` on pairs sorted by expert; ``weights`` = (w1, w2) and ``biases`` = (b1, b2)
+    (or None) in x's dtype."""
     w1, w2 = weights
-    return GatherFFNCombine.apply(x_TD, gate_N, token_ids_N, tokens_per_expert_E, activation, w1, w2, output_sums)
+    b1, b2 = biases or (None, None)
+    activation = Activation(activation) if isinstance(activation, str) else activation
+    return GatherFFNCombine.apply(x_TD, gate_N, token_ids_N, tokens_per_expert_E, activation, w1, w2, b1, b2,
+                                  output_sums)
 
 
 def saved_activation_bytes(run: Callable[[], object], excluded: Iterable[Tensor] = ()) -> int:

@@ -97,8 +97,8 @@ def grouped_experts(
     pairs = sort_pairs(indices_TK, experts.num_experts)
     gate_N = weights_TK.reshape(-1)[pairs.order_N]
     y_TD, sums_E2D = gather_ffn_combine(
-        x_TD, gate_N, pairs.token_ids_N, pairs.tokens_per_expert_E, experts.activation,
-        experts.expert_weights(x_TD.dtype), output_sums=return_output_sums,
+        x_TD, gate_N, pairs.token_ids_N, pairs.tokens_per_expert_E, experts.activation_spec,
+        experts.expert_weights(x_TD.dtype), output_sums=return_output_sums, biases=experts.expert_biases(x_TD.dtype),
     )
     if sums_E2D is None:
         return y_TD, ExpertStats(pairs.tokens_per_expert_E)

@@ -31,7 +31,7 @@ def loop_experts(
     for e, pairs_n in enumerate(pairs_by_expert):
         tokens, slots = pairs_n // top_k, pairs_n % top_k
         x_nD = x_TD[tokens]
-        out_nD = experts.activate(x_nD @ w1[e]) @ w2[e]
+        out_nD = experts.expert_ffn(e, x_nD, w1[e], w2[e])
         gate_n = weights_TK[tokens, slots].to(dtype)
         y_TD = y_TD.index_add(0, tokens, out_nD * gate_n[:, None])
         token_ids.append(tokens), slot_ids.append(slots), outputs.append(out_nD)

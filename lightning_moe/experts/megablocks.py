@@ -34,6 +34,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_moe.errors import ConfigError
 from lightning_moe.experts import Experts, ExpertStats, compute_dtype, count_per_expert, expert_output_sums
 from lightning_moe.experts.grouped import grouped_experts, grouped_ffn
 
@@ -183,6 +184,8 @@ class MegaBlocksDispatch:
 def megablocks_experts(
     experts: Experts, x_TD: Tensor, indices_TK: Tensor, weights_TK: Tensor, return_output_sums: bool
 ) -> tuple[Tensor, ExpertStats]:
+    if experts.megablocks_refusal:
+        raise ConfigError(experts.megablocks_refusal)
     dtype = compute_dtype(x_TD)
     kernels = load_kernels(x_TD.device, dtype)
     num_experts = experts.num_experts
