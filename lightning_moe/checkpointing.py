@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import errno
 import glob
+import io
 import os
 import shutil
 import sys
@@ -58,6 +59,7 @@ __all__ = [
     "ResumableEpochEnd",
     "ResumableRNG",
     "check_checkpoint_matches",
+    "loadable_checkpoint",
     "read_checkpoint_settings",
     "use_atomic_checkpoint_io",
 ]
@@ -267,10 +269,10 @@ def damaged_checkpoint_errors(path):
                 raise incomplete_checkpoint_error(path, missing) from err
             if isinstance(err, IsADirectoryError):  # code that reads checkpoints as files only
                 raise CheckpointError(
-                    f"Cannot read the checkpoint {path!r} here: it is a distributed checkpoint (a folder of shards,"
-                    " written by ModelParallelStrategy with save_distributed_checkpoint: true), which this reads as a"
-                    " file; evaluate it with lightning-moe validate/test --ckpt_path, resume it under"
-                    " ModelParallelStrategy, or export it (HFMoELanguageModel)"
+                    f"Cannot read the checkpoint {path!r} as a file: it is a distributed checkpoint (a folder of"
+                    " shards, written by ModelParallelStrategy with save_distributed_checkpoint: true); evaluate it"
+                    " with lightning-moe validate/test --ckpt_path, resume it under ModelParallelStrategy, or export"
+                    " it (HFMoELanguageModel)"
                 ) from err
             raise
         if _is_intact_zip(path):
@@ -291,6 +293,18 @@ def read_checkpoint_settings(path: str | os.PathLike) -> Any:
         path = os.path.join(path, META_FILE)
     with damaged_checkpoint_errors(path):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def loadable_checkpoint(path: str | os.PathLike) -> str | os.PathLike | io.BytesIO:
+    """``path`` as ``LightningModule.load_from_checkpoint`` reads it: a file as it is, a distributed checkpoint
+    assembled whole in memory (its weights and settings; :func:`~lightning_moe.distributed_checkpoint.load_distributed_weights`)."""
+    if not is_distributed_checkpoint(path):
+        return path
+    _check_complete(os.fspath(path))
+    buffer = io.BytesIO()
+    torch.save(load_distributed_weights(path), buffer)
+    buffer.seek(0)
+    return buffer
 
 
 def use_atomic_checkpoint_io(trainer: L.Trainer) -> None:

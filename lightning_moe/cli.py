@@ -44,7 +44,8 @@ def sample(
     """Print text sampled from a trained checkpoint.
 
     Args:
-        checkpoint: path to a ``.ckpt`` written by ``lightning-moe fit``.
+        checkpoint: path to a ``.ckpt`` written by ``lightning-moe fit``, or the folder of a
+            distributed checkpoint (its weights are assembled in this process).
         prompt: text to continue.
         max_new_tokens: number of tokens to generate.
         temperature: softmax temperature (lower is more conservative).
@@ -70,10 +71,10 @@ def check_checkpoint(path: str | None, field: str) -> type | None:
 
 def _load_model(checkpoint: str, cls: type) -> Any:
     """The model of ``checkpoint`` (of class ``cls``, :func:`check_checkpoint`'s answer), on the CPU."""
-    from lightning_moe.checkpointing import damaged_checkpoint_errors
+    from lightning_moe.checkpointing import damaged_checkpoint_errors, loadable_checkpoint
 
     with damaged_checkpoint_errors(checkpoint):
-        return cls.load_from_checkpoint(checkpoint, map_location="cpu")
+        return cls.load_from_checkpoint(loadable_checkpoint(checkpoint), map_location="cpu")
 
 
 def export(
