@@ -22,18 +22,37 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (VmHWM), MB."""
+def status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmHWM: peak resident; RssAnon: resident and not file-backed), MB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def peak_rss_mb() -> float:
+    return status_mb("VmHWM")
+
+
+class AnonPeak(threading.Thread):
+    """The peak of RssAnon, sampled every 50 ms: VmHWM also counts the pages of memory-mapped files
+    (the Arrow dataset, the token stream) that were read, which the kernel can drop at any time."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak = 0.0
+
+    def run(self) -> None:
+        while True:
+            self.peak = max(self.peak, status_mb("RssAnon"))
+            time.sleep(0.05)
 
 
 def make_data(workdir: Path, conversations: int, tokens: int) -> tuple[str, str]:
@@ -70,7 +89,8 @@ def data_module(args: argparse.Namespace, tokenizer_dir: str, source: str):
     from lightning_moe.data.posttrain import PostTrainDataModule
 
     return PostTrainDataModule(source=source, tokenizer=tokenizer_dir, seq_len=args.seq_len, batch_size=8,
-                               packing=True, val_fraction=0.01, cache_dir=str(Path(args.workdir) / "cache"))
+                               packing=True, val_fraction=0.01, num_proc=args.num_proc,
+                               cache_dir=str(Path(args.workdir) / f"cache-{args.num_proc}"))
 
 
 def phase_build(args: argparse.Namespace) -> dict:
@@ -81,6 +101,8 @@ def phase_build(args: argparse.Namespace) -> dict:
     datasets.load_dataset("json", data_files=[source], split="train")  # JSON -> Arrow, once
     arrow_s = time.perf_counter() - start
     dm = data_module(args, tokenizer_dir, source)
+    anon = AnonPeak()
+    anon.start()
     start = time.perf_counter()
     dm.prepare_data()
     dm.setup("fit")
@@ -92,16 +114,18 @@ def phase_build(args: argparse.Namespace) -> dict:
             "tokens_per_conversation": round(float(train.lengths.sum()) / len(train.lengths) + 1),
             "truncated": dm.truncated_examples,
             "cache_mb": round(sum(f.stat().st_size for f in Path(dm.cache_path).iterdir()) / 2**20),
-            "peak_rss_mb": round(peak_rss_mb())}
+            "num_proc": args.num_proc, "peak_rss_mb": round(peak_rss_mb()), "peak_anon_rss_mb": round(anon.peak)}
 
 
 def phase_reopen(args: argparse.Namespace, launched: float) -> dict:
     tokenizer_dir, source = make_data(Path(args.workdir), args.conversations, args.tokens)
+    start = time.perf_counter()
     dm = data_module(args, tokenizer_dir, source)
     dm.prepare_data()
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     return {"reopened": dm.loaded_from_cache, "launch_to_first_batch_s": round(time.time() - launched, 2),
+            "data_module_to_first_batch_s": round(time.perf_counter() - start, 2),
             "batch": [list(t.shape) for t in batch], "peak_rss_mb": round(peak_rss_mb())}
 
 
@@ -163,15 +187,17 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=200_000)
     parser.add_argument("--tokens", type=int, default=1200)
     parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--num-proc", type=int, default=1)
+    parser.add_argument("--phases", default="build,reopen,loss")
     parser.add_argument("--phase", choices=["build", "reopen", "loss"], default=None)
     parser.add_argument("--launched", type=float, default=None)
     args = parser.parse_args()
     if args.phase is None:  # every phase in a fresh process
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
-        for phase in ("build", "reopen", "loss"):
+        for phase in args.phases.split(","):
             command = [sys.executable, __file__, "--phase", phase, "--workdir", args.workdir,
                        "--conversations", str(args.conversations), "--tokens", str(args.tokens),
-                       "--seq-len", str(args.seq_len), "--launched", str(time.time())]
+                       "--seq-len", str(args.seq_len), "--num-proc", str(args.num_proc), "--launched", str(time.time())]
             subprocess.run(command, check=True)
         return
     if args.phase == "build":

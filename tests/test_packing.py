@@ -120,3 +120,30 @@ def test_batches_keep_their_kind_and_moe_language_model_refuses_packed_rows():
     assert model.logits(plain).shape == (2, 4, 16)  # pretraining batches: one causal sequence per row
     with pytest.raises(ConfigError, match="set data.packing=false"):
         model.logits(packed)
+
+
+def test_flash_attention_gets_the_rows_end_to_end_as_one_sequence_per_example():
+    # flash-attention reads cu_seqlens from position_ids only for one row (no GPU here to run it):
+    # packed_forward lays the rows end to end, and transformers' own reader finds every example.
+    from types import SimpleNamespace
+
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    from lightning_moe.hf.packed import packed_forward
+
+    seen = {}
+
+    class FlashModel(torch.nn.Module):
+        config = SimpleNamespace(_attn_implementation="flash_attention_2")
+
+        def forward(self, input_ids, position_ids, **kwargs):
+            seen.update(input_ids=input_ids, position_ids=position_ids, **kwargs)
+            return SimpleNamespace(logits=input_ids[..., None].float().expand(-1, -1, 3))
+
+    positions = torch.from_numpy(np.stack([row_position_ids(np.array([3, 4]), 8), row_position_ids(np.array([8]), 8)]))
+    batch = PackedBatch(torch.arange(16).reshape(2, 8), torch.zeros(2, 8, dtype=torch.long), positions)
+    logits = packed_forward(FlashModel(), batch, use_cache=False)
+    assert seen["input_ids"].shape == (1, 16) and seen["use_cache"] is False
+    (cu_seqlens, _), _ = prepare_fa_kwargs_from_position_ids(seen["position_ids"])
+    assert cu_seqlens.tolist() == [0, 3, 8, 16]  # examples of 3 and 4 (+1 padding slot), then the second row
+    assert torch.equal(logits.logits[..., 0], batch.input_ids.float())  # back to [B, T, V]
