@@ -50,9 +50,9 @@ def save_family(folder, family, dtype=torch.float32):
     return str(folder)
 
 
-def reference(folder, estimator):
+def reference(folder, estimator, dtype="auto"):
     """What the module holds when built the ordinary way: from_pretrained, then converted."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=dtype)
     return from_hf(model, estimator=estimator)
 
 
@@ -62,8 +62,8 @@ def tensors(model):
     return {name: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone() for name, t in found.items()}
 
 
-def assert_same_as_reference(ours, folder, estimator):
-    ref = reference(folder, estimator)
+def assert_same_as_reference(ours, folder, estimator, dtype="auto"):
+    ref = reference(folder, estimator, dtype)
     expected = tensors(ref)
     assert ours.keys() == expected.keys(), ours.keys() ^ expected.keys()
     for name, value in expected.items():
@@ -71,7 +71,7 @@ def assert_same_as_reference(ours, folder, estimator):
         assert torch.equal(ours[name], value), name
     # The experts against the checkpoint's own tensors, independently of the conversion code:
     # ours are [E, D, 2F] and [E, F, D], transformers' [E, 2F, D] and [E, D, F].
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     for name, param in hf.named_parameters():
         if name.endswith("experts.gate_up_proj"):
             assert torch.equal(ours[name.replace("experts.gate_up_proj", "moe.experts.w1")], param.transpose(1, 2))
@@ -130,6 +130,11 @@ def test_one_process_fills_the_whole_model_in_configure_model(tmp_path):
     x = torch.randint(0, VOCAB, (2, 8))
     ref = reference(folder, "densemixer").eval()
     torch.testing.assert_close(module.eval()(x), ref(input_ids=x, use_cache=False).logits, rtol=0, atol=0)
+    # another dtype than the checkpoint's: each tensor cast on the way, as from_pretrained casts it
+    module = HFMoELanguageModel(pretrained=folder, estimator="densemixer", meta_init=True, dtype="float32",
+                                attn_implementation="eager")
+    module.configure_model()
+    assert_same_as_reference(tensors(module.model), folder, "densemixer", dtype=torch.float32)
 
 
 def test_meta_init_needs_safetensors(tmp_path):

@@ -99,14 +99,14 @@ class SafetensorsFolder:
         return tuple(self._file(self.weight_map[key])[2][key]["shape"])
 
     def read_into(self, key: str, out: Tensor, start: int = 0) -> None:
-        """Fill ``out`` with rows ``start:start + len(out)`` of tensor ``key`` (cast to ``out``'s dtype)."""
+        """Fill ``out`` with rows ``start:start + len(out)`` of tensor ``key`` (cast to ``out``'s dtype and device)."""
         fh, data_offset, header = self._file(self.weight_map[key])
         entry = header[key]
         dtype = DTYPES[entry["dtype"]]
-        if out.dtype == dtype and out.is_contiguous():
+        if out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu":
             read_rows(fh, data_offset, entry, out, start)
             return
-        staged = torch.empty(out.shape, dtype=dtype)
+        staged = torch.empty(out.shape, dtype=dtype)  # in host memory: files are read there
         read_rows(fh, data_offset, entry, staged, start)
         out.copy_(staged)
 
