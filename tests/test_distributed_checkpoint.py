@@ -188,8 +188,13 @@ def version_checkpoint(root, version, source, mtime):
     """A copy of the distributed checkpoint ``source`` as ``version``'s last.ckpt, modified at ``mtime``."""
     target = root / "lightning_logs" / version / "checkpoints" / "last.ckpt"
     shutil.copytree(source, target)
-    os.utime(target, (mtime, mtime))
+    set_time(target, mtime)
     return target
+
+
+def set_time(folder, mtime):
+    for path in [*folder.iterdir(), folder]:
+        os.utime(path, (mtime, mtime))
 
 
 def test_last_finds_a_distributed_checkpoint_and_passes_over_a_half_written_one(runs, tmp_path):
@@ -204,15 +209,23 @@ def test_last_finds_a_distributed_checkpoint_and_passes_over_a_half_written_one(
     half = version_checkpoint(tmp_path, "version_1", real, 2000)
     os.remove(half / ".metadata")
     os.remove(half / "meta.pt")
-    os.utime(half, (2000, 2000))
+    set_time(half, 2000)
     config = fit_config(tmp_path)
     with pytest.warns(UserWarning, match="incomplete distributed checkpoint") as caught:
         resolve_last_checkpoint(config)
     assert config.ckpt_path == str(complete)
     assert any(str(half) in str(warning.message) for warning in caught)
 
+    # Among complete ones the newest wins, by when it was written.
+    newer = version_checkpoint(tmp_path, "version_2", real, 3000)
+    config = fit_config(tmp_path)
+    with pytest.warns(UserWarning, match="passing over"):
+        resolve_last_checkpoint(config)
+    assert config.ckpt_path == str(newer)
+
     # Only a half-written one: refused in one line that names it, never loaded.
     shutil.rmtree(complete)
+    shutil.rmtree(newer)
     with pytest.raises(ConfigError) as caught, pytest.warns(UserWarning, match="passing over"):
         resolve_last_checkpoint(fit_config(tmp_path))
     assert str(half) in str(caught.value) and "incomplete" in str(caught.value) and "\n" not in str(caught.value)
