@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from lightning_moe.errors import ConfigError
+from lightning_moe.hf.loading import STORED_MODEL
 from lightning_moe.hf.safetensors_io import bytes_of, header_for
 
 #: The largest safetensors shard export writes unless told otherwise (``transformers``' unit: 5 GB = 5 * 10**9 bytes).
@@ -59,8 +60,6 @@ class CheckpointTensors:
 
     @classmethod
     def open(cls, path: str) -> CheckpointTensors:
-        from lightning_moe.hf.loading import STORED_MODEL
-
         distributed = is_distributed_checkpoint(path)
         if distributed:
             from torch.distributed.checkpoint import FileSystemReader
