@@ -309,7 +309,8 @@ class HFMoELanguageModel(CausalLMTraining):
         """Under Lightning's ``ModelParallelStrategy``, shard with FSDP2: each decoder layer, then the model.
 
         The decoder layers are the modules of the classes the model lists in
-        ``_no_split_modules`` (``transformers``' own unit of sharding).
+        ``_no_split_modules`` (``transformers``' own unit of sharding). A ``meta_init`` model
+        is then filled, each rank its own shards (under any other strategy: whole).
         """
         unit_names = set(getattr(self.model, "_no_split_modules", None) or ())
         self.shard_with_fsdp2([m for m in self.model.modules() if type(m).__name__ in unit_names], self.model)
