@@ -21,13 +21,12 @@ import contextlib
 import ctypes
 import errno
 import glob
-import io
 import os
 import shutil
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import lightning as L
@@ -295,16 +294,23 @@ def read_checkpoint_settings(path: str | os.PathLike) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def loadable_checkpoint(path: str | os.PathLike) -> str | os.PathLike | io.BytesIO:
-    """``path`` as ``LightningModule.load_from_checkpoint`` reads it: a file as it is, a distributed checkpoint
-    assembled whole in memory (its weights and settings; :func:`~lightning_moe.distributed_checkpoint.load_distributed_weights`)."""
+@contextlib.contextmanager
+def loadable_checkpoint(path: str | os.PathLike) -> Iterator[str | os.PathLike]:
+    """``path`` as ``LightningModule.load_from_checkpoint`` reads it: a file as it is; a distributed checkpoint's
+    weights and settings (:func:`~lightning_moe.distributed_checkpoint.load_distributed_weights`) written whole
+    into a temporary file, removed afterwards.
+
+    A file rather than a file object, because loaders read more than ``torch.load`` does from a path:
+    ``HFMoELanguageModel`` builds itself from the model its checkpoint carries, looked up by path.
+    """
     if not is_distributed_checkpoint(path):
-        return path
+        yield path
+        return
     _check_complete(os.fspath(path))
-    buffer = io.BytesIO()
-    torch.save(load_distributed_weights(path), buffer)
-    buffer.seek(0)
-    return buffer
+    with tempfile.TemporaryDirectory(prefix="lightning-moe-") as folder:
+        file = os.path.join(folder, os.path.basename(os.path.normpath(path)))
+        torch.save(load_distributed_weights(path), file)
+        yield file
 
 
 def use_atomic_checkpoint_io(trainer: L.Trainer) -> None:

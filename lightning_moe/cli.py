@@ -73,8 +73,8 @@ def _load_model(checkpoint: str, cls: type) -> Any:
     """The model of ``checkpoint`` (of class ``cls``, :func:`check_checkpoint`'s answer), on the CPU."""
     from lightning_moe.checkpointing import damaged_checkpoint_errors, loadable_checkpoint
 
-    with damaged_checkpoint_errors(checkpoint):
-        return cls.load_from_checkpoint(loadable_checkpoint(checkpoint), map_location="cpu")
+    with damaged_checkpoint_errors(checkpoint), loadable_checkpoint(checkpoint) as readable:
+        return cls.load_from_checkpoint(readable, map_location="cpu")
 
 
 def export(

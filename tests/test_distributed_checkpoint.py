@@ -344,3 +344,36 @@ def test_switching_the_estimator_on_a_sharded_resume_is_refused_in_one_line(runs
     # A training setting may still change.
     settings = resume_settings(config, Namespace(model=Namespace(learning_rate=1e-4)))
     assert settings["model"]["learning_rate"] == 1e-4
+
+
+def test_sample_reads_a_distributed_checkpoint_of_a_hugging_face_model(tmp_path, capsys):
+    """HFMoELanguageModel builds itself from the model its checkpoint carries; from a distributed checkpoint
+    too. The folder is written here with torch.distributed.checkpoint in one process, in Lightning's layout,
+    from the .ckpt of the same model, whose sample is the reference."""
+    pytest.importorskip("transformers")
+    from torch.distributed.checkpoint import save
+
+    from lightning_moe.hf.module import HFMoELanguageModel
+    from lightning_moe.hf.tiny import build_tiny_model
+
+    pretrained = build_tiny_model("olmoe", str(tmp_path / "tiny"), vocab_size=320)
+    torch.manual_seed(0)
+    module = HFMoELanguageModel(pretrained=pretrained, learning_rate=1e-3)
+    with torch.no_grad():
+        for parameter in module.parameters():  # not the pretrained weights: the checkpoint's must be used
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    checkpoint = torch.load(tmp_path / "model.ckpt", weights_only=False)
+    folder = tmp_path / "last.ckpt"
+    save({"state_dict": checkpoint.pop("state_dict")}, checkpoint_id=folder, no_dist=True)
+    checkpoint.pop("optimizer_states", None)
+    torch.save(checkpoint, folder / "meta.pt")
+    shutil.rmtree(tmp_path / "tiny")  # the model must come from the checkpoint, not from `pretrained`
+
+    args = ["--prompt", "a", "--max_new_tokens", "6", "--seed", "1"]
+    main(["sample", str(tmp_path / "model.ckpt"), *args])
+    expected = capsys.readouterr().out
+    main(["sample", str(folder), *args])
+    assert capsys.readouterr().out == expected
