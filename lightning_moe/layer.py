@@ -144,6 +144,7 @@ class MoELayer(Float32Buffers):
             ``topk_group`` best of ``n_group`` equal groups compete (a group scores the sum
             of its two best selection scores). ``n_group=1``: plain top-k.
         routed_scaling_factor: multiplies the gates (after renormalisation).
+        router_bias: the router adds a learned bias [E] to its logits (gpt-oss).
 
     Estimators other than softmax top-k ones run only the default scoring (softmax,
     one group, scale 1); SparseMixer and SparseMixer-v2 are refused anything else.
@@ -183,6 +184,7 @@ class MoELayer(Float32Buffers):
         n_group: int = 1,
         topk_group: int = 1,
         routed_scaling_factor: float = 1.0,
+        router_bias: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("d_model", d_model), ("ffn_hidden", ffn_hidden), ("num_experts", num_experts)):
@@ -202,7 +204,7 @@ class MoELayer(Float32Buffers):
 
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.input_jitter = input_jitter
-        self.router = Router(d_model, num_experts)
+        self.router = Router(d_model, num_experts, bias=router_bias)
         self.estimator = self._build_estimator(estimator, estimator_args or {})
         self.estimator.use_scoring(self.scoring)
         self.estimator.bind(num_experts=num_experts, top_k=top_k, d_model=d_model)

@@ -170,13 +170,19 @@ class Router(nn.Module):
     Router precision matters for every estimator (small logit gaps decide which expert
     wins and the jitter masks compare logits to within eps), so autocast is switched off
     here and the input and weight are promoted to float32.
+
+    ``bias=True`` adds a learned per-expert bias [E] to the logits (gpt-oss's router), zero at
+    first, promoted to float32 like the weight; every estimator then routes the biased logits.
+    Without it :attr:`bias` is None and the logits are ``x W^T`` as before.
     """
 
-    def __init__(self, d_model: int, num_experts: int) -> None:
+    def __init__(self, d_model: int, num_experts: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None
         nn.init.normal_(self.weight, std=d_model**-0.5)
 
     def forward(self, x_TD: Tensor) -> Tensor:
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            return F.linear(x_TD.float(), self.weight.float())
+            bias_E = None if self.bias is None else self.bias.float()
+            return F.linear(x_TD.float(), self.weight.float(), bias_E)

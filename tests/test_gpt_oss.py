@@ -1,5 +1,11 @@
 """gpt-oss: biased, clamped-SwiGLU experts and a biased router, against brute force and the original model."""
 
+import copy
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -98,3 +104,136 @@ def test_megablocks_refuses_the_variant_in_one_line_and_auto_never_picks_it(monk
 def test_bad_clamped_swiglu_constants_are_refused():
     with pytest.raises(ConfigError, match="swiglu_limit must be a finite number > 0"):
         Experts(4, 3, 2, activation="clamped_swiglu", swiglu_limit=0.0)
+
+
+# --- gpt-oss converted from Hugging Face and back, against the original model ---------------------------------------
+
+transformers = pytest.importorskip("transformers")
+
+from lightning_moe.hf import HFMoEBlock, from_hf, to_hf  # noqa: E402
+from lightning_moe.hf.blocks import inspect_block  # noqa: E402
+
+VOCAB, SEQ = 64, 12
+
+
+def make_gpt_oss(seed=0, **overrides):
+    config = transformers.GptOssConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        sliding_window=8, tie_word_embeddings=False, **overrides,
+    )
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
+    with torch.no_grad():  # the router and the biases start at zero: give them values that matter
+        for name, p in model.named_parameters():
+            if name.endswith(("router.weight", "router.bias", "_bias")):
+                p.normal_(std=0.5)
+            elif name.endswith("gate_up_proj"):
+                p.normal_(std=1.0)  # first projections large enough to reach the clamps at limit 7
+    return model
+
+
+def input_ids(seed=0):
+    return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def eval_logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_gpt_oss_block_is_read_from_its_structure_and_probes():
+    spec = inspect_block(make_gpt_oss().model.layers[0].mlp)
+    assert (spec.routing, spec.renormalize, spec.top_k) == ("softmax_topk", True, 2)  # softmax over the chosen logits
+    assert spec.router_bias and spec.returns_router_scores
+    assert spec.clamped_swiglu.name == "clamped_swiglu"
+    assert (spec.clamped_swiglu.alpha, spec.clamped_swiglu.limit) == (1.702, 7.0)
+
+
+@pytest.mark.parametrize("backend", ["loop", "torch"])
+def test_gpt_oss_converts_with_eval_logits_within_1e_5(backend):
+    model = make_gpt_oss()
+    original = copy.deepcopy(model)
+    ids = input_ids()
+    from_hf(model, backend=backend)
+    assert len([m for m in model.modules() if isinstance(m, HFMoEBlock)]) == 2
+    layer = model.model.layers[0].mlp.moe
+    assert layer.router.bias is not None and layer.experts.b1 is not None
+    assert (eval_logits(model, ids) - eval_logits(original, ids)).abs().max() <= 1e-5
+
+
+def hf_layout_grads(model):
+    """Gradients of a converted gpt-oss, renamed and laid out as the original's parameters: router weight and
+    bias as they are; gate_up_proj and its bias with gate/up columns interleaved again; down_proj and its bias
+    as they are."""
+    out = {name: p.grad for name, p in model.named_parameters() if ".moe." not in name}
+    for name, block in model.named_modules():
+        if isinstance(block, HFMoEBlock):
+            ex, router = block.moe.experts, block.moe.router
+            out[f"{name}.router.weight"], out[f"{name}.router.bias"] = router.weight.grad, router.bias.grad
+            for ours, theirs in ((ex.w1, "gate_up_proj"), (ex.b1, "gate_up_proj_bias")):
+                gate, up = ours.grad.chunk(2, dim=-1)
+                out[f"{name}.experts.{theirs}"] = torch.stack([gate, up], dim=-1).flatten(-2)
+            out[f"{name}.experts.down_proj"], out[f"{name}.experts.down_proj_bias"] = ex.w2.grad, ex.b2.grad
+    return out
+
+
+@pytest.mark.parametrize("backend", ["loop", "torch"])
+def test_gpt_oss_topk_training_gradients_equal_the_original_models_own(backend):
+    model = make_gpt_oss()
+    original = copy.deepcopy(model)
+    from_hf(model, estimator="topk", backend=backend)
+    ids = input_ids(1)
+    for m in (model, original):
+        m.train()
+        m(ids, labels=ids).loss.backward()
+    ours = hf_layout_grads(model)
+    theirs = {name: p.grad for name, p in original.named_parameters()}
+    assert ours.keys() == theirs.keys()
+    for name, grad in theirs.items():
+        torch.testing.assert_close(ours[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+RELOAD = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+path = sys.argv[1]
+torch.set_num_threads(int(sys.argv[2]))  # the test's own: the same reduction order, so bitwise equal logits
+model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+with torch.no_grad():
+    torch.save(model(torch.load(path + "/ids.pt")).logits, path + "/logits.pt")
+assert not any(name.startswith("lightning_moe") for name in sys.modules)
+print(json.dumps({k: list(v.shape) for k, v in model.state_dict().items()}))
+"""
+
+
+def test_gpt_oss_export_round_trip_loads_in_plain_transformers_with_identical_logits(tmp_path):
+    model = make_gpt_oss()
+    original_shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    from_hf(model, estimator="densemixer", backend="torch")
+    model.train()
+    ids = input_ids(2)
+    model(ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(0.1 * p.grad)  # a training step, so the export carries trained weights (biases included)
+    ids = input_ids(3)
+    trained = eval_logits(model, ids)
+    to_hf(model)
+    exported = eval_logits(model, ids)
+    assert (exported - trained).abs().max() <= 1e-5  # our kernels vs transformers' own
+    model.save_pretrained(tmp_path)
+    torch.save(ids, tmp_path / "ids.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path), str(torch.get_num_threads())], capture_output=True, text=True, env=env, cwd="/")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == original_shapes
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), exported)
+
+
+def test_gpt_oss_refuses_tensor_by_tensor_paths_in_one_line():
+    from lightning_moe.hf.convert import hf_tensor_names
+
+    with pytest.raises(ConfigError, match="gpt-oss's interleaved gate_up_proj is not read or written tensor by tensor"):
+        hf_tensor_names(from_hf(make_gpt_oss()))

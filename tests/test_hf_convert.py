@@ -239,10 +239,10 @@ def test_export_warns_about_state_the_format_cannot_hold():
 @pytest.mark.parametrize(
     "config_cls,args,missing",
     [
-        (
-            "GptOssConfig",
-            dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, head_dim=8),
-            "gpt_oss: GptOssMLP has a router bias and biased or clamped SwiGLU experts",
+        (  # gpt-oss, once refused here, converts (tests/test_gpt_oss.py)
+            "Llama4TextConfig",
+            dict(intermediate_size=16, intermediate_size_mlp=32, num_local_experts=4, num_experts_per_tok=1, head_dim=8),
+            "llama4_text: Llama4TextMoe has a router that returns (logits, weights, indices)",
         ),
     ],
 )

@@ -28,6 +28,14 @@ from torch import Tensor, nn
 
 from lightning_moe.data.sources import first_line
 from lightning_moe.estimators import ESTIMATOR_REGISTRY, Estimator
+from lightning_moe.experts import Activation
+from lightning_moe.hf.biased_experts import (
+    BiasedExpertsError,
+    check_biased_layout,
+    expected_output,
+    has_biased_clamped_experts,
+    probe_reaching_clamps,
+)
 from lightning_moe.hf.sigmoid_blocks import (
     SHARED_EXPERTS,
     ScoredRoutingError,
@@ -48,7 +56,8 @@ ROUTER_NAMES = ("gate", "router")
 SUPPORTED = (
     "supported: softmax or sigmoid top-k with or without renormalisation, with a selection bias, expert groups and"
     " a routed scaling factor (DeepSeek-V3), SparseMixer-v2 (PhiMoE), a shared expert with a sigmoid gate"
-    " (Qwen2-MoE) or without one (DeepSeek-V3), SiLU-gated experts without biases"
+    " (Qwen2-MoE) or without one (DeepSeek-V3), a router bias (gpt-oss), SiLU-gated experts without biases or"
+    " gpt-oss's biased experts with a clamped SwiGLU"
 )
 
 
@@ -73,6 +82,10 @@ class BlockSpec:
     scoring: Scoring = field(default_factory=Scoring)  # MoELayer's score function, expert groups and routed scaling factor
     selection_bias: str | None = None  # the router's e_score_correction_bias, by its name in the router
     shared_experts: bool = False  # DeepSeek-V3, ERNIE-4.5: shared_experts(x) added without a gate
+    router_bias: bool = False  # gpt-oss: the router's logits are x W^T + bias
+    # gpt-oss: experts with biases, interleaved gate/up columns and this clamped SwiGLU (hf.biased_experts)
+    clamped_swiglu: Activation | None = None
+    returns_router_scores: bool = False  # gpt-oss: the block returns (hidden_states, router_scores)
 
     def native_estimator(self) -> tuple[str, dict]:
         """The registered estimator (and its arguments) that reproduces the family's own routing."""
@@ -87,7 +100,7 @@ class BlockSpec:
     def describe(self) -> str:
         return describe_routing(self.routing, self.renormalize, self.sparsemixer_eps, self.top_k) + describe_scoring(
             self.scoring
-        ) + (", selection bias" if self.selection_bias else "")
+        ) + (", selection bias" if self.selection_bias else "") + (", router bias" if self.router_bias else "")
 
 
 def native_estimator(routing: str, renormalize: bool, sparsemixer_eps: float) -> tuple[str, dict]:
@@ -123,8 +136,16 @@ def _router(block: nn.Module) -> tuple[str, nn.Module]:
     raise UnsupportedBlock(f"a router child named one of {ROUTER_NAMES} with a weight [E, D]")
 
 
-def _check_experts(experts: nn.Module, num_experts: int, d_model: int) -> int:
-    """The expert hidden width F, after checking the experts are exactly SiLU(x Wg) * (x Wu) Wd."""
+def _check_experts(experts: nn.Module, num_experts: int, d_model: int) -> tuple[int, Activation | None]:
+    """The expert hidden width F and, for gpt-oss-style experts, their clamped SwiGLU (else None), after checking
+    the experts are exactly SiLU(x Wg) * (x Wu) Wd, or gpt-oss's (:mod:`lightning_moe.hf.biased_experts`)."""
+    if has_biased_clamped_experts(experts):
+        try:
+            ffn_hidden, activation = check_biased_layout(experts, num_experts, d_model)
+        except BiasedExpertsError as err:
+            raise UnsupportedBlock(str(err)) from err
+        check_expert_function(experts, ffn_hidden, d_model, activation)
+        return ffn_hidden, activation
     extra = sorted(name for name, _ in experts.named_parameters() if name not in ("gate_up_proj", "down_proj"))
     extra += [f"limit={experts.limit}"] if hasattr(experts, "limit") else []
     if extra:
@@ -140,14 +161,18 @@ def _check_experts(experts: nn.Module, num_experts: int, d_model: int) -> int:
     probe = torch.linspace(-6, 6, 97)
     if not callable(act_fn) or not torch.allclose(act_fn(probe), F.silu(probe), rtol=1e-6, atol=1e-7):
         raise UnsupportedBlock(f"expert activation {type(act_fn).__name__} (only SiLU-gated experts)")
-    check_expert_function(experts, two_f // 2)
-    return two_f // 2
+    check_expert_function(experts, two_f // 2, d_model)
+    return two_f // 2, None
 
 
-def check_expert_function(experts: nn.Module, ffn_hidden: int) -> None:
+def check_expert_function(
+    experts: nn.Module, ffn_hidden: int, d_model: int, clamped_swiglu: Activation | None = None
+) -> None:
     """Run the block's own experts on a probe routed entirely to expert 0 with weight 1 and
     compare with silu(x Wg^T) * (x Wu^T) Wd^T from gate_up_proj's first F rows (gate), its
-    last F rows (up) and down_proj: the reading of the weights conversion relies on.
+    last F rows (up) and down_proj: the reading of the weights conversion relies on. For
+    gpt-oss-style experts (``clamped_swiglu`` given) the reading compared with is
+    :func:`~lightning_moe.hf.biased_experts.expected_output`, on a probe that reaches the clamps.
 
     Experts on the meta device (a model built to be filled shard by shard) hold no values:
     a copy of them with random weights runs instead, as the router probe does; all its experts
@@ -156,7 +181,10 @@ def check_expert_function(experts: nn.Module, ffn_hidden: int) -> None:
     if experts.gate_up_proj.is_meta:
         experts = _one_random_expert(experts)
     gate_up, down = experts.gate_up_proj, experts.down_proj
-    x_TD = probe_inputs(gate_up.shape[2], 16).to(gate_up.device, gate_up.dtype)
+    x_TD = probe_inputs(d_model, 16)
+    if clamped_swiglu is not None:
+        x_TD = probe_reaching_clamps(x_TD, clamped_swiglu)
+    x_TD = x_TD.to(gate_up.device, gate_up.dtype)
     index_T1 = torch.zeros(x_TD.shape[0], 1, dtype=torch.long, device=x_TD.device)
     with torch.no_grad():
         try:
@@ -166,11 +194,19 @@ def check_expert_function(experts: nn.Module, ffn_hidden: int) -> None:
                 f"experts that do not run as experts(hidden, top_k_index, top_k_weights)"
                 f" ({type(err).__name__}: {first_line(err)})"
             ) from err
-        gate, up, out = (w.float() for w in (gate_up[0, :ffn_hidden], gate_up[0, ffn_hidden:], down[0]))
-        x_TD = x_TD.float()
-        ours = (F.silu(x_TD @ gate.T) * (x_TD @ up.T)) @ out.T
+        if clamped_swiglu is not None:
+            ours = expected_output(experts, clamped_swiglu, x_TD)
+        else:
+            gate, up, out = (w.float() for w in (gate_up[0, :ffn_hidden], gate_up[0, ffn_hidden:], down[0]))
+            x_TD = x_TD.float()
+            ours = (F.silu(x_TD @ gate.T) * (x_TD @ up.T)) @ out.T
     tolerance = 1e-4 if gate_up.dtype == torch.float32 else 3e-2
     if not torch.allclose(theirs, ours, rtol=tolerance, atol=tolerance * float(ours.abs().max())):
+        if clamped_swiglu is not None:
+            raise UnsupportedBlock(
+                "biased experts that do not compute clamped_swiglu(x W_gate_up + b_gate_up) W_down + b_down from"
+                " gate_up_proj (gate and up columns interleaved), down_proj and their biases"
+            )
         raise UnsupportedBlock(
             "experts that do not compute silu(x W_gate) * (x W_up) W_down from gate_up_proj (gate rows first)"
             " and down_proj"
@@ -182,7 +218,7 @@ def _one_random_expert(experts: nn.Module) -> nn.Module:
     the memory of one expert): the probe routes every token to expert 0."""
     copied = copy.deepcopy(experts).float()
     generator = torch.Generator().manual_seed(2)
-    for name in ("gate_up_proj", "down_proj"):
+    for name, _ in experts.named_parameters(recurse=False):  # weights, and gpt-oss's biases
         shape = getattr(experts, name).shape
         weight = torch.randn((1, *shape[1:]), generator=generator) / shape[-1] ** 0.5
         setattr(copied, name, nn.Parameter(weight.expand(shape), requires_grad=False))
@@ -201,15 +237,26 @@ def _routing_candidates(router: nn.Module, biased: bool) -> list[tuple[str, bool
     """
     candidates = [(routing, renormalize, 0.0) for routing in ("softmax_topk", "sigmoid_topk") for renormalize in (True, False)]
     eps = getattr(router, "router_jitter_noise", None)
-    plain = not biased and router_scoring(router, "softmax").is_softmax_top_k
+    plain = not biased and not router_bias_of(router) and router_scoring(router, "softmax").is_softmax_top_k
     if plain and isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0:
         candidates.append(("sparsemixer", False, float(eps)))
     return candidates
 
 
+def router_bias_of(router: nn.Module) -> bool:
+    """Whether ``router`` holds a logit bias [E] (gpt-oss: ``bias``); whether its logits use it is the probe's to say."""
+    bias = getattr(router, "bias", None)
+    if bias is None:
+        return False
+    if not isinstance(bias, Tensor) or bias.numel() != router.weight.shape[0]:
+        raise UnsupportedBlock("a router bias without one entry per expert")
+    return True
+
+
 def run_router_probe(router: nn.Module, bias_name: str | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """The logits [T, E] and the (weights, indices) [T, K] (sorted by expert) that a float32 copy of
-    ``router`` computes in eval on a random probe, with random weights.
+    ``router`` computes in eval on a random probe, with random weights (and a random logit bias where
+    the router holds one, :func:`router_bias_of`).
 
     Random weights, not the router's own: what is decided is the routing *function*, and a
     router freshly built with zeros would show ties and nothing else. Logits of spread about
@@ -221,6 +268,10 @@ def run_router_probe(router: nn.Module, bias_name: str | None = None) -> tuple[T
     reference = copy.deepcopy(router).float().eval()
     weight_ED = torch.randn(num_experts, d_model, generator=torch.Generator().manual_seed(1)) * (2 / d_model**0.5)
     reference.weight = nn.Parameter(weight_ED, requires_grad=False)
+    logit_bias_E = torch.zeros(num_experts)
+    if router_bias_of(router):
+        logit_bias_E = torch.randn(num_experts, generator=torch.Generator().manual_seed(4))
+        reference.bias = nn.Parameter(logit_bias_E.clone(), requires_grad=False)
     if bias_name is not None:
         write_selection_bias(reference, bias_name, probe_selection_bias(num_experts))
     x_TD = probe_inputs(d_model)
@@ -234,9 +285,10 @@ def run_router_probe(router: nn.Module, bias_name: str | None = None) -> tuple[T
     if not (isinstance(out, tuple) and len(out) == 3 and all(isinstance(t, Tensor) for t in out)):
         raise UnsupportedBlock("a router that returns (logits, weights, indices)")
     logits_TE, weights_TK, indices_TK = out
-    expected_TE = x_TD @ weight_ED.T
+    expected_TE = x_TD @ weight_ED.T + logit_bias_E
     if logits_TE.shape != expected_TE.shape or not torch.allclose(logits_TE.float(), expected_TE, rtol=1e-5, atol=1e-5):
-        raise UnsupportedBlock("a router whose logits are not hidden_states @ weight.T")
+        bias = " + bias" if router_bias_of(router) else ""
+        raise UnsupportedBlock(f"a router whose logits are not hidden_states @ weight.T{bias}")
     if weights_TK.shape != indices_TK.shape or weights_TK.dim() != 2 or weights_TK.shape[0] != x_TD.shape[0]:
         raise UnsupportedBlock("a router whose weights and indices are not both [tokens, top_k]")
     return logits_TE.float(), _sorted_by_expert(weights_TK.float(), indices_TK.long())
@@ -244,10 +296,8 @@ def run_router_probe(router: nn.Module, bias_name: str | None = None) -> tuple[T
 
 def routing_of(router: nn.Module) -> tuple[str, bool, float, int, Scoring, str | None]:
     """``(routing, renormalize, sparsemixer eps, top_k, scoring, selection bias name)`` of ``router``:
-    the first candidate routing that computes, from the probe's logits and selection bias, exactly
-    the weights and experts the router itself chose."""
-    if getattr(router, "bias", None) is not None:
-        raise UnsupportedBlock("a router bias")
+    the first candidate routing that computes, from the probe's logits (with the router's logit bias,
+    if it holds one) and selection bias, exactly the weights and experts the router itself chose."""
     try:
         bias_name = selection_bias_name(router)
         candidates = _routing_candidates(router, bias_name is not None)
@@ -307,7 +357,7 @@ def inspect_block(block: nn.Module) -> BlockSpec:
             missing.append(str(err))
 
     routing = attempt(routing_of, router)
-    ffn_hidden = attempt(_check_experts, block.experts, num_experts, d_model)
+    experts = attempt(_check_experts, block.experts, num_experts, d_model)
     has_shared = attempt(_check_children, block, router_name)
     try:
         ungated_shared = has_ungated_shared_experts(block)
@@ -315,6 +365,7 @@ def inspect_block(block: nn.Module) -> BlockSpec:
         missing.append(str(err))
     if missing:
         raise UnsupportedBlock(" and ".join(missing))
+    ffn_hidden, clamped_swiglu = experts
     return BlockSpec(
         router_name=router_name,
         num_experts=num_experts,
@@ -329,7 +380,30 @@ def inspect_block(block: nn.Module) -> BlockSpec:
         scoring=routing[4],
         selection_bias=routing[5],
         shared_experts=ungated_shared,
+        router_bias=router_bias_of(router),
+        clamped_swiglu=clamped_swiglu,
+        returns_router_scores=returns_router_scores(block, d_model),
     )
+
+
+def returns_router_scores(block: nn.Module, d_model: int) -> bool:
+    """Whether ``block`` returns ``(hidden_states, router_scores)`` (gpt-oss's MLP) rather than a tensor.
+
+    Decided by running the block on two tokens; a block on the meta device (no values to run) is taken
+    to return the pair when its experts are gpt-oss-style, the one family in ``transformers`` whose block does.
+    """
+    if any(p.is_meta for p in block.parameters()):
+        return has_biased_clamped_experts(block.experts)
+    first = next(block.parameters())
+    x_BTD = probe_inputs(d_model, 2)[None].to(first.device, first.dtype)
+    with torch.no_grad():
+        try:
+            out = block(x_BTD)
+        except Exception as err:  # a foreign block: whatever it raises is the reason for refusal
+            raise UnsupportedBlock(
+                f"a block that does not run as block(hidden_states) ({type(err).__name__}: {first_line(err)})"
+            ) from err
+    return isinstance(out, tuple)
 
 
 def build_estimator(name: str, args: dict) -> Estimator:

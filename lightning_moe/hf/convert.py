@@ -5,7 +5,9 @@ Shape legend: D model width, F expert hidden width, E experts.
 Layouts: Hugging Face keeps ``gate_up_proj`` [E, 2F, D] (gate rows first) and
 ``down_proj`` [E, D, F] and computes ``linear(x, W) = x W^T``; :class:`~lightning_moe.Experts`
 keeps ``w1`` [E, D, 2F] (gate columns first) and ``w2`` [E, F, D] and computes ``x @ W``.
-So ``w1 = gate_up_proj.T``, ``w2 = down_proj.T`` (per expert), and the router's ``weight`` [E, D] is shared as is. Conversion runs block by
+So ``w1 = gate_up_proj.T``, ``w2 = down_proj.T`` (per expert), and the router's ``weight`` [E, D] is shared as is.
+gpt-oss's experts (biases, interleaved gate/up columns, a clamped SwiGLU) are read and written by
+:mod:`lightning_moe.hf.biased_experts`; its router's ``bias`` becomes the layer router's. Conversion runs block by
 block and frees each original tensor as soon as its copy exists, so a large model is
 never held twice: at most about two thirds of one block's experts exist twice at once.
 """
@@ -23,6 +25,7 @@ from torch import Tensor, nn
 from lightning_moe.errors import ConfigError
 from lightning_moe.estimators import ESTIMATOR_REGISTRY, Estimator
 from lightning_moe.experts import Experts
+from lightning_moe.hf.biased_experts import DOWN_BIAS, GATE_UP_BIAS, interleave, read_biased_experts
 from lightning_moe.hf.blocks import (
     SHARED_EXPERT,
     SHARED_EXPERT_GATE,
@@ -74,13 +77,15 @@ class HFMoEBlock(nn.Module):
         self.records, self.router_hooked = tuple(records), router_hooked
         install_record_hooks(moe.router, list(self.records))
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
+    def forward(self, hidden_states: Tensor) -> Tensor | tuple[Tensor, None]:
+        """The block's output; as ``(output, None)`` where the original returned ``(output, router_scores)``
+        (gpt-oss: its decoder layer discards the scores, and the router logits are recorded from ``moe.router``)."""
         out = self.moe(hidden_states)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(hidden_states)) * self.shared_expert(hidden_states)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden_states)
-        return out
+        return (out, None) if self.spec.returns_router_scores else out
 
     def extra_repr(self) -> str:
         return f"hf_block={type(self.hf_shell).__name__}, routing={self.spec.describe()!r}"
@@ -138,9 +143,15 @@ def _new_layer(spec: BlockSpec, estimator: str | Estimator, args: dict, backend:
             n_group=spec.scoring.n_group,
             topk_group=spec.scoring.topk_group,
             routed_scaling_factor=spec.scoring.routed_scaling_factor,
+            router_bias=spec.router_bias,
         )
+    clamped = spec.clamped_swiglu
     with torch.device("meta"):
-        layer.experts = Experts(spec.d_model, spec.ffn_hidden, spec.num_experts, activation="swiglu", backend=backend)
+        if clamped is None:
+            layer.experts = Experts(spec.d_model, spec.ffn_hidden, spec.num_experts, activation="swiglu", backend=backend)
+        else:
+            layer.experts = Experts(spec.d_model, spec.ffn_hidden, spec.num_experts, activation=clamped.name,
+                                    backend=backend, bias=True, swiglu_alpha=clamped.alpha, swiglu_limit=clamped.limit)
     return layer
 
 
@@ -160,13 +171,18 @@ def _convert_block(
     layer = _new_layer(spec, estimator, args, backend, torch.device("cpu") if device.type == "meta" else device)
     router = getattr(block, spec.router_name)
     layer.router.weight = _take(router, "weight")
+    if spec.router_bias:
+        layer.router.bias = _take(router, "bias")
     ours = layer.experts
-    gate_up = _take(experts, "gate_up_proj")
-    ours.w1 = _parameter(gate_up.transpose(1, 2).contiguous(), gate_up)
-    del gate_up  # freed here: its copy exists, nothing else refers to it
-    down = _take(experts, "down_proj")
-    ours.w2 = _parameter(down.transpose(1, 2).contiguous(), down)
-    del down
+    if spec.clamped_swiglu is not None:
+        _take_biased_experts(experts, ours)
+    else:
+        gate_up = _take(experts, "gate_up_proj")
+        ours.w1 = _parameter(gate_up.transpose(1, 2).contiguous(), gate_up)
+        del gate_up  # freed here: its copy exists, nothing else refers to it
+        down = _take(experts, "down_proj")
+        ours.w2 = _parameter(down.transpose(1, 2).contiguous(), down)
+        del down
     meta = [name for name, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
     if meta and device.type != "meta":
         raise RuntimeError(f"MoELayer tensors left unconverted: {meta}")
@@ -178,6 +194,23 @@ def _convert_block(
     if spec.shared_experts:
         setattr(block, SHARED_EXPERTS, None)
     return converted
+
+
+def _take_biased_experts(experts: nn.Module, ours: Experts) -> None:
+    """gpt-oss's experts into ``ours``: gate/up columns de-interleaved (copies), ``down_proj`` and its bias moved."""
+    w1, b1, _, _ = read_biased_experts(experts)
+    for name, value, source in (("w1", w1, "gate_up_proj"), ("b1", b1, GATE_UP_BIAS)):
+        setattr(ours, name, _parameter(value.detach(), _take(experts, source)))
+    ours.w2, ours.b2 = _take(experts, "down_proj"), _take(experts, DOWN_BIAS)
+
+
+def _restore_biased_experts(ours: Experts, experts: nn.Module) -> None:
+    """The inverse of :func:`_take_biased_experts`."""
+    for name, source in (("w1", "gate_up_proj"), ("b1", GATE_UP_BIAS)):
+        ours_tensor = _take(ours, name)
+        setattr(experts, source, _parameter(interleave(ours_tensor.detach()), ours_tensor))
+    experts.down_proj = _take(ours, "w2")
+    setattr(experts, DOWN_BIAS, _take(ours, "b2"))
 
 
 def _take_selection_bias(router: nn.Module, spec: BlockSpec, layer: MoELayer) -> None:
@@ -300,8 +333,15 @@ def hf_tensor_names(model: nn.Module) -> dict[str, tuple[str | None, bool]]:
         block = blocks.get(prefix) if rest else None
         if block is None:
             names[name] = (name, False)
-        elif rest == "router.weight":
-            names[name] = (f"{prefix}.{block.spec.router_name}.weight", False)
+        elif rest in ("router.weight", "router.bias"):
+            names[name] = (f"{prefix}.{block.spec.router_name}.{rest.partition('.')[2]}", False)
+        elif block.spec.clamped_swiglu is not None and rest in ("experts.w2", "experts.b2"):
+            names[name] = (f"{prefix}.experts.{'down_proj' if rest.endswith('w2') else DOWN_BIAS}", False)
+        elif block.spec.clamped_swiglu is not None and rest in ("experts.w1", "experts.b1"):
+            raise ConfigError(
+                "gpt-oss's interleaved gate_up_proj is not read or written tensor by tensor yet (meta_init, streaming"
+                " export): load the model whole (meta_init: false) and export with to_hf and save_pretrained"
+            )
         elif rest in ("experts.w1", "experts.w2"):
             names[name] = (f"{prefix}.experts.{'gate_up_proj' if rest.endswith('w1') else 'down_proj'}", True)
         elif rest == "selection_bias" and block.spec.selection_bias is not None:
@@ -318,13 +358,18 @@ def _restore_block(block: HFMoEBlock) -> nn.Module:
     if layer.experts.expert_parallel is not None:
         raise ConfigError("to_hf needs every expert in this process; gather the expert-parallel shards first")
     setattr(getattr(shell, spec.router_name), "weight", _take(layer.router, "weight"))
+    if spec.router_bias:
+        getattr(shell, spec.router_name).bias = _take(layer.router, "bias")
     ours = layer.experts
-    w1 = _take(ours, "w1")
-    shell.experts.gate_up_proj = _parameter(w1.transpose(1, 2).contiguous(), w1)
-    del w1
-    w2 = _take(ours, "w2")
-    shell.experts.down_proj = _parameter(w2.transpose(1, 2).contiguous(), w2)
-    del w2
+    if spec.clamped_swiglu is not None:
+        _restore_biased_experts(ours, shell.experts)
+    else:
+        w1 = _take(ours, "w1")
+        shell.experts.gate_up_proj = _parameter(w1.transpose(1, 2).contiguous(), w1)
+        del w1
+        w2 = _take(ours, "w2")
+        shell.experts.down_proj = _parameter(w2.transpose(1, 2).contiguous(), w2)
+        del w2
     if spec.shared_expert:
         setattr(shell, SHARED_EXPERT, block.shared_expert)
         setattr(shell, SHARED_EXPERT_GATE, block.shared_expert_gate)
