@@ -243,6 +243,12 @@ def load_transformers_tokenizer(spec: str, field: str = "data.tokenizer") -> Any
     from lightning_moe.hub import load_cache_first
 
     path = os.path.expanduser(spec)
+    looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") > 1
+    if looks_local and not os.path.exists(path):
+        raise ConfigError(
+            f"{field}={spec!r} cannot be loaded: no such file or folder; pass a local tokenizer.json or folder,"
+            " or a Hub name"
+        )
     try:
         if os.path.isfile(path):
             tok = PreTrainedTokenizerFast(tokenizer_file=path)

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_moe.data.sources import first_line, honour_offline_env
 from lightning_moe.errors import ConfigError
 from lightning_moe.hf.weights import SafetensorsFolder, checkpoint_plan, parameters_on_meta
+from lightning_moe.hub import load_cache_first
 
 #: The checkpoint entry that makes a post-training checkpoint self-contained: the model's
 #: ``transformers`` config and generation config (JSON dicts) and its tokenizer's files
@@ -145,73 +145,13 @@ def _meta_from_pretrained(
 
 
 def _from_pretrained(pretrained: str, load: Any = None, **kwargs: Any) -> Any:
-    """``AutoModelForCausalLM.from_pretrained``; a Hub name from the cache first, the Hub only if it answers.
-
-    ``transformers`` retries an unreachable Hub five times (~23 s) before it fails with a
-    network error that does not say what to do. Here a Hub name is loaded from the local
-    cache without asking the Hub (so a cached model loads as it was downloaded, even
-    online); only when no complete cached copy exists, and ``HF_HUB_OFFLINE`` is not set,
-    one request without retries asks the Hub, and the download starts only if it answers.
-    ``load``: what loads (``AutoModelForCausalLM.from_pretrained`` when ``None``), called as it is.
-    """
+    """``AutoModelForCausalLM.from_pretrained`` (or ``load``); a Hub name from the cache first, the Hub
+    only if it answers, so an unreachable Hub is one line at once (:func:`~lightning_moe.hub.load_cache_first`)."""
     if load is None:
         from transformers import AutoModelForCausalLM
 
         load = AutoModelForCausalLM.from_pretrained
-    if os.path.isdir(pretrained):
-        try:
-            return load(pretrained, **kwargs)
-        except OSError as err:  # a folder without config.json or weights
-            raise ConfigError(
-                f"`pretrained`={pretrained!r} could not be loaded: {type(err).__name__}: {first_line(err)}"
-            ) from err
-    with honour_offline_env():
-        from huggingface_hub import is_offline_mode
-
-        try:
-            return load(pretrained, local_files_only=True, **kwargs)
-        except OSError:
-            pass  # not cached (or not completely): ask the Hub, if allowed
-        offline = is_offline_mode()
-        problem = "HF_HUB_OFFLINE is set, so the Hub was not asked" if offline else _hub_problem(pretrained)
-        if problem is None:
-            try:
-                return load(pretrained, **kwargs)
-            except OSError as err:  # the connection dropped during the download, a file missing from the repo
-                problem = f"{type(err).__name__}: {first_line(err)}"
-    fix = (
-        "download it once with network access (HF_HUB_OFFLINE unset)"
-        if offline
-        else "download it once with network access and then set HF_HUB_OFFLINE=1 to use the cached copy"
-    )
-    raise ConfigError(
-        f"`pretrained`={pretrained!r}: could not load this Hugging Face model: {problem}; no complete cached copy"
-        f" of it exists and no local folder of that name either. To fix: {fix}, or pass a local model folder"
-        " as `pretrained`."
-    )
-
-
-def _hub_problem(name: str) -> str | None:
-    """Why the Hugging Face Hub cannot serve the model ``name`` now, or ``None`` when it can.
-
-    One request for its ``config.json``, without ``huggingface_hub``'s retries.
-    """
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HFValidationError, RepositoryNotFoundError
-
-    try:
-        get_hf_file_metadata(hf_hub_url(name, "config.json"))
-    except GatedRepoError:
-        return "it is a gated model: accept its terms on the Hub, then log in (hf auth login)"
-    except RepositoryNotFoundError:
-        return "the Hugging Face Hub has no such model (or it is private: log in with hf auth login)"
-    except EntryNotFoundError:
-        return None  # the repository exists: transformers names what it lacks
-    except HFValidationError as err:
-        return f"not a Hub model name ({first_line(err)})"
-    except Exception as err:  # no network, DNS, proxy, TLS, timeouts, server errors: all "unreachable" here
-        return f"the Hugging Face Hub could not be reached [{type(err).__name__}: {first_line(err)}]"
-    return None
+    return load_cache_first(pretrained, load, field="`pretrained`", what="Hugging Face model", **kwargs)
 
 
 def stored_model(checkpoint_path: Any) -> dict[str, Any] | None:
