@@ -237,3 +237,32 @@ def test_gpt_oss_refuses_tensor_by_tensor_paths_in_one_line():
 
     with pytest.raises(ConfigError, match="gpt-oss's interleaved gate_up_proj is not read or written tensor by tensor"):
         hf_tensor_names(from_hf(make_gpt_oss()))
+
+
+# --- the router bias --------------------------------------------------------------------------------------------------
+
+
+def test_router_bias_enters_the_float32_logits_of_every_estimator():
+    from lightning_moe import MoELayer
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    for estimator in ("topk", "sparsemixer", "sparsemixer_v2", "default_moe", "densemixer"):
+        top_k = 1 if estimator == "sparsemixer" else 2
+        layer = MoELayer(8, 4, 4, top_k=top_k, estimator=estimator, backend="loop", router_bias=True)
+        with torch.no_grad():
+            layer.router.bias.copy_(torch.tensor([0.0, 0.0, 50.0, 40.0]))
+        logits = layer.router(x.bfloat16())
+        assert logits.dtype == torch.float32
+        torch.testing.assert_close(logits, x.bfloat16().float() @ layer.router.weight.T + layer.router.bias)
+        if estimator == "default_moe":
+            layer.estimator.attach_updater()
+        layer.train()(x)  # the layer's own forward records which experts its estimator chose
+        assert layer.routing_stats.tokens_per_expert[2] == 16, estimator  # the bias decides, whatever the estimator
+
+
+def test_router_without_bias_keeps_its_state_dict_keys():
+    from lightning_moe import MoELayer
+
+    assert "router.bias" not in MoELayer(8, 4, 4).state_dict()
+    assert MoELayer(8, 4, 4, router_bias=True).state_dict()["router.bias"].shape == (4,)
