@@ -311,7 +311,7 @@ def test_bad_input_is_a_config_error_naming_the_field(tmp_path, tokenizer_dir, c
 
 def test_prepare_data_loads_a_hub_dataset_and_nothing_else(tokenizer_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    PostTrainDataModule(tokenizer=tokenizer_dir).prepare_data()  # synthetic: nothing to download
+    PostTrainDataModule(tokenizer=tokenizer_dir, max_examples=50).prepare_data()  # synthetic: nothing to download
     hub = PostTrainDataModule(source="nobody-here/no-such-dataset", tokenizer=tokenizer_dir)
     with pytest.raises(ConfigError, match="the Hugging Face dataset could not be loaded .*ConnectionError"):
         hub.prepare_data()
