@@ -148,7 +148,7 @@ class PostTrainDataModule(ResumableLoaders):
         self.train_dataset: CachedRows | None = None
         self.val_dataset: CachedRows | None = None
         self._meta: dict[str, Any] | None = None
-        self._datasets: dict[str, Any] = {}  # Hub / local splits loaded for the fingerprint, kept for the build
+        self._datasets: dict[str, Any] = {}  # Hub splits loaded for their fingerprint, kept for the build
 
     # ----------------------------------------------------------------- lifecycle
 
