@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torch.distributed.checkpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from lightning_moe.cli import main
@@ -118,6 +119,10 @@ def scratch(tmp_path_factory):
         "{% for m in messages %}{% if loop.last %}{{ m['content'] }}{% else %}<{{ m['role'] }}>{% endif %}{% endfor %}"
     )
     save_hf_checkpoint(folder)
+    torch.distributed.checkpoint.save({"state_dict": {"model.w": torch.zeros(2)}}, checkpoint_id=folder / "dcp-other", no_dist=True)
+    (folder / "bin-only").mkdir()
+    shutil.copy(folder / "tiny" / "config.json", folder / "bin-only" / "config.json")
+    torch.save({}, folder / "bin-only" / "pytorch_model.bin")
     return folder
 
 
