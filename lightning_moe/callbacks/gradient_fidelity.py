@@ -89,6 +89,30 @@ def _expert_output_products(layer: MoELayer, x_TD: Tensor, grad_y_TD: Tensor) ->
     return products_TE
 
 
+def _dense_router_gradient(layer: MoELayer, z_TE: Tensor, products_TE: Tensor) -> Tensor:
+    """dL/dz of the layer's dense mixture ``y = sum_i w_i(z) E_i(x)`` over all E experts, [T, E] float32.
+
+    ``w`` is the layer's gate function applied to every expert, i.e. its top-k gates at k = E
+    (:meth:`~lightning_moe.routing.Scoring.gates` of the scores of all experts, renormalised when the
+    estimator renormalises, times the routed scaling factor): softmax(z) under the default scoring;
+    ``c * sigmoid(z_i)``, or ``c * s_i / sum_j s_j`` renormalised, under sigmoid scoring (DeepSeek-V3).
+    With ``products_TE`` = <dL/dy, E_i(x)>, dL/dz = J_w(z)^T products. The default scoring keeps
+    the closed form pi_i (s_i - sum_j pi_j s_j); other scorings take the vector-Jacobian product
+    from autograd.
+    """
+    z_TE = z_TE.detach().float()
+    scoring = layer.scoring
+    if scoring.is_softmax_top_k:
+        probs_TE = z_TE.softmax(dim=-1)
+        return probs_TE * (products_TE - (probs_TE * products_TE).sum(dim=-1, keepdim=True))
+    renormalize = bool(getattr(layer.estimator, "renormalize", False))
+    with torch.enable_grad():
+        z_TE.requires_grad_(True)
+        weights_TE = scoring.gates(scoring.scores(z_TE), renormalize)
+        (dense_TE,) = torch.autograd.grad(weights_TE, z_TE, products_TE.float())
+    return dense_TE
+
+
 def router_gradient_fidelity(module: nn.Module, loss_fn: Callable[[], Tensor]) -> dict[str, dict[str, Tensor]]:
     """Compare each MoELayer's router-logit gradient with the dense mixture's, on one loss.
 
@@ -99,7 +123,9 @@ def router_gradient_fidelity(module: nn.Module, loss_fn: Callable[[], Tensor]) -
     - the estimator's gradient is dL/dz as the layer's estimator computes it;
     - the dense gradient is that of the dense mixture ``y = sum_i pi_i E_i(x)`` over all
       E experts at the same z and G: ``pi_i (s_i - sum_j pi_j s_j)`` with
-      ``s_i = <G, E_i(x)>`` — the quantity Default MoE and SparseMixer approximate.
+      ``s_i = <G, E_i(x)>`` — the quantity Default MoE and SparseMixer approximate. Under
+      another :class:`~lightning_moe.routing.Scoring` (sigmoid scores, a routed scaling
+      factor) pi is the layer's own gate function over all experts (:func:`_dense_router_gradient`).
 
     Returns ``{"layer_XX": {"router_grad_cosine": ..., "router_grad_norm_ratio": ...}}``:
     the cosine between the two [T, E] gradients and ``|estimator| / |dense|``; both are
@@ -128,8 +154,7 @@ def router_gradient_fidelity(module: nn.Module, loss_fn: Callable[[], Tensor]) -
         x_TD = captured[id(layer)]["x"].reshape(-1, layer.d_model)
         with _full_parameters(module, layer):
             products_TE = _expert_output_products(layer, x_TD, grad_y_TD.reshape(-1, layer.d_model))
-        probs_TE = z_TE.detach().float().softmax(dim=-1)
-        dense_TE = probs_TE * (products_TE - (probs_TE * products_TE).sum(dim=-1, keepdim=True))
+        dense_TE = _dense_router_gradient(layer, z_TE, products_TE)
         estimator, dense = estimator_TE.double().flatten(), dense_TE.double().flatten()
         estimator_norm, dense_norm = estimator.norm(), dense.norm()
         results[tag] = {
@@ -158,7 +183,8 @@ class RouterGradientFidelity(L.Callback):
 
     - ``moe/layer_XX/router_grad_cosine``: cosine between the estimator's router-logit
       gradient and the gradient of the dense mixture (all experts computed, weights =
-      softmax over all experts), over all tokens of the batch;
+      softmax over all experts, or the layer's sigmoid gates over all of them under
+      sigmoid scoring), over all tokens of the batch;
     - ``moe/layer_XX/router_grad_norm_ratio``: ``|estimator gradient| / |dense gradient|``.
 
     Both are 1 for an exact estimator (Top-K with k = E). Values come from the rank-0
