@@ -476,7 +476,7 @@ def test_world_size_and_size_argument_are_checked_when_the_trainer_is_built():
     with pytest.raises(ValueError, match="expert_parallel_size=2 does not divide the world size 3"):
         L.Trainer(strategy=ExpertParallelStrategy(expert_parallel_size=2), accelerator="cpu", devices=3)
     with pytest.raises(ValueError, match="expert_parallel_size must be a positive int"):
-        ExpertParallelStrategy(expert_parallel_size=0)
+        L.Trainer(strategy=ExpertParallelStrategy(expert_parallel_size=0), accelerator="cpu", devices=2)
 
 
 def test_fit_refuses_indivisible_experts_before_training(tmp_path):

@@ -60,6 +60,19 @@ if TYPE_CHECKING:
 MESH_DIMS = ("data_parallel", "expert_parallel")
 
 
+def check_expert_parallel_size(world_size: int, expert_parallel_size: int | None) -> None:
+    """``ConfigError`` unless ``expert_parallel_size`` is None (all ranks) or a positive int dividing the ranks.
+
+    The strategies call it when the Trainer is built, so a bad size fails before any process
+    starts, and LightningCLI reports it as one line (a check in ``__init__`` would surface
+    inside jsonargparse's parse error instead).
+    """
+    size = expert_parallel_size
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ConfigError(f"expert_parallel_size must be a positive int or None (all ranks), got {size!r}")
+    check_world_size(world_size, world_size if size is None else size)
+
+
 def check_world_size(world_size: int, expert_parallel_size: int) -> None:
     """``ValueError`` unless ``expert_parallel_size`` divides the number of processes."""
     if world_size % expert_parallel_size:
@@ -119,12 +132,6 @@ class ExpertParallelStrategy(DDPStrategy):
     """
 
     def __init__(self, expert_parallel_size: int | None = None, **kwargs: Any) -> None:
-        if expert_parallel_size is not None and (
-            isinstance(expert_parallel_size, bool)
-            or not isinstance(expert_parallel_size, int)
-            or expert_parallel_size < 1
-        ):
-            raise ConfigError(f"expert_parallel_size must be a positive int or None, got {expert_parallel_size!r}")
         super().__init__(**kwargs)
         self._expert_parallel_size = expert_parallel_size
         self.device_mesh: DeviceMesh | None = None
@@ -141,8 +148,7 @@ class ExpertParallelStrategy(DDPStrategy):
         return self.expert_parallel_size > 1
 
     def _configure_launcher(self) -> None:
-        # Runs when the Trainer is built: a bad size fails before any process starts.
-        check_world_size(self.num_nodes * self.num_processes, self.expert_parallel_size)
+        check_expert_parallel_size(self.num_nodes * self.num_processes, self._expert_parallel_size)
         super()._configure_launcher()
 
     def setup_environment(self) -> None:

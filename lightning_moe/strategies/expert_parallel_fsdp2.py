@@ -53,9 +53,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.optim import Optimizer
 
-from lightning_moe.errors import ConfigError
 from lightning_moe.experts.expert_parallel import ExpertShard
-from lightning_moe.strategies.expert_parallel import check_expert_parallel_model, check_world_size
+from lightning_moe.strategies.expert_parallel import check_expert_parallel_model, check_expert_parallel_size
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -98,12 +97,7 @@ class ExpertParallelFSDP2Strategy(ModelParallelStrategy):
         return self._expert_parallel_size or self.num_nodes * self.num_processes
 
     def _configure_launcher(self) -> None:
-        # Runs when the Trainer is built: a bad size fails before any process starts (and, unlike a
-        # check in __init__, LightningCLI reports it as one line rather than inside its parse error).
-        size = self._expert_parallel_size
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-            raise ConfigError(f"expert_parallel_size must be a positive int or None (all ranks), got {size!r}")
-        check_world_size(self.num_nodes * self.num_processes, self.expert_parallel_size)
+        check_expert_parallel_size(self.num_nodes * self.num_processes, self._expert_parallel_size)
         super()._configure_launcher()
 
     def setup_environment(self) -> None:
