@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from lightning_moe.errors import ConfigError
 from lightning_moe.experts import ACTIVATIONS, init_std_for_depth
 from lightning_moe.layer import MoELayer
+from lightning_moe.routing import Scoring
 
 
 def _require_positive(name: str, value: int | float) -> None:
@@ -72,6 +73,10 @@ class MoEConfig:
             MoE (the GShard / Switch "every other layer" layout).
         dense_first_layer: keep block 0 dense even when the rule above selects it
             (DeepSeek-MoE keeps the first layer dense).
+        score_function, n_group, topk_group, routed_scaling_factor: how the router's
+            logits become scores, which experts they choose and the gates' scale
+            (``MoELayer``'s arguments of these names, :class:`~lightning_moe.routing.Scoring`):
+            ``score_function: sigmoid`` with groups and a scaling factor routes as DeepSeek-V3.
     """
 
     num_experts: int = 8
@@ -84,6 +89,10 @@ class MoEConfig:
     input_jitter: float = 0.0
     every_n_layers: int = 1
     dense_first_layer: bool = False
+    score_function: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
 
     def __post_init__(self) -> None:
         _require_positive("moe.num_experts", self.num_experts)
@@ -99,6 +108,15 @@ class MoEConfig:
             raise ConfigError(f"`moe.input_jitter` must be in [0, 1), got {self.input_jitter}.")
         if self.every_n_layers < 1:
             raise ConfigError(f"`moe.every_n_layers` must be >= 1, got {self.every_n_layers}.")
+        try:
+            self.scoring.check(self.num_experts, self.top_k)
+        except ConfigError as err:  # the same checks as MoELayer's, naming the recipe's fields
+            raise ConfigError(f"moe.{err}") from None
+
+    @property
+    def scoring(self) -> Scoring:
+        """The MoE layers' :class:`~lightning_moe.routing.Scoring`."""
+        return Scoring(self.score_function, self.n_group, self.topk_group, self.routed_scaling_factor)
 
     def is_moe_layer(self, index: int) -> bool:
         """Whether block ``index`` (0-based) gets an MoE feed-forward layer."""
@@ -276,6 +294,10 @@ class Block(nn.Module):
                 activation=moe.activation or config.activation,
                 input_jitter=moe.input_jitter,
                 estimator_args=dict(moe.estimator_args),
+                score_function=moe.score_function,
+                n_group=moe.n_group,
+                topk_group=moe.topk_group,
+                routed_scaling_factor=moe.routed_scaling_factor,
             )
         else:
             self.ffn = FeedForward(config.d_model, config.ffn_hidden, config.activation)
