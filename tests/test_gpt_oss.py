@@ -226,8 +226,8 @@ def test_gpt_oss_export_round_trip_loads_in_plain_transformers_with_identical_lo
     model.save_pretrained(tmp_path)
     torch.save(ids, tmp_path / "ids.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path), str(torch.get_num_threads())], capture_output=True, text=True, env=env, cwd="/",
-                         check=False)
+    command = [sys.executable, "-c", RELOAD, str(tmp_path), str(torch.get_num_threads())]
+    out = subprocess.run(command, capture_output=True, text=True, env=env, cwd="/", check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == original_shapes
     assert torch.equal(torch.load(tmp_path / "logits.pt"), exported)
@@ -267,3 +267,10 @@ def test_router_without_bias_keeps_its_state_dict_keys():
 
     assert "router.bias" not in MoELayer(8, 4, 4).state_dict()
     assert MoELayer(8, 4, 4, router_bias=True).state_dict()["router.bias"].shape == (4,)
+
+
+def test_expert_parallelism_refuses_expert_biases_in_one_line():
+    experts = Experts(4, 3, 2, activation="clamped_swiglu", bias=True)
+    experts.expert_parallel = object()  # as a strategy sets it on the experts it splits
+    with pytest.raises(ConfigError, match="expert parallelism does not support expert biases"):
+        experts(torch.randn(3, 4), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1))
