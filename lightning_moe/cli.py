@@ -102,13 +102,13 @@ def export(
     """
     if output is None:
         raise ConfigError("export needs --output DIR: the folder to write the Hugging Face model to")
-    from lightning_moe.hf.checkpoint_io import is_distributed_checkpoint, parse_size
+    from lightning_moe.hf.checkpoint_io import parse_size
     from lightning_moe.hf.export import export_checkpoint
     from lightning_moe.hf.module import HFMoELanguageModel
 
     parse_size(max_shard_size)  # a bad size fails before the checkpoint is read
-    # A distributed checkpoint (a folder) is checked by export_checkpoint itself, as it reads it.
-    if not is_distributed_checkpoint(checkpoint) and check_checkpoint(checkpoint, "checkpoint") is not HFMoELanguageModel:
+    # A .ckpt file or a distributed checkpoint's folder (read from its meta.pt; an incomplete one refused).
+    if check_checkpoint(checkpoint, "checkpoint") is not HFMoELanguageModel:
         raise ConfigError(f"checkpoint={checkpoint!r} is not of HFMoELanguageModel; only those export to Hugging Face")
     print(export_checkpoint(checkpoint, output, tokenizer, overwrite=overwrite, max_shard_size=max_shard_size))
 

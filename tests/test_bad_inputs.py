@@ -120,10 +120,22 @@ def scratch(tmp_path_factory):
     )
     save_hf_checkpoint(folder)
     torch.distributed.checkpoint.save({"state_dict": {"model.w": torch.zeros(2)}}, checkpoint_id=folder / "dcp-other", no_dist=True)
+    torch.save({"hyper_parameters": {"hidden": 2}}, folder / "dcp-other" / "meta.pt")
+    save_distributed_copy(folder / "moe.ckpt", folder / "dcp")
+    shutil.copytree(folder / "dcp", folder / "dcp-half")
+    (folder / "dcp-half" / "meta.pt").unlink()
     (folder / "bin-only").mkdir()
     shutil.copy(folder / "tiny" / "config.json", folder / "bin-only" / "config.json")
     torch.save({}, folder / "bin-only" / "pytorch_model.bin")
     return folder
+
+
+def save_distributed_copy(checkpoint, folder):
+    """``checkpoint`` as ModelParallelStrategy writes it: the weights as DCP shards, the rest in ``meta.pt``."""
+    contents = torch.load(checkpoint, weights_only=False)
+    torch.distributed.checkpoint.save({"state_dict": contents.pop("state_dict")}, checkpoint_id=folder, no_dist=True)
+    contents.pop("optimizer_states", None)
+    torch.save(contents, folder / "meta.pt")
 
 
 def save_hf_checkpoint(folder):

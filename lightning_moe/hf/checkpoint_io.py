@@ -20,6 +20,7 @@ from typing import IO, Any
 import torch
 from torch import Tensor
 
+from lightning_moe.distributed_checkpoint import is_distributed_checkpoint
 from lightning_moe.errors import ConfigError
 from lightning_moe.hf.loading import STORED_MODEL
 from lightning_moe.hf.safetensors_io import bytes_of, header_for
@@ -41,10 +42,6 @@ def parse_size(size: int | str) -> int:
     if match is None or match.group(2) not in _UNITS or float(match.group(1)) <= 0:
         raise ConfigError(f"`max_shard_size` must be a positive number of bytes or a size like '5GB' or '500MB', got {size!r}")
     return int(float(match.group(1)) * _UNITS[match.group(2)])
-
-
-def is_distributed_checkpoint(path: str) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata"))
 
 
 @dataclass
