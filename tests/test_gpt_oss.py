@@ -233,11 +233,66 @@ def test_gpt_oss_export_round_trip_loads_in_plain_transformers_with_identical_lo
     assert torch.equal(torch.load(tmp_path / "logits.pt"), exported)
 
 
-def test_gpt_oss_refuses_tensor_by_tensor_paths_in_one_line():
-    from lightning_moe.hf.convert import hf_tensor_names
+GPT_OSS_CONFIG = dict(
+    model_type="gpt_oss", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=8, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
+    max_position_embeddings=64, sliding_window=8, tie_word_embeddings=False,
+)
 
-    with pytest.raises(ConfigError, match="gpt-oss's interleaved gate_up_proj is not read or written tensor by tensor"):
-        hf_tensor_names(from_hf(make_gpt_oss()))
+
+def test_meta_init_fills_gpt_oss_with_exactly_what_from_pretrained_loads(tmp_path):
+    from lightning_moe.hf.module import HFMoELanguageModel
+
+    make_gpt_oss().save_pretrained(tmp_path, max_shard_size="40KB")  # several shards and an index
+    module = HFMoELanguageModel(pretrained=str(tmp_path), estimator="topk", meta_init=True, attn_implementation="eager")
+    module.configure_model()
+    ours = {name: t.detach() for name, t in module.model.state_dict().items()}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    for name, param in hf.named_parameters():  # against the checkpoint's tensors, read here independently
+        prefix, _, leaf = name.rpartition(".experts.")
+        if leaf in ("gate_up_proj", "gate_up_proj_bias"):  # gate columns (even) first, then up (odd)
+            want = torch.cat([param[..., ::2], param[..., 1::2]], dim=-1)
+            got = ours[f"{prefix}.moe.experts.{'w1' if leaf == 'gate_up_proj' else 'b1'}"]
+        elif leaf in ("down_proj", "down_proj_bias"):
+            want, got = param, ours[f"{prefix}.moe.experts.{'w2' if leaf == 'down_proj' else 'b2'}"]
+        elif name.endswith(("mlp.router.weight", "mlp.router.bias")):
+            want, got = param, ours[name.replace("mlp.router.", "mlp.moe.router.")]
+        else:
+            want, got = param, ours[name]
+        assert torch.equal(got, want), name
+    ids = input_ids(4)
+    torch.testing.assert_close(module.eval()(ids), eval_logits(hf, ids), rtol=0, atol=1e-5)
+
+
+def test_lightning_moe_export_streams_a_gpt_oss_checkpoint_that_plain_transformers_loads(tmp_path):
+    import lightning as L
+
+    from lightning_moe.cli import main
+    from lightning_moe.hf.module import HFMoELanguageModel
+
+    torch.manual_seed(0)
+    module = HFMoELanguageModel(config=dict(GPT_OSS_CONFIG), estimator="topk", dtype="float32",
+                                attn_implementation="eager", learning_rate=1e-2)
+    with torch.no_grad():  # biases away from zero, so a misplaced column shows in the logits
+        for name, p in module.model.named_parameters():
+            if name.endswith(("experts.b1", "experts.b2", "router.bias")):
+                p.normal_(std=0.5)
+    ids = torch.randint(0, VOCAB, (8, 8), generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.DataLoader(list(zip(ids, ids.roll(-1, dims=1))), batch_size=2)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    trainer.save_checkpoint(tmp_path / "trained.ckpt")
+    ids = input_ids(5)
+    module.eval()
+    with torch.no_grad():
+        trained = module(ids)
+    main(["export", str(tmp_path / "trained.ckpt"), "--output", str(tmp_path / "exported")])
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported", output_loading_info=True,
+                                                                     attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    torch.testing.assert_close(eval_logits(model, ids), trained, rtol=0, atol=1e-5)
+
 
 
 # --- the router bias --------------------------------------------------------------------------------------------------

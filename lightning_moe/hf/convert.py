@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from lightning_moe.errors import ConfigError
 from lightning_moe.estimators import ESTIMATOR_REGISTRY, Estimator
 from lightning_moe.experts import Experts
-from lightning_moe.hf.biased_experts import DOWN_BIAS, GATE_UP_BIAS, interleave, read_biased_experts
+from lightning_moe.hf.biased_experts import DOWN_BIAS, GATE_UP_BIAS, deinterleave, interleave, read_biased_experts
 from lightning_moe.hf.blocks import (
     SHARED_EXPERT,
     SHARED_EXPERT_GATE,
@@ -318,13 +318,36 @@ def _router_records(
     return owner, records
 
 
-def hf_tensor_names(model: nn.Module) -> dict[str, tuple[str | None, bool]]:
+#: How one of our tensors lies in the Hugging Face model (:func:`hf_tensor_names`): the same values
+#: (perhaps reshaped: a selection bias is [1, E] in ERNIE-4.5); the experts' dims 1 and 2 swapped;
+#: gpt-oss's gate/up columns interleaved along the last dim (:mod:`lightning_moe.hf.biased_experts`).
+AS_IS, TRANSPOSED, INTERLEAVED = "as_is", "transposed", "interleaved"
+
+
+def from_hf_layout(value: Tensor, layout: str, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """A tensor as the Hugging Face model holds it, in our layout of ``shape`` (a view where one exists)."""
+    if layout == TRANSPOSED:
+        return value.transpose(1, 2)
+    if layout == INTERLEAVED:
+        return deinterleave(value)
+    return value.reshape(shape)
+
+
+def to_hf_layout(value: Tensor, layout: str, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """The inverse of :func:`from_hf_layout`: one of our tensors as the Hugging Face model holds it (``shape``)."""
+    if layout == TRANSPOSED:
+        return value.transpose(1, 2)
+    if layout == INTERLEAVED:
+        return interleave(value)
+    return value.reshape(shape)
+
+
+def hf_tensor_names(model: nn.Module) -> dict[str, tuple[str | None, str]]:
     """For each parameter and buffer name of a model converted by :func:`from_hf`: the name of the
     same tensor in the Hugging Face model (``None``: ``MoELayer`` state with no counterpart there),
-    and whether the two layouts are transposes of each other (the experts, dims 1 and 2). A
-    family's selection bias may differ in shape only ([E] here, [1, E] in ERNIE-4.5).
+    and how it lies there (:data:`AS_IS`, :data:`TRANSPOSED` or :data:`INTERLEAVED`).
 
-    Both layouts keep the expert index first, so a slice of experts is the same slice in both.
+    Every layout keeps the expert index first, so a slice of experts is the same slice in both.
     """
     blocks = {name: m for name, m in model.named_modules() if isinstance(m, HFMoEBlock)}
     names = {}
@@ -332,24 +355,29 @@ def hf_tensor_names(model: nn.Module) -> dict[str, tuple[str | None, bool]]:
         prefix, _, rest = name.partition(".moe.")
         block = blocks.get(prefix) if rest else None
         if block is None:
-            names[name] = (name, False)
+            names[name] = (name, AS_IS)
         elif rest in ("router.weight", "router.bias"):
-            names[name] = (f"{prefix}.{block.spec.router_name}.{rest.partition('.')[2]}", False)
-        elif block.spec.clamped_swiglu is not None and rest in ("experts.w2", "experts.b2"):
-            names[name] = (f"{prefix}.experts.{'down_proj' if rest.endswith('w2') else DOWN_BIAS}", False)
-        elif block.spec.clamped_swiglu is not None and rest in ("experts.w1", "experts.b1"):
-            raise ConfigError(
-                "gpt-oss's interleaved gate_up_proj is not read or written tensor by tensor yet (meta_init, streaming"
-                " export): load the model whole (meta_init: false) and export with to_hf and save_pretrained"
-            )
+            names[name] = (f"{prefix}.{block.spec.router_name}.{rest.partition('.')[2]}", AS_IS)
+        elif block.spec.clamped_swiglu is not None and rest.startswith("experts."):
+            names[name] = _biased_expert_name(prefix, rest)
         elif rest in ("experts.w1", "experts.w2"):
-            names[name] = (f"{prefix}.experts.{'gate_up_proj' if rest.endswith('w1') else 'down_proj'}", True)
+            names[name] = (f"{prefix}.experts.{'gate_up_proj' if rest.endswith('w1') else 'down_proj'}", TRANSPOSED)
         elif rest == "selection_bias" and block.spec.selection_bias is not None:
             # The family's e_score_correction_bias: [E] ([1, E] in ERNIE-4.5, same values in the same order).
-            names[name] = (f"{prefix}.{block.spec.router_name}.{block.spec.selection_bias}", False)
+            names[name] = (f"{prefix}.{block.spec.router_name}.{block.spec.selection_bias}", AS_IS)
         else:
-            names[name] = (None, False)
+            names[name] = (None, AS_IS)
     return names
+
+
+def _biased_expert_name(prefix: str, rest: str) -> tuple[str | None, str]:
+    """gpt-oss's name and layout of one of its converted experts' tensors (``rest``: ``experts.w1`` ...)."""
+    hf_names = {"experts.w1": ("gate_up_proj", INTERLEAVED), "experts.b1": (GATE_UP_BIAS, INTERLEAVED),
+                "experts.w2": ("down_proj", AS_IS), "experts.b2": (DOWN_BIAS, AS_IS)}
+    if rest not in hf_names:
+        return None, AS_IS
+    hf_name, layout = hf_names[rest]
+    return f"{prefix}.experts.{hf_name}", layout
 
 
 def _restore_block(block: HFMoEBlock) -> nn.Module:

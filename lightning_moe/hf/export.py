@@ -27,7 +27,7 @@ from lightning_moe.hf.checkpoint_io import (
     ShardWriter,
     parse_size,
 )
-from lightning_moe.hf.convert import from_hf, hf_tensor_names, to_hf
+from lightning_moe.hf.convert import from_hf, hf_tensor_names, to_hf, to_hf_layout
 from lightning_moe.hf.loading import STORED_MODEL
 from lightning_moe.hf.module import HFMoELanguageModel, write_files
 from lightning_moe.hf.weights import parameters_on_meta
@@ -171,23 +171,22 @@ def stream_export(source: CheckpointTensors, output: str, tokenizer: str | None,
         first_name.setdefault(id(param), name)
     tied = {name for name, param in hf_model.named_parameters(remove_duplicate=False) if first_name[id(param)] != name}
     _warn_dropped(source, ours)
-    work = []  # (our name, the Hugging Face name, transposed), in the order written
+    work = []  # (our name, the Hugging Face name, its layout there), in the order written
     entries = []  # what each becomes in the files: (name, dtype, shape), planned on the meta device
-    for name, (hf_name, transposed) in ours.items():
+    for name, (hf_name, layout) in ours.items():
         if hf_name is None or hf_name in tied or hf_name not in persistent:
             continue
         if name not in source.shapes:
             raise ConfigError(f"checkpoint={source.path!r} has no tensor {MODEL_PREFIX}{name}; it is not of this model")
-        work.append((name, hf_name, transposed))
+        work.append((name, hf_name, layout))
         shape, dtype = source.shapes[name]
         planned = torch.empty(shape, dtype=dtype, device="meta")
-        planned = planned.transpose(1, 2) if transposed else planned.reshape(persistent[hf_name])
+        planned = to_hf_layout(planned, layout, persistent[hf_name])
         entries += [(k, v.dtype, tuple(v.shape)) for k, v in revert_weight_conversion(hf_model, {hf_name: planned}).items()]
     with _replaced_whole(output) as folder:
         writer = ShardWriter(folder, entries, max_bytes)
-        for name, hf_name, transposed in work:
-            tensor = source.get(name)
-            tensor = tensor.transpose(1, 2) if transposed else tensor.reshape(persistent[hf_name])  # [E] -> ERNIE's [1, E]
+        for name, hf_name, layout in work:
+            tensor = to_hf_layout(source.get(name), layout, persistent[hf_name])  # also [E] -> ERNIE's [1, E]
             for key, value in revert_weight_conversion(hf_model, {hf_name: tensor}).items():
                 writer.write(key, value)
             del tensor
@@ -207,7 +206,7 @@ def stream_export(source: CheckpointTensors, output: str, tokenizer: str | None,
     return output
 
 
-def _warn_dropped(source: CheckpointTensors, ours: dict[str, tuple[str | None, bool]]) -> None:
+def _warn_dropped(source: CheckpointTensors, ours: dict[str, tuple[str | None, str]]) -> None:
     """Warn, as :func:`~lightning_moe.hf.to_hf` does, when state the Hugging Face format has no place for was in use."""
     biases = [name for name, (hf_name, _) in ours.items() if hf_name is None and name.endswith("moe.selection_bias")]
     if any(name in source.shapes and bool(source.get(name).any()) for name in biases):

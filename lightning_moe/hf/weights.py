@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_moe.errors import ConfigError
-from lightning_moe.hf.convert import hf_tensor_names
+from lightning_moe.hf.convert import AS_IS, TRANSPOSED, from_hf_layout, hf_tensor_names
 from lightning_moe.hf.safetensors_io import DTYPES, read_header, read_rows
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -255,30 +255,30 @@ def fill_from_checkpoint(model: nn.Module, hf_plan: dict[str, Source], folder: s
         for name in names:
             tensor = tensors[name]
             found = [(ours[alias][0], ours[alias][1]) for alias in aliases[id(tensor)]]
-            found = [(hf, transposed) for hf, transposed in found if hf in hf_plan]
+            found = [(hf, layout) for hf, layout in found if hf in hf_plan]
             if not found:
                 if not isinstance(tensor, nn.Parameter):
                     continue  # a buffer the checkpoint does not hold keeps its module's value, as in from_pretrained
                 missing.append(name)
                 continue
-            hf_name, transposed = found[0]
+            hf_name, layout = found[0]
             local, start, stop = _local_rows(tensor)
             source = hf_plan[hf_name]
             shape = source.shape(files)
             rows = (shape[0] if start is None else stop - start, *shape[1:])
-            expected = (rows[0], rows[2], rows[1], *rows[3:]) if transposed else rows
-            if tuple(expected) != tuple(local.shape) and (transposed or start is not None or
+            expected = (rows[0], rows[2], rows[1], *rows[3:]) if layout == TRANSPOSED else rows
+            if tuple(expected) != tuple(local.shape) and (layout != AS_IS or start is not None or
                                                           math.prod(expected) != local.numel()):
                 raise ConfigError(
                     f"checkpoint tensor {hf_name} has shape {shape}, the model expects {tuple(local.shape)}"
                     f" (rows {start}:{stop}); the checkpoint and its config.json disagree"
                 )
-            if source.key is not None and not transposed and tuple(expected) == tuple(local.shape):
+            if source.key is not None and layout == AS_IS and tuple(expected) == tuple(local.shape):
                 files.read_into(source.key, local, start or 0)  # straight into the shard: no copy in between
                 continue
             value = source.read(files, start, stop)
-            # experts: the transpose; a selection bias: [1, E] in ERNIE-4.5, [E] in MoELayer
-            local.copy_(value.transpose(1, 2) if transposed else value.reshape(local.shape))
+            # experts: the transpose (gpt-oss: de-interleaved); a selection bias: [1, E] in ERNIE-4.5, [E] in MoELayer
+            local.copy_(from_hf_layout(value, layout, local.shape))
             del value
     if missing:
         raise ConfigError(
