@@ -27,6 +27,7 @@ from lightning_moe.data.chat_cache import (
 from lightning_moe.data.chat_examples import ExampleTokenizer, tokenized
 from lightning_moe.data.loading import ResumableLoaders
 from lightning_moe.data.module import _CACHE_ENV, _check_int
+from lightning_moe.data.sft_tasks import TaskSet
 from lightning_moe.data.sources import HubSource, resolve_source
 from lightning_moe.errors import ConfigError
 
@@ -42,7 +43,8 @@ class PostTrainDataModule(ResumableLoaders):
     """Chat (supervised fine-tuning) or plain-text batches tokenised with the model's own tokenizer.
 
     Args:
-        source: ``"synthetic:chat"`` (offline conversations drawn from ``seed``), a local
+        source: ``"synthetic:chat"`` (offline conversations drawn from ``seed``), a task set
+            with held-out prompts validated on (``"synthetic:tasks?..."``, :mod:`~lightning_moe.data.sft_tasks`), a local
             ``.jsonl`` / ``.json`` / ``.parquet`` file, folder or glob, or a Hugging Face
             dataset ``"name"`` / ``"name:config"``, read with :func:`datasets.load_dataset`.
         format: ``"chat"`` (a column of messages; loss on assistant tokens only), ``"text"``
@@ -229,6 +231,9 @@ class PostTrainDataModule(ResumableLoaders):
         """What changes when the source's examples do: the files' sizes and times, or the Hub dataset's fingerprint."""
         if self.source == SYNTHETIC_CHAT:
             return "synthetic"  # drawn from seed and max_examples, which the key holds
+        tasks = TaskSet.parse(self.source)
+        if tasks is not None:
+            return tasks.identity
         builder, files = _local_files(self.source)
         if builder is not None:
             return [[path, os.stat(path).st_size, os.stat(path).st_mtime_ns] for path in files]
@@ -332,6 +337,15 @@ class PostTrainDataModule(ResumableLoaders):
     def _example_sets(self) -> list[tuple[str, Sequence[dict[str, Any]], list[int]]]:
         """``(split, rows, indices)`` for training and validation: the rows (a list or a ``datasets.Dataset``)
         and the indices of that split's examples among them, in order."""
+        tasks = TaskSet.parse(self.source)
+        if tasks is not None:  # validated on its held-out prompts: those the exact-match evaluation asks
+            num_train = self.max_examples or _SYNTHETIC_EXAMPLES
+            sets = []
+            for split, drawn, num in (("train", "train", num_train),
+                                      ("validation", "held_out", max(1, round(self.val_fraction * num_train)))):
+                rows = [{self.messages_field: e.messages()} for e in tasks.examples(drawn, num, self.seed)]
+                sets.append((split, rows, list(range(num))))
+            return sets
         if self.source == SYNTHETIC_CHAT:
             conversations = synthetic_chat(self.max_examples or _SYNTHETIC_EXAMPLES, self.seed)
             rows: Any = [{self.messages_field: messages} for messages in conversations]
