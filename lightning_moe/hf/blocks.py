@@ -389,14 +389,17 @@ def inspect_block(block: nn.Module) -> BlockSpec:
 def returns_router_scores(block: nn.Module, d_model: int) -> bool:
     """Whether ``block`` returns ``(hidden_states, router_scores)`` (gpt-oss's MLP) rather than a tensor.
 
-    Decided by running the block on two tokens; a block on the meta device (no values to run) is taken
-    to return the pair when its experts are gpt-oss-style, the one family in ``transformers`` whose block does.
+    Decided by running the block on two tokens (the random streams left as they were); a block on the
+    meta device (no values to run) is taken to return the pair when its experts are gpt-oss-style, the
+    one family in ``transformers`` whose block does.
     """
     if any(p.is_meta for p in block.parameters()):
         return has_biased_clamped_experts(block.experts)
     first = next(block.parameters())
     x_BTD = probe_inputs(d_model, 2)[None].to(first.device, first.dtype)
-    with torch.no_grad():
+    devices = [first.device.index] if first.device.type == "cuda" else []
+    # The RNG is restored after: a block that samples or jitters in training must not move the caller's streams.
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
         try:
             out = block(x_BTD)
         except Exception as err:  # a foreign block: whatever it raises is the reason for refusal
