@@ -102,3 +102,38 @@ def test_a_folder_without_a_model_is_one_line(tmp_path, capsys):
         main(["evaluate-generation", str(tmp_path)])
     assert exit_.value.code == 2
     assert capsys.readouterr().err == f"error: model={str(tmp_path)!r} is not a Hugging Face model folder (no config.json in it)\n"
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_compare_tables_exact_match_of_every_run_and_of_the_base(tiny_folder, tmp_path):
+    from pathlib import Path
+
+    from lightning_moe.study import Configuration, compare
+
+    recipe = Path(__file__).parents[1] / "recipes" / "posttrain_tiny_offline.yaml"
+    settings = GenerationEval(TASKS, seed=2, num_prompts=4, max_new_tokens=4)
+    study = dict(
+        configurations=[Configuration("topk", {"model.estimator": "topk"})], base=str(recipe), seeds=[0], steps=4,
+        overrides={"model.pretrained": tiny_folder, "data.source": TASKS, "data.max_examples": 64,
+                   "trainer.val_check_interval": 4, "trainer.limit_val_batches": 1},
+        output_dir=str(tmp_path / "study"), devices=None, generation=settings,
+    )
+    results = compare(**study)
+    run = results["runs"][0]
+    assert run["status"] == "done"
+    # The run's last checkpoint was exported as an ordinary folder, and that folder is what was scored.
+    scored = json.loads((Path(run["run_dir"]) / "exact_match.json").read_text())
+    assert scored["model"] == str(Path(run["run_dir"]) / "hf") and scored["total"] == 4
+    assert transformers.AutoConfig.from_pretrained(scored["model"]).model_type == "olmoe"
+    assert run["metrics"]["exact_match"] == scored["accuracy"] and 0 <= scored["accuracy"] <= 1
+    base = results["study"]["base_exact_match"]
+    assert base["model"] == str(Path(tiny_folder).absolute()) and base["total"] == 4
+    report = (tmp_path / "study" / "report.md").read_text()
+    assert "## Exact match on held-out prompts" in report
+    assert f"| base model (step 0) | {base['accuracy']:.3f} |" in report
+    assert f"| `topk` | {scored['accuracy']:.3f} | {scored['accuracy']:.3f} |" in report
+    # The report alone again: the scores are reused, not generated anew.
+    stamp = (Path(run["run_dir"]) / "exact_match.json").stat().st_mtime_ns
+    compare(**study, report_only=True)
+    assert (Path(run["run_dir"]) / "exact_match.json").stat().st_mtime_ns == stamp

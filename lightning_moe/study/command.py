@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from lightning_moe.errors import ConfigError
+from lightning_moe.study.exact_match import GenerationEval, evaluate_study_runs
 from lightning_moe.study.records import (
     VAL_LOSS,
     _finished_by_configuration,
@@ -50,6 +51,7 @@ def compare(
     devices: int | list[int] | str | None = "auto",
     report_only: bool = False,
     seed_keys: list[str] | None = None,
+    generation: GenerationEval | None = None,
 ) -> dict[str, Any]:
     """Train ``base`` with every configuration and seed, then write the comparison report.
 
@@ -86,6 +88,10 @@ def compare(
         seed_keys: recipe keys that also take each run's seed, e.g. ``[data.seed]`` to vary
             the data order by seed when ``seed_everything`` alone changes nothing (a
             post-trained model starts from the same weights in every run).
+        generation: score every finished run's exported last checkpoint by exact match of its
+            greedy answers to held-out task prompts (:mod:`~lightning_moe.study.exact_match`), and
+            the recipe's ``model.pretrained`` folder as step 0; the report tables the accuracy
+            beside validation loss. E.g. ``{tasks: "synthetic:tasks?difficulty=3", num_prompts: 500}``.
 
     Returns the contents of ``results.json``.
     """
@@ -118,6 +124,8 @@ def compare(
 
     if not report_only:
         _check_runs_validate(base_config, common, configurations)
+    if generation is not None:
+        generation.task_set()  # a bad setting fails before anything trains
     uses_cuda = _runs_use_cuda(base_config, common, configurations)
     device_ids = _device_ids(devices, torch.cuda.device_count() if uses_cuda else None)
 
@@ -149,6 +157,10 @@ def compare(
     ]
     for run in runs:
         run["metrics"] = run_metrics(read_scalars(run["run_dir"])) if run["status"] == "done" else None
+    base_exact_match = None
+    if generation is not None:
+        base_model = _recipe_value(base_config, common, "model.pretrained")
+        base_exact_match = evaluate_study_runs(runs, generation, base_model, out)
 
     target, summary = summarise(runs, reference)
     if not summary:
@@ -176,6 +188,8 @@ def compare(
         "corpus": source,
         "num_domains": parse_testbed_source(source) if isinstance(source, str) else None,
         "configurations": [asdict(c) for c in configurations],
+        "generation": asdict(generation) if generation is not None else None,
+        "base_exact_match": base_exact_match,
     }
     results = {"study": study, "target_val_loss": target, "summary": summary, "pairs": pair_results, "runs": runs}
     write_report(out, results, names)

@@ -142,6 +142,8 @@ def summarise(runs: list[dict[str, Any]], reference: str) -> tuple[float | None,
             values = [m["telemetry"][metric] for m in seeds.values() if metric in m["telemetry"]]
             if values:
                 entry["telemetry"][metric] = _mean_std(values)
+        if any("exact_match" in m for m in seeds.values()):
+            entry["exact_match"] = _mean_std([m["exact_match"] for m in seeds.values() if "exact_match" in m])
         steps = _steps_to_reference(seeds, reference_runs)
         if name != reference and steps is not None:
             entry["steps_to_reference"] = steps

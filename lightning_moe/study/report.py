@@ -189,6 +189,9 @@ def _markdown(
         ]
         lines.append("| " + " | ".join(row) + " |")
 
+    if study.get("generation"):
+        lines += _exact_match_lines(study, runs, summary, names)
+
     if pairs:
         lines += [
             "",
@@ -284,6 +287,8 @@ def _run_row(run: dict[str, Any]) -> dict[str, Any]:
         "wall_seconds": run.get("wall_seconds"),
         "device": run.get("device"),
     }
+    if "exact_match" in metrics:
+        row["exact_match"] = metrics["exact_match"]
     row.update(metrics.get("telemetry", {}))
     for metric, layers in metrics.get("layers", {}).items():
         row.update({f"{metric}/layer_{i:02d}": value for i, value in enumerate(layers)})
@@ -292,8 +297,9 @@ def _run_row(run: dict[str, Any]) -> dict[str, Any]:
 
 def _summary_row(name: str, entry: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"configuration": name, "seeds": len(entry["seeds"])}
-    for key in ("final_val_loss", "train_batch_seconds"):
-        row[f"{key}_mean"], row[f"{key}_std"] = entry[key]["mean"], entry[key]["std"]
+    for key in ("final_val_loss", "train_batch_seconds", "exact_match"):
+        if key in entry:
+            row[f"{key}_mean"], row[f"{key}_std"] = entry[key]["mean"], entry[key]["std"]
     delta = entry.get("paired_delta")
     if delta:
         row.update(delta_mean=delta["mean"], delta_std=delta["std"], delta_significant=delta["significant"])
@@ -319,6 +325,35 @@ def write_report(output_dir: Path, results: dict[str, Any], names: list[str]) ->
     _write_csv(output_dir / "summary.csv", [_summary_row(n, summary[n]) for n in names if n in summary])
     markdown = _markdown(results["study"], runs, results["target_val_loss"], summary, results["pairs"], plots)
     (output_dir / "report.md").write_text(markdown)
+
+
+def _exact_match_lines(
+    study: dict[str, Any], runs: list[dict[str, Any]], summary: dict, names: list[str]
+) -> list[str]:
+    """The table of exact-match accuracy on held-out prompts: the base model (step 0), then each configuration."""
+    settings, base = study["generation"], study.get("base_exact_match")
+    lines = [
+        "",
+        "## Exact match on held-out prompts",
+        "",
+        f"Greedy answers of each run's exported last checkpoint to {settings['num_prompts']} held-out prompts of"
+        f" `{settings['tasks']}` (seed {settings['seed']}; never trained on), generated with plain transformers;"
+        " a reply counts when it equals the right answer.",
+        "",
+        "| configuration | exact match | per seed | final val loss |",
+        "|---|---|---|---|",
+    ]
+    if base is not None:
+        lines.append(f"| base model (step 0) | {base['accuracy']:.3f} | – | – |")
+    for name in names:
+        entry = summary[name]
+        per_seed = ", ".join(
+            f"{r['metrics']['exact_match']:.3f}" for r in runs
+            if r["configuration"] == name and r["status"] == "done" and "exact_match" in r["metrics"]
+        )
+        lines.append(f"| `{name}` | {_fmt(entry.get('exact_match'), 3)} | {per_seed or '–'} |"
+                     f" {_fmt(entry['final_val_loss'], 4)} |")
+    return lines
 
 
 def _seeds_line(study: dict[str, Any]) -> str:
