@@ -64,6 +64,7 @@ def test_source_strings():
     assert TaskSet.parse("synthetic:chat") is None and TaskSet.parse("data/train.jsonl") is None
     assert TaskSet.parse("synthetic:tasks") == TaskSet()
     assert TaskSet.parse("synthetic:tasks?kinds=lookup,sort&difficulty=4") == TaskSet(("lookup", "sort"), 4)
+    assert TaskSet.parse(TaskSet(("sort",), 3).source) == TaskSet(("sort",), 3)
 
 
 @pytest.mark.parametrize(
@@ -84,7 +85,8 @@ def test_bad_source_is_one_line_naming_the_field(source, says):
 
 def test_too_small_a_prompt_space_is_refused():
     # Difficulty 1 arithmetic has 100 * 100 * 2 prompts, a fifth of them held out.
-    with pytest.raises(ConfigError, match="found only .* distinct held_out prompts of the 5000 asked for"):
+    says = r"synthetic:tasks\?kinds=arithmetic&difficulty=1: found only \d+ distinct held_out prompts of the 5000 asked"
+    with pytest.raises(ConfigError, match=says):
         TaskSet(("arithmetic",), 1).examples("held_out", 5000, 0)
 
 

@@ -136,6 +136,11 @@ class TaskSet:
             raise ConfigError(f"{field}={source!r}: {err}") from None
 
     @property
+    def source(self) -> str:
+        """The source string that names this task set."""
+        return f"{TASK_SOURCE}?kinds={','.join(self.kinds)}&difficulty={self.difficulty}"
+
+    @property
     def identity(self) -> str:
         """What the generated examples depend on besides seed and count (a cache key part)."""
         return f"sft_tasks-v{GENERATOR_VERSION}:{','.join(self.kinds)}:{self.difficulty}:{HELD_OUT_PERCENT}"
@@ -159,7 +164,7 @@ class TaskSet:
             examples.append(TaskExample(kind, prompt, answer))
         if len(examples) < num_examples:
             raise ConfigError(
-                f"{TASK_SOURCE}: found only {len(examples)} distinct {split} prompts of the {num_examples} asked for"
-                f" (kinds {list(self.kinds)}, difficulty {self.difficulty}); ask for fewer examples or raise the difficulty"
+                f"{self.source}: found only {len(examples)} distinct {split} prompts of the {num_examples} asked for"
+                " (data.max_examples, num_prompts); ask for fewer, or raise the difficulty"
             )
         return examples
