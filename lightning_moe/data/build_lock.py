@@ -54,7 +54,8 @@ STALE_AFTER = 300.0
 """Default seconds without a heartbeat after which a builder on another host counts as gone."""
 LOCK_TIMEOUT = 86400.0
 """Default seconds a builder waits for another one before giving up."""
-_OWNER = "owner.json"
+#: The file in every lock and temporary folder that says who holds it.
+OWNER_RECORD = "owner.json"
 _REPORT_EVERY = 60.0  # seconds between two "still waiting" lines
 
 
@@ -153,7 +154,7 @@ def seconds_from_env(name: str, default: float) -> float:
 
 def _make_entry(folder: str, owner: Owner) -> None:
     os.mkdir(folder)
-    with open(os.path.join(folder, _OWNER), "w", encoding="utf-8") as fh:
+    with open(os.path.join(folder, OWNER_RECORD), "w", encoding="utf-8") as fh:
         json.dump(asdict(owner), fh)
 
 
@@ -164,7 +165,7 @@ def _read_entry(folder: str) -> tuple[Owner | None, float]:
     file's attributes, where a plain ``stat`` may return ones cached for a minute.
     """
     try:
-        with open(os.path.join(folder, _OWNER), encoding="utf-8") as fh:
+        with open(os.path.join(folder, OWNER_RECORD), encoding="utf-8") as fh:
             heartbeat = os.fstat(fh.fileno()).st_mtime
             return Owner(**json.load(fh)), heartbeat
     except (ValueError, TypeError):  # half written: its time still says when it was made
@@ -175,7 +176,7 @@ def _read_entry(folder: str) -> tuple[Owner | None, float]:
 
 def _touch(folder: str) -> float:
     """Renew the entry's heartbeat; the file system's time now."""
-    path = os.path.join(folder, _OWNER)
+    path = os.path.join(folder, OWNER_RECORD)
     os.utime(path)
     with open(path, "rb") as fh:
         return os.fstat(fh.fileno()).st_mtime
@@ -379,4 +380,4 @@ class BuildLock:
     def finish(self, folder: str) -> None:
         """``folder`` (from :meth:`new_folder`) no longer needs its heartbeat or owner record."""
         self._heartbeat.folders.remove(folder)
-        os.unlink(os.path.join(folder, _OWNER))
+        os.unlink(os.path.join(folder, OWNER_RECORD))

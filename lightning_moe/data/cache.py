@@ -38,9 +38,9 @@ import multiprocessing
 import os
 import shutil
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -55,6 +55,8 @@ _BATCH_BYTES = 4 * 2**20  # text handed to one tokenizer call / worker task
 _BATCH_DOCS = 1024
 _CHECK_CHUNK = 2**24  # bytes hashed per step when checking a shard
 
+
+T = TypeVar("T")
 
 class CacheDamaged(Exception):
     """The cache folder is incomplete or does not match its metadata."""
@@ -280,34 +282,53 @@ def build_cache(
     Returns the opened corpus; an empty corpus (no bytes) raises :class:`EmptyCorpus` and
     writes nothing.
     """
+    def write(folder: str) -> None:
+        _write(folder, documents, tokenizer, meta, val_fraction, seed, num_proc, max_tokens, shard_tokens)
+
+    corpus, built = build_once(path, write, lambda finished: open_cache(finished, {"key": meta["key"]}))
+    if built:  # just written: no need to read it back
+        corpus = open_cache(path, {"key": meta["key"]}, verify=False)
+        corpus.built_here = True
+    return corpus
+
+
+def build_once(path: str, write: Callable[[str], None], open_finished: Callable[[str], T]) -> tuple[T | None, bool]:
+    """Build the cache folder ``path`` once among every builder sharing its parent folder.
+
+    Builders, in any process or on any host, take turns under
+    :class:`~lightning_moe.data.build_lock.BuildLock`. One whose turn comes after another
+    finished the folder returns ``(open_finished(path), False)``: nothing is built twice, and
+    a finished cache is never removed or replaced unless it fails its checks
+    (:class:`CacheDamaged`). Otherwise ``write(folder)`` fills a temporary folder that is
+    renamed to ``path`` when complete, and the result is ``(None, True)``; a build that fails
+    leaves nothing behind. While ``write`` runs, the folder also holds the lock's owner record
+    (:data:`~lightning_moe.data.build_lock.OWNER_RECORD`), removed before the rename.
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with BuildLock(path) as lock:
         if os.path.isdir(path):
             try:
-                return open_cache(path, {"key": meta["key"]})  # finished by the builder this one waited for
+                return open_finished(path), False  # finished by the builder this one waited for
             except CacheDamaged:
                 lock.set_aside(path)  # checked under the lock: no builder is writing it
         tmp = lock.new_folder()
         try:
             lock.remove_abandoned()
-            _write(tmp, documents, tokenizer, meta, val_fraction, seed, num_proc, max_tokens, shard_tokens)
+            write(tmp)
             lock.finish(tmp)
             try:
-                # Onto a name nothing holds: a rename never replaces a non-empty folder.
-                os.rename(tmp, path)
+                os.rename(tmp, path)  # onto a name nothing holds: a rename never replaces a non-empty folder
             except OSError:
                 if not os.path.isdir(path):
                     raise
                 # A builder whose lock was taken over as stale while it was still running
                 # finished first; keep its cache.
                 shutil.rmtree(tmp)
-                return open_cache(path, {"key": meta["key"]})
+                return open_finished(path), False
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    corpus = open_cache(path, {"key": meta["key"]}, verify=False)  # just written: no need to read it back
-    corpus.built_here = True
-    return corpus
+    return None, True
 
 
 def _write(

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -34,8 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lightning_moe.data.build_lock import BuildLock
-from lightning_moe.data.cache import CacheDamaged, _check_file, _record
+from lightning_moe.data.build_lock import OWNER_RECORD
+from lightning_moe.data.cache import CacheDamaged, _check_file, _record, build_once
 from lightning_moe.data.loading import IGNORE_INDEX
 from lightning_moe.data.packing import PackedBatch, assign_rows, example_windows, row_position_ids
 
@@ -182,32 +181,21 @@ def build_rows_cache(
 ) -> tuple[dict[str, Any], bool]:
     """Build the cache folder ``path`` with ``write(folder)`` (which returns more metadata): ``(meta, built)``.
 
-    Builders of one cache take turns under :class:`BuildLock`; one whose turn comes after
-    another finished the cache opens that instead of building (its CRCs checked; ``built`` false).
+    Built once among all builders sharing the folder (:func:`~lightning_moe.data.cache.build_once`);
+    one whose turn comes after another finished the cache opens that instead (its CRCs checked;
+    ``built`` false).
     """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with BuildLock(path) as lock:
-        if os.path.isdir(path):
-            try:
-                return open_rows_cache(path, meta["key"], verify=True), False
-            except CacheDamaged:
-                lock.set_aside(path)  # checked under the lock: no builder is writing it
-        tmp = lock.new_folder()
-        try:
-            lock.remove_abandoned()
-            full = dict(meta, **write(tmp))
-            lock.finish(tmp)
-            full["files"] = {name: _record(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
-            with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as fh:
-                json.dump(full, fh)
-            try:
-                os.rename(tmp, path)  # onto a name nothing holds: a rename never replaces a non-empty folder
-            except OSError:
-                if not os.path.isdir(path):
-                    raise
-                shutil.rmtree(tmp)  # a builder taken over as stale finished first: keep its cache
-                return open_rows_cache(path, meta["key"], verify=True), False
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return full, True
+
+    def write_with_meta(folder: str) -> None:
+        full = dict(meta, **write(folder))
+        names = sorted(name for name in os.listdir(folder) if name != OWNER_RECORD)
+        full["files"] = {name: _record(os.path.join(folder, name)) for name in names}
+        with open(os.path.join(folder, "meta.json"), "w", encoding="utf-8") as fh:
+            json.dump(full, fh)
+
+    opened, built = build_once(
+        path, write_with_meta, lambda finished: open_rows_cache(finished, meta["key"], verify=True)
+    )
+    if built:  # just written: sizes checked, no need to read it back
+        opened = open_rows_cache(path, meta["key"], verify=False)
+    return opened, built
