@@ -30,7 +30,9 @@ makes post-training batches of the same format with a Hugging Face model's own t
 chat conversations with loss on the assistant's tokens only, or plain text (docs/posttrain_data.md),
 tokenised once into a cache (:mod:`~lightning_moe.data.chat_cache`); packed rows come as a
 :class:`PackedBatch` whose ``position_ids`` (:func:`position_ids_of`) keep examples apart
-(:mod:`~lightning_moe.data.packing`).
+(:mod:`~lightning_moe.data.packing`). Its source ``"synthetic:tasks?kinds=...&difficulty=..."``
+is a :class:`TaskSet` (:mod:`~lightning_moe.data.sft_tasks`): generated tasks with exact-match
+answers and held-out prompts never trained on.
 """
 
 from lightning_moe.data.cache import TokenStream
@@ -38,6 +40,7 @@ from lightning_moe.data.loading import ResumableDataLoader, ResumableSampler, To
 from lightning_moe.data.module import TextDataModule
 from lightning_moe.data.packing import PackedBatch, position_ids_of
 from lightning_moe.data.posttrain import PostTrainDataModule
+from lightning_moe.data.sft_tasks import TaskSet
 from lightning_moe.data.tokenizers import (
     BOS_ID,
     BYTE_VOCAB_SIZE,
@@ -64,6 +67,7 @@ __all__ = [
     "PostTrainDataModule",
     "ResumableDataLoader",
     "ResumableSampler",
+    "TaskSet",
     "TextDataModule",
     "TokenChunkDataset",
     "TokenStream",

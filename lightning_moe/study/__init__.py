@@ -27,11 +27,14 @@ Usage::
 The package: :mod:`~lightning_moe.study.command` (the command, its checks),
 :mod:`~lightning_moe.study.runner` (running the runs, ``done.json``/``failed.txt``),
 :mod:`~lightning_moe.study.worker` (a run in a process of its own),
-:mod:`~lightning_moe.study.records` (reading the runs' event files, statistics over seeds) and
-:mod:`~lightning_moe.study.report` (``report.md``, CSV files, plots).
+:mod:`~lightning_moe.study.records` (reading the runs' event files, statistics over seeds),
+:mod:`~lightning_moe.study.report` (``report.md``, CSV files, plots) and
+:mod:`~lightning_moe.study.exact_match` (with ``generation``: every run's exported model and the
+base scored by exact match of greedy answers to held-out task prompts).
 """
 
 from lightning_moe.study.command import compare, main
+from lightning_moe.study.exact_match import GenerationEval
 from lightning_moe.study.runner import Configuration, StepTimer
 
-__all__ = ["Configuration", "StepTimer", "compare", "main"]
+__all__ = ["Configuration", "GenerationEval", "StepTimer", "compare", "main"]
