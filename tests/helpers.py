@@ -240,3 +240,36 @@ class RankRecord(L.Callback):
         record["monitor_tokens"] = list(MONITOR_TOKENS)
         record["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
         torch.save(record, f"{self.out_dir}/rank{trainer.global_rank}.pt")
+
+
+#: A tiny quickstart fit on ``corpus.txt`` in the working folder (flags after ``--config
+#: recipes/quickstart.yaml``): 2 optimizer steps, one validation at the end, logs in ``runs``.
+TINY_QUICKSTART = [
+    "--model.d_model=32",
+    "--model.n_heads=2",
+    "--model.n_layers=1",
+    "--model.max_seq_len=16",
+    "--model.moe.num_experts=4",
+    "--model.moe.ffn_hidden=32",
+    "--data.source=corpus.txt",
+    "--data.seq_len=16",
+    "--data.batch_size=2",
+    "--data.cache_dir=cache",
+    "--trainer.max_steps=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.val_check_interval=2",
+    "--trainer.enable_model_summary=false",
+    "--trainer.logger.init_args.save_dir=runs",
+]
+
+
+def record_hub_retries(monkeypatch) -> list:
+    """The sleeps of huggingface_hub's retry backoff, recorded instead of waited for (empty: no retries)."""
+    import time
+    import types
+
+    import huggingface_hub.utils._http as hub_http
+
+    sleeps: list = []
+    monkeypatch.setattr(hub_http, "time", types.SimpleNamespace(**{**vars(time), "sleep": sleeps.append}))
+    return sleeps

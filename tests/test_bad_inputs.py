@@ -19,6 +19,7 @@ import lightning as L
 import pytest
 import torch
 import torch.distributed.checkpoint
+from helpers import TINY_QUICKSTART
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from lightning_moe.cli import main
@@ -28,24 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LIST = ROOT / "docs" / "bad_inputs.md"
 
 # A tiny model and corpus, put before the bad flags of training commands (so they win).
-TINY = [
-    "--model.d_model=32",
-    "--model.n_heads=2",
-    "--model.n_layers=1",
-    "--model.max_seq_len=16",
-    "--model.moe.num_experts=4",
-    "--model.moe.ffn_hidden=32",
-    "--data.source=corpus.txt",
-    "--data.seq_len=16",
-    "--data.batch_size=2",
-    "--data.cache_dir=cache",
-    "--trainer.max_steps=2",
-    "--trainer.limit_val_batches=1",
-    "--trainer.val_check_interval=2",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--trainer.logger.init_args.save_dir=runs",
-]
+TINY = [*TINY_QUICKSTART, "--trainer.enable_progress_bar=false"]
 
 
 def listed_cases():

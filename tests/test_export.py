@@ -8,8 +8,6 @@ the exported folder is checked with plain ``transformers``, against the trained 
 import hashlib
 import os
 import shutil
-import time
-import types
 
 import pytest
 import torch
@@ -22,7 +20,7 @@ from lightning_moe.errors import ConfigError  # noqa: E402
 from lightning_moe.hf.module import HFMoELanguageModel  # noqa: E402
 from lightning_moe.hf.tiny import build_tiny_model  # noqa: E402
 
-from helpers import fit_quietly  # noqa: E402
+from helpers import fit_quietly, record_hub_retries  # noqa: E402
 
 SEQ = 16
 IDS = torch.randint(0, 258, (2, SEQ), generator=torch.Generator().manual_seed(1))
@@ -201,15 +199,11 @@ def test_pretrained_is_kept_as_an_absolute_folder(trained):
 
 @pytest.mark.parametrize("offline", [False, True])
 def test_a_hub_name_that_cannot_be_fetched_fails_at_once_with_the_offline_hint(tmp_path, monkeypatch, offline):
-    import huggingface_hub.utils._http as hub_http
-
     if offline:
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     else:
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    sleeps = []
-    # huggingface_hub's retry backoff sleeps between tries: record instead of waiting.
-    monkeypatch.setattr(hub_http, "time", types.SimpleNamespace(**{**vars(time), "sleep": sleeps.append}))
+    sleeps = record_hub_retries(monkeypatch)
     with pytest.raises(ConfigError) as err:
         HFMoELanguageModel(pretrained="nobody-here/no-such-moe-model-7f3a9c")
     message = str(err.value)

@@ -15,31 +15,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import TINY_QUICKSTART
 
 from lightning_moe.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A tiny quickstart: 2 optimizer steps, one validation at the end, checkpoints kept.
-TINY = [
-    "--model.d_model=32",
-    "--model.n_heads=2",
-    "--model.n_layers=1",
-    "--model.max_seq_len=16",
-    "--model.moe.num_experts=4",
-    "--model.moe.ffn_hidden=32",
-    "--data.source=corpus.txt",
-    "--data.seq_len=16",
-    "--data.batch_size=2",
-    "--data.cache_dir=cache",
-    "--trainer.max_steps=2",
-    "--trainer.limit_val_batches=1",
-    "--trainer.val_check_interval=2",
-    "--trainer.enable_model_summary=false",
-    "--trainer.logger.init_args.save_dir=runs",
-    "--trainer.accelerator=cpu",
-    "--trainer.devices=2",
-]
+# A tiny quickstart on two CPU processes: 2 optimizer steps, one validation at the end, checkpoints kept.
+TINY = [*TINY_QUICKSTART, "--trainer.accelerator=cpu", "--trainer.devices=2"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform == "win32", reason="gloo ranks on Linux/macOS")]
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import ready_datamodule, train_bpe_tokenizer, write_corpus
+from helpers import ready_datamodule, record_hub_retries, train_bpe_tokenizer, write_corpus
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from lightning_moe.cli import main
@@ -232,20 +232,13 @@ def test_offline_bpe_recipe_trains_its_tokenizer_then_fits_and_samples(tmp_path,
 @pytest.mark.parametrize("offline", [False, True])
 def test_a_tokenizer_hub_name_that_cannot_be_fetched_fails_at_once_with_the_offline_hint(monkeypatch, offline):
     """No ~23 s of retries and a hint at HF_HUB_OFFLINE, as for a model's Hub name."""
-    import time
-    import types
-
-    import huggingface_hub.utils._http as hub_http
-
     from lightning_moe.data.tokenizers import load_transformers_tokenizer
 
     if offline:
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     else:
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    sleeps = []
-    # huggingface_hub's retry backoff sleeps between tries: record instead of waiting.
-    monkeypatch.setattr(hub_http, "time", types.SimpleNamespace(**{**vars(time), "sleep": sleeps.append}))
+    sleeps = record_hub_retries(monkeypatch)
     with pytest.raises(ConfigError) as err:
         load_transformers_tokenizer("nobody-here/no-such-tokenizer-7f3a9c", field="--tokenizer")
     message = str(err.value)
