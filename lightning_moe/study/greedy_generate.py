@@ -21,7 +21,6 @@ import json
 import sys
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 _SENTINEL = "\u2063answer\u2063"
 
@@ -70,6 +69,9 @@ def main(argv=None) -> None:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     with open(args.prompts, encoding="utf-8") as fh:
         conversations = json.load(fh)["conversations"]
+    # Here rather than at the top, so importing lightning_moe's modules never imports transformers.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).to(device).eval()
     replies = generate(model, tokenizer, conversations, args.max_new_tokens, args.batch_size)
