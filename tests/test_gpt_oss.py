@@ -113,7 +113,7 @@ transformers = pytest.importorskip("transformers")
 from lightning_moe.hf import HFMoEBlock, from_hf, to_hf  # noqa: E402
 from lightning_moe.hf.blocks import inspect_block  # noqa: E402
 
-VOCAB, SEQ = 64, 12
+from test_hf_convert import VOCAB, assert_same_training_gradients, eval_logits, input_ids  # noqa: E402
 
 
 def make_gpt_oss(seed=0, **overrides):
@@ -131,16 +131,6 @@ def make_gpt_oss(seed=0, **overrides):
             elif name.endswith("gate_up_proj"):
                 p.normal_(std=1.0)  # first projections large enough to reach the clamps at limit 7
     return model
-
-
-def input_ids(seed=0):
-    return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(seed))
-
-
-def eval_logits(model, ids):
-    model.eval()
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def test_gpt_oss_block_is_read_from_its_structure_and_probes():
@@ -184,15 +174,7 @@ def test_gpt_oss_topk_training_gradients_equal_the_original_models_own(backend):
     model = make_gpt_oss()
     original = copy.deepcopy(model)
     from_hf(model, estimator="topk", backend=backend)
-    ids = input_ids(1)
-    for m in (model, original):
-        m.train()
-        m(ids, labels=ids).loss.backward()
-    ours = hf_layout_grads(model)
-    theirs = {name: p.grad for name, p in original.named_parameters()}
-    assert ours.keys() == theirs.keys()
-    for name, grad in theirs.items():
-        torch.testing.assert_close(ours[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_training_gradients(model, original, hf_layout_grads)
 
 
 RELOAD = """

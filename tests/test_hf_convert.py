@@ -93,6 +93,21 @@ def hf_layout_grads(model):
     return {**grads, **out}
 
 
+def assert_same_training_gradients(converted, original, layout_grads=None):
+    """One training step of each on the same batch: the converted model's gradients, under the
+    original's names and layout (``layout_grads``, default :func:`hf_layout_grads`), equal the
+    original model's own for every trainable parameter."""
+    ids = input_ids(1)
+    for m in (converted, original):
+        m.train()
+        m(ids, labels=ids).loss.backward()
+    ours = (layout_grads or hf_layout_grads)(converted)
+    theirs = {name: p.grad for name, p in original.named_parameters() if p.requires_grad}
+    assert ours.keys() == theirs.keys()
+    for name, grad in theirs.items():
+        torch.testing.assert_close(ours[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_converted_eval_logits_equal_the_original(family):
     model = make_model(family)
@@ -114,15 +129,7 @@ def test_topk_training_gradients_equal_the_original_models_own(family, estimator
     model = make_model(family)
     original = copy.deepcopy(model)
     from_hf(model, estimator=estimator, backend="loop")
-    ids = input_ids(1)
-    for m in (model, original):
-        m.train()
-        m(ids, labels=ids).loss.backward()
-    ours = hf_layout_grads(model)
-    theirs = {name: p.grad for name, p in original.named_parameters()}
-    assert ours.keys() == theirs.keys()
-    for name, grad in theirs.items():
-        torch.testing.assert_close(ours[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_training_gradients(model, original)
 
 
 def test_family_semantics_are_read_from_the_model():

@@ -12,8 +12,7 @@ from lightning_moe import MoELayer  # noqa: E402
 from lightning_moe.callbacks.aux_loss_free import balancing_update  # noqa: E402
 from lightning_moe.errors import ConfigError  # noqa: E402
 from lightning_moe.hf import HFMoEBlock, from_hf, to_hf  # noqa: E402
-
-VOCAB, SEQ = 64, 12
+from test_hf_convert import VOCAB, assert_same_training_gradients, eval_logits, input_ids  # noqa: E402
 COMMON = dict(
     vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     max_position_embeddings=64, tie_word_embeddings=False,
@@ -61,27 +60,6 @@ def make_model(family, **overrides):
     return model.float()
 
 
-def input_ids(seed=0):
-    return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(seed))
-
-
-def eval_logits(model, ids):
-    model.eval()
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def hf_layout_grads(model):
-    """A converted model's gradients under the original model's names and layout (w1 = gate_up_proj^T, ...)."""
-    grads = {name: p.grad for name, p in model.named_parameters() if ".moe." not in name}
-    for name, block in model.named_modules():
-        if isinstance(block, HFMoEBlock):
-            grads[f"{name}.{block.spec.router_name}.weight"] = block.moe.router.weight.grad
-            grads[f"{name}.experts.gate_up_proj"] = block.moe.experts.w1.grad.transpose(1, 2)
-            grads[f"{name}.experts.down_proj"] = block.moe.experts.w2.grad.transpose(1, 2)
-    return grads
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_converted_eval_logits_equal_the_original(family):
     model = make_model(family)
@@ -104,15 +82,7 @@ def test_topk_training_gradients_equal_the_original_models_own(family):
     model = make_model(family)
     original = copy.deepcopy(model)
     from_hf(model, estimator="topk", backend="loop")
-    ids = input_ids(1)
-    for m in (model, original):
-        m.train()
-        m(ids, labels=ids).loss.backward()
-    ours = hf_layout_grads(model)
-    theirs = {name: p.grad for name, p in original.named_parameters() if p.requires_grad}
-    assert ours.keys() == theirs.keys()
-    for name, grad in theirs.items():
-        torch.testing.assert_close(ours[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_training_gradients(model, original)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
