@@ -246,3 +246,24 @@ def test_a_tokenizer_hub_name_that_cannot_be_fetched_fails_at_once_with_the_offl
     assert len(message.splitlines()) == 1
     assert "--tokenizer='nobody-here/no-such-tokenizer-7f3a9c'" in message
     assert "HF_HUB_OFFLINE" in message and "local folder" in message
+
+
+def test_train_tokenizer_with_chatml_writes_a_chat_tokenizer_folder_within_the_vocab_size(tmp_path, corpus):
+    """``--chat-template chatml``: a folder AutoTokenizer loads, ChatML's turn tokens as the last two ids,
+    its template rendering each message as ``<|im_start|>role\\ncontent<|im_end|>\\n``."""
+    from transformers import AutoTokenizer
+
+    output = tmp_path / "chat-tokenizer"
+    train_tokenizer(["--source", str(corpus), "--vocab-size", "320", "--chat-template", "chatml", "--output", str(output)])
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    assert len(tokenizer) == 320
+    assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [318, 319]
+    assert tokenizer.eos_token == tokenizer.bos_token == tokenizer.pad_token == "<|endoftext|>"
+    messages = [{"role": "user", "content": "Sort: b a"}, {"role": "assistant", "content": "a b"}]
+    expected = "<|im_start|>user\nSort: b a<|im_end|>\n<|im_start|>assistant\na b<|im_end|>\n"
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == expected
+    prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt == "<|im_start|>user\nSort: b a<|im_end|>\n<|im_start|>assistant\n"
+    ids = tokenizer(expected, add_special_tokens=False)["input_ids"]
+    assert ids.count(318) == 2 and ids.count(319) == 2  # one id each, never split into bytes
+    assert tokenizer.decode(ids) == expected  # byte-level: the text round-trips

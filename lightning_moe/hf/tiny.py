@@ -19,15 +19,11 @@ import os
 import tempfile
 from typing import Any
 
+from lightning_moe.data.train_tokenizer import CHATML_TEMPLATE, IM_END, IM_START, train_bpe, with_chatml
 from lightning_moe.errors import ConfigError
 
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+__all__ = ["CHATML_TEMPLATE", "FAMILIES", "IM_END", "IM_START", "build_tiny_model", "build_tokenizer"]
+
 _WIDTH = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
               max_position_embeddings=1024, tie_word_embeddings=False)
 FAMILIES = {
@@ -62,26 +58,17 @@ def build_tokenizer(vocab_size: int = 512) -> Any:
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 300:
         raise ConfigError(f"vocab_size must be an integer >= 300 (256 bytes, specials, merges), got {vocab_size!r}")
     import jinja2
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
 
     from lightning_moe.data.chat import synthetic_chat
-    from lightning_moe.data.train_tokenizer import END_OF_TEXT, train_bpe
 
     chatml = jinja2.Template(CHATML_TEMPLATE)  # the conversations as the tokenizer's template renders them
     texts = [chatml.render(messages=conversation) for conversation in synthetic_chat(_TOKENIZER_TEXT_EXAMPLES, seed=0)]
-    with tempfile.TemporaryDirectory() as tmp:
-        # Two ids are left for the ChatML tokens added below.
-        backend = Tokenizer.from_file(train_bpe(texts, vocab_size - 2, os.path.join(tmp, "tokenizer.json")))
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]})
+    with tempfile.TemporaryDirectory() as tmp:  # two ids are left for ChatML's turn tokens
+        tokenizer = with_chatml(train_bpe(texts, vocab_size - 2, os.path.join(tmp, "tokenizer.json")))
     if len(tokenizer) != vocab_size:
         raise ConfigError(
             f"vocab_size={vocab_size}: the built-in corpus gives only {len(tokenizer)} tokens; use a smaller vocab_size"
         )
-    tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
 
 
