@@ -16,7 +16,7 @@ from lightning_moe.study.exact_match import GenerationEval, evaluate_study_runs
 from lightning_moe.study.records import (
     VAL_LOSS,
     _finished_by_configuration,
-    paired_difference,
+    pair_differences,
     read_scalars,
     run_metrics,
     steps_to_reach,
@@ -165,12 +165,8 @@ def compare(
     target, summary = summarise(runs, reference)
     if not summary:
         print(f"[compare] no finished run logged {VAL_LOSS}: the report compares nothing", file=sys.stderr, flush=True)
-    by_config = _finished_by_configuration(runs)
-    pair_results = []
-    for configuration, baseline in pairs:
-        delta = paired_difference(by_config.get(configuration, {}), by_config.get(baseline, {}))
-        pair_results.append({"configuration": configuration, "baseline": baseline, "delta": delta})
-    reference_runs = by_config.get(reference, {})
+    pair_results = pair_differences(runs, pairs)
+    reference_runs = _finished_by_configuration(runs).get(reference, {})
     for run in runs:
         if run["metrics"] and run["seed"] in reference_runs and run["configuration"] != reference:
             target_loss = reference_runs[run["seed"]]["final_val_loss"]

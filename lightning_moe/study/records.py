@@ -1,14 +1,19 @@
 """What a finished run of a study logged, read back from its TensorBoard event files, and the
-statistics over seeds that the report gives (means, paired differences, steps to a target loss).
+statistics over seeds that the report gives (means, paired differences, steps to a target loss),
+with, for runs scored by exact match, their answers paired prompt by prompt.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lightning_moe.study.exact_match import RESULT_FILE
 
 VAL_LOSS = "val/loss"
 STEP_SECONDS = "time/train_batch_seconds"
@@ -89,27 +94,118 @@ def _mean_std(values: list[float]) -> dict[str, Any]:
     return {"mean": float(np.mean(values)), "std": std, "n": len(values)}
 
 
-def paired_difference(runs: dict[int, dict[str, Any]], baseline: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
-    """Final validation loss of ``runs`` minus ``baseline`` (both ``{seed: metrics}``), seed by seed.
+def paired_difference(
+    runs: dict[int, dict[str, Any]], baseline: dict[int, dict[str, Any]], metric: str = "final_val_loss"
+) -> dict[str, Any] | None:
+    """``metric`` of ``runs`` minus ``baseline`` (both ``{seed: metrics}``), seed by seed.
 
-    Mean and standard deviation of the differences over the shared seeds, the 95 %
-    Student-t interval of their mean, on how many seeds ``runs`` is lower, and whether the
-    interval excludes 0 (``significant``). ``None`` without a shared seed.
+    Mean and standard deviation of the differences over the seeds both have ``metric`` for,
+    the 95 % Student-t interval of their mean, on how many seeds ``runs`` is lower
+    (``lower_on``: better for a loss) and higher (``higher_on``: better for an accuracy), and
+    whether the interval excludes 0 (``significant``). The difference is in the metric's own
+    units: for ``exact_match``, a share of the prompts (0.05 is 5 accuracy points). ``None``
+    without a shared seed.
     """
-    seeds = sorted(set(runs) & set(baseline))
+    seeds = sorted(s for s in set(runs) & set(baseline)
+                   if runs[s].get(metric) is not None and baseline[s].get(metric) is not None)
     if not seeds:
         return None
-    deltas = [runs[s]["final_val_loss"] - baseline[s]["final_val_loss"] for s in seeds]
+    deltas = [runs[s][metric] - baseline[s][metric] for s in seeds]
     stats = _mean_std(deltas)
-    half_width = _t_critical(len(deltas) - 1) * stats["std"] / math.sqrt(len(deltas)) if stats["std"] else None
+    # Two seeds or more with the same difference (common for accuracies over few prompts) give a
+    # zero-width interval: it excludes 0 unless that difference is 0. One seed gives no interval.
+    std = stats["std"]
+    half_width = None if std is None else _t_critical(len(deltas) - 1) * std / math.sqrt(len(deltas))
     return {
         **stats,
+        "metric": metric,
         "seeds": seeds,
         "deltas": deltas,
         "ci95": None if half_width is None else [stats["mean"] - half_width, stats["mean"] + half_width],
         "lower_on": sum(d < 0 for d in deltas),
+        "higher_on": sum(d > 0 for d in deltas),
         "significant": half_width is not None and abs(stats["mean"]) > half_width,
     }
+
+
+def read_answers(run_dir: str | os.PathLike) -> list[tuple[str, bool]] | None:
+    """``(prompt, correct)`` of every answer in ``<run_dir>/exact_match.json`` (``None``: not scored)."""
+    path = Path(run_dir) / RESULT_FILE
+    if not path.is_file():
+        return None
+    return [(answer["prompt"], bool(answer["correct"])) for answer in json.loads(path.read_text()).get("answers", [])]
+
+
+def _mcnemar_p(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: ``b`` successes of ``b + c`` fair coin flips, or as extreme."""
+    n = b + c
+    return min(1.0, 2 * sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n)
+
+
+def discordant_answers(answers: dict[int, list[tuple[str, bool]]],
+                       baseline: dict[int, list[tuple[str, bool]]]) -> dict[str, Any] | None:
+    """Prompt by prompt, where a configuration and its baseline disagree, summed over the seeds.
+
+    Each seed's two models answered the same held-out prompts, so their answers pair up:
+    ``b`` counts prompts only ``answers`` got right, ``c`` those only ``baseline`` got right,
+    over ``pairs`` paired answers. ``p_value`` is McNemar's exact test on b and c; it counts
+    every (seed, prompt) pair as independent, so it measures how much the choice of prompts
+    could move the difference, not how much the seed could: the seed-paired interval of
+    :func:`paired_difference` stays the primary one. A seed whose two runs were scored on
+    different prompts (or not kept) is left out. ``None`` without a seed to pair.
+    """
+    b = c = pairs = 0
+    seeds = []
+    for seed in sorted(set(answers) & set(baseline)):
+        mine, theirs = answers[seed], baseline[seed]
+        if not mine or [p for p, _ in mine] != [p for p, _ in theirs]:
+            continue
+        seeds.append(seed)
+        pairs += len(mine)
+        b += sum(m and not t for (_, m), (_, t) in zip(mine, theirs))
+        c += sum(t and not m for (_, m), (_, t) in zip(mine, theirs))
+    if not seeds:
+        return None
+    return {"seeds": seeds, "pairs": pairs, "b": b, "c": c, "p_value": _mcnemar_p(b, c)}
+
+
+def _exact_match_difference(
+    runs: dict[int, dict[str, Any]], baseline: dict[int, dict[str, Any]],
+    answers: dict[int, list[tuple[str, bool]]], baseline_answers: dict[int, list[tuple[str, bool]]],
+) -> dict[str, Any] | None:
+    """:func:`paired_difference` of exact match, with the prompt-level :func:`discordant_answers` as ``discordant``."""
+    delta = paired_difference(runs, baseline, metric="exact_match")
+    if delta is not None:
+        delta["discordant"] = discordant_answers(answers, baseline_answers)
+    return delta
+
+
+def _answers_by_configuration(runs: list[dict[str, Any]]) -> dict[str, dict[int, list[tuple[str, bool]]]]:
+    """Per configuration and seed, the answers of every finished run that was scored by exact match."""
+    by_config: dict[str, dict[int, list[tuple[str, bool]]]] = {}
+    for run in runs:
+        if run["status"] == "done" and "exact_match" in (run["metrics"] or {}):
+            answers = read_answers(run["run_dir"])
+            if answers is not None:
+                by_config.setdefault(run["configuration"], {})[run["seed"]] = answers
+    return by_config
+
+
+def pair_differences(runs: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """For each ``(configuration, baseline)``: the paired difference of final validation loss
+    (``delta``) and of exact match (``delta_exact_match``, ``None`` when not scored)."""
+    by_config, answers = _finished_by_configuration(runs), _answers_by_configuration(runs)
+    results = []
+    for configuration, baseline in pairs:
+        mine, theirs = by_config.get(configuration, {}), by_config.get(baseline, {})
+        results.append({
+            "configuration": configuration,
+            "baseline": baseline,
+            "delta": paired_difference(mine, theirs),
+            "delta_exact_match": _exact_match_difference(
+                mine, theirs, answers.get(configuration, {}), answers.get(baseline, {})),
+        })
+    return results
 
 
 def _finished_by_configuration(runs: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
@@ -121,8 +217,13 @@ def _finished_by_configuration(runs: list[dict[str, Any]]) -> dict[str, dict[int
 
 
 def summarise(runs: list[dict[str, Any]], reference: str) -> tuple[float | None, dict[str, dict[str, Any]]]:
-    """Per configuration: means and standard deviations over seeds, and paired differences to ``reference``."""
-    by_config = _finished_by_configuration(runs)
+    """Per configuration: means and standard deviations over seeds, and paired differences to ``reference``.
+
+    With exact match scored: ``paired_delta_exact_match`` beside ``paired_delta`` (validation
+    loss). With the runs' ``routing_change`` (share of (token, layer) whose chosen experts
+    differ from the base model's): its mean and standard deviation, per layer too when given.
+    """
+    by_config, answers = _finished_by_configuration(runs), _answers_by_configuration(runs)
     reference_runs = by_config.get(reference, {})
     target = _mean_std([m["final_val_loss"] for m in reference_runs.values()])["mean"]
     summary: dict[str, dict[str, Any]] = {}
@@ -142,14 +243,23 @@ def summarise(runs: list[dict[str, Any]], reference: str) -> tuple[float | None,
             values = [m["telemetry"][metric] for m in seeds.values() if metric in m["telemetry"]]
             if values:
                 entry["telemetry"][metric] = _mean_std(values)
-        if any("exact_match" in m for m in seeds.values()):
-            entry["exact_match"] = _mean_std([m["exact_match"] for m in seeds.values() if "exact_match" in m])
+        for metric in ("exact_match", "routing_change"):
+            values = [m[metric] for m in seeds.values() if m.get(metric) is not None]
+            if values:
+                entry[metric] = _mean_std(values)
+        per_layer = [m["routing_change_per_layer"] for m in seeds.values() if m.get("routing_change_per_layer")]
+        if per_layer:
+            entry["routing_change_per_layer"] = [_mean_std(list(layer)) for layer in zip(*per_layer)]
         steps = _steps_to_reference(seeds, reference_runs)
         if name != reference and steps is not None:
             entry["steps_to_reference"] = steps
-        delta = paired_difference(seeds, reference_runs)
-        if name != reference and delta is not None:
-            entry["paired_delta"] = delta
+        if name != reference:
+            delta = paired_difference(seeds, reference_runs)
+            if delta is not None:
+                entry["paired_delta"] = delta
+            delta = _exact_match_difference(seeds, reference_runs, answers.get(name, {}), answers.get(reference, {}))
+            if delta is not None:
+                entry["paired_delta_exact_match"] = delta
         summary[name] = entry
     return target, summary
 

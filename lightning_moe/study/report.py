@@ -21,6 +21,24 @@ def _fmt(stats: dict[str, Any] | None, digits: int = 3) -> str:
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
+def _delta_cells(delta: dict[str, Any] | None, digits: int, better_on: str) -> list[str]:
+    """Δ (mean ± std over seeds), its 95 % interval, on how many seeds it points the better way, beyond seed noise.
+
+    ``better_on``: ``"lower_on"`` for a loss, ``"higher_on"`` for an accuracy.
+    """
+    if not delta:
+        return ["–"] * 4
+    interval = f"[{delta['ci95'][0]:+.{digits}f}, {delta['ci95'][1]:+.{digits}f}]" if delta["ci95"] else "–"
+    return [_fmt(delta, digits), interval, f"{delta[better_on]}/{delta['n']}", "yes" if delta["significant"] else "no"]
+
+
+def _discordant_cell(delta: dict[str, Any] | None) -> str:
+    discordant = (delta or {}).get("discordant")
+    if not discordant:
+        return "–"
+    return f"{discordant['b']} / {discordant['c']} of {discordant['pairs']} (p = {discordant['p_value']:.3g})"
+
+
 def _figure(width: float, height: float, cols: int = 1):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -176,13 +194,13 @@ def _markdown(
         delta = entry.get("paired_delta")
         steps = entry.get("steps_to_reference", {})
         reached = f"{_fmt(steps, 0)} ({steps['reached']}/{len(steps['seeds'])})" if steps else "–"
+        cells = _delta_cells(delta, 4, "lower_on")
+        if name == reference:
+            cells[0] = "(reference)"
         row = [
             f"`{name}`",
             _fmt(entry["final_val_loss"], 4),
-            _fmt(delta, 4) if delta else "(reference)" if name == reference else "–",
-            f"[{delta['ci95'][0]:+.4f}, {delta['ci95'][1]:+.4f}]" if delta and delta["ci95"] else "–",
-            f"{delta['lower_on']}/{delta['n']}" if delta else "–",
-            ("yes" if delta["significant"] else "no") if delta else "–",
+            *cells,
             reached,
             f"{steps['speedup']:.2f}x" if steps.get("speedup") else "–",
             _fmt(entry["train_batch_seconds"], 3),
@@ -193,27 +211,9 @@ def _markdown(
         lines += _exact_match_lines(study, runs, summary, names)
 
     if pairs:
-        lines += [
-            "",
-            "## Paired differences between configurations",
-            "",
-            "| configuration − baseline | Δ final val loss | 95 % interval of Δ | lower on | beyond seed noise |",
-            "|---|---|---|---|---|",
-        ]
-        for pair in pairs:
-            delta = pair["delta"]
-            row = [f"`{pair['configuration']}` − `{pair['baseline']}`"]
-            if delta is None:
-                row += ["–"] * 4
-            else:
-                interval = f"[{delta['ci95'][0]:+.4f}, {delta['ci95'][1]:+.4f}]" if delta["ci95"] else "–"
-                row += [
-                    _fmt(delta, 4),
-                    interval,
-                    f"{delta['lower_on']}/{delta['n']}",
-                    "yes" if delta["significant"] else "no",
-                ]
-            lines.append("| " + " | ".join(row) + " |")
+        lines += _pairs_lines(pairs)
+    if any("routing_change" in summary[n] for n in names):
+        lines += _routing_change_lines(summary, names)
 
     for metric, title in (
         ("load_max_over_mean", "Load imbalance (busiest expert / mean), per layer, last log"),
@@ -287,8 +287,9 @@ def _run_row(run: dict[str, Any]) -> dict[str, Any]:
         "wall_seconds": run.get("wall_seconds"),
         "device": run.get("device"),
     }
-    if "exact_match" in metrics:
-        row["exact_match"] = metrics["exact_match"]
+    for key in ("exact_match", "routing_change"):
+        if metrics.get(key) is not None:
+            row[key] = metrics[key]
     row.update(metrics.get("telemetry", {}))
     for metric, layers in metrics.get("layers", {}).items():
         row.update({f"{metric}/layer_{i:02d}": value for i, value in enumerate(layers)})
@@ -297,12 +298,22 @@ def _run_row(run: dict[str, Any]) -> dict[str, Any]:
 
 def _summary_row(name: str, entry: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"configuration": name, "seeds": len(entry["seeds"])}
-    for key in ("final_val_loss", "train_batch_seconds", "exact_match"):
+    for key in ("final_val_loss", "train_batch_seconds", "exact_match", "routing_change"):
         if key in entry:
             row[f"{key}_mean"], row[f"{key}_std"] = entry[key]["mean"], entry[key]["std"]
+    row.update({f"routing_change/layer_{i:02d}_mean": s["mean"] for i, s in
+                enumerate(entry.get("routing_change_per_layer", []))})
     delta = entry.get("paired_delta")
     if delta:
         row.update(delta_mean=delta["mean"], delta_std=delta["std"], delta_significant=delta["significant"])
+    delta = entry.get("paired_delta_exact_match")
+    if delta:
+        low, high = delta["ci95"] or (None, None)
+        discordant = delta.get("discordant") or {}
+        row.update(delta_exact_match_mean=delta["mean"], delta_exact_match_std=delta["std"],
+                   delta_exact_match_ci95_low=low, delta_exact_match_ci95_high=high,
+                   delta_exact_match_significant=delta["significant"], exact_match_only_here=discordant.get("b"),
+                   exact_match_only_reference=discordant.get("c"), exact_match_mcnemar_p=discordant.get("p_value"))
     steps = entry.get("steps_to_reference")
     if steps:
         row.update(steps_to_reference_mean=steps["mean"], reached=steps["reached"], speedup=steps.get("speedup"))
@@ -339,20 +350,69 @@ def _exact_match_lines(
         f"Greedy answers of each run's exported last checkpoint to {settings['num_prompts']} held-out prompts of"
         f" `{settings['tasks']}` (seed {settings['seed']}; never trained on), generated with plain transformers;"
         " a reply counts when it equals the right answer.",
+        f"Δ is paired by seed against `{study['reference']}` (a share of the prompts: 0.050 is 5 accuracy points),"
+        " with the same Student-t interval as validation loss. *b / c*: prompts answered right only by the"
+        " configuration / only by the reference, the same prompts paired within each seed and summed over seeds;"
+        " its McNemar p treats every (seed, prompt) pair as independent, so it shows prompt-sampling noise only,"
+        " beside the seed interval.",
         "",
-        "| configuration | exact match | per seed | final val loss |",
-        "|---|---|---|---|",
+        "| configuration | exact match | per seed | Δ vs reference | 95 % interval of Δ | higher on | beyond seed noise"
+        " | b / c (McNemar p) | final val loss |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     if base is not None:
-        lines.append(f"| base model (step 0) | {base['accuracy']:.3f} | – | – |")
+        lines.append(f"| base model (step 0) | {base['accuracy']:.3f} | – | – | – | – | – | – | – |")
     for name in names:
         entry = summary[name]
+        delta = entry.get("paired_delta_exact_match")
         per_seed = ", ".join(
             f"{r['metrics']['exact_match']:.3f}" for r in runs
             if r["configuration"] == name and r["status"] == "done" and "exact_match" in r["metrics"]
         )
-        lines.append(f"| `{name}` | {_fmt(entry.get('exact_match'), 3)} | {per_seed or '–'} |"
-                     f" {_fmt(entry['final_val_loss'], 4)} |")
+        cells = _delta_cells(delta, 3, "higher_on")
+        if name == study["reference"]:
+            cells[0] = "(reference)"
+        row = [f"`{name}`", _fmt(entry.get("exact_match"), 3), per_seed or "–", *cells, _discordant_cell(delta),
+               _fmt(entry["final_val_loss"], 4)]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _pairs_lines(pairs: list[dict[str, Any]]) -> list[str]:
+    """The paired differences of the study's ``pairs``: validation loss, and exact match where scored."""
+    scored = any(pair.get("delta_exact_match") for pair in pairs)
+    header = "| configuration − baseline | Δ final val loss | 95 % interval of Δ | lower on | beyond seed noise |"
+    if scored:
+        header += " Δ exact match | 95 % interval of Δ | higher on | beyond seed noise | b / c (McNemar p) |"
+    lines = ["", "## Paired differences between configurations", "", header, "|---" * header[1:].count("|") + "|"]
+    for pair in pairs:
+        row = [f"`{pair['configuration']}` − `{pair['baseline']}`", *_delta_cells(pair["delta"], 4, "lower_on")]
+        if scored:
+            delta = pair.get("delta_exact_match")
+            row += [*_delta_cells(delta, 3, "higher_on"), _discordant_cell(delta)]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _routing_change_lines(summary: dict, names: list[str]) -> list[str]:
+    """Per configuration, the share of (token, layer) whose chosen experts differ from the base model's."""
+    present = [n for n in names if "routing_change" in summary[n]]
+    num_layers = max((len(summary[n].get("routing_change_per_layer", [])) for n in present), default=0)
+    header = ["configuration", "routing change", *(f"layer {i}" for i in range(num_layers))]
+    lines = [
+        "",
+        "## Routing change from the base model",
+        "",
+        "Share of (token, layer) whose top-k expert set differs from the base model's on the same tokens"
+        " (mean ± std over seeds).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---" * len(header) + "|",
+    ]
+    for name in present:
+        per_layer = [_fmt(s, 3) for s in summary[name].get("routing_change_per_layer", [])]
+        row = [f"`{name}`", _fmt(summary[name]["routing_change"], 3), *per_layer, *["–"] * (num_layers - len(per_layer))]
+        lines.append("| " + " | ".join(row) + " |")
     return lines
 
 
