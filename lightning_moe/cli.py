@@ -122,11 +122,16 @@ def evaluate_generation(
     batch_size: int = 32,
     device: str = "auto",
     output: str | None = None,
+    routing_base: str | None = None,
 ) -> None:
-    """Score a Hugging Face folder's greedy answers to held-out task prompts by exact match.
+    """Score a Hugging Face folder's greedy answers to held-out task prompts by exact match, and
+    report its routing on the same prompts' conversations.
 
     The answers are generated in a process that imports only torch and transformers
-    (:mod:`lightning_moe.study.exact_match`).
+    (:mod:`lightning_moe.study.exact_match`). The routing statistics, per MoE layer, are
+    the mean entropy of each token's router distribution, the mutual information between the
+    task kind and the chosen expert, and with ``routing_base`` the share of tokens whose top-k
+    experts differ from that model's (:mod:`lightning_moe.study.routing_stats`).
 
     Args:
         model: a Hugging Face model folder (``lightning-moe export`` writes one).
@@ -137,18 +142,38 @@ def evaluate_generation(
         max_new_tokens: the longest reply (default: from the longest right answer).
         batch_size: prompts generated for at once.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
-        output: a JSON file for the result, with every prompt's reply.
+        output: a JSON file for the result, with every prompt's reply and the routing statistics.
+        routing_base: a Hugging Face folder (the model before fine-tuning) to measure routing change against.
     """
     import json
 
-    from lightning_moe.study.exact_match import GenerationEval, evaluate_generation as score_folder
+    from lightning_moe.study.exact_match import GenerationEval
+    from lightning_moe.study.exact_match import evaluate_generation as score_folder
+    from lightning_moe.study.routing_stats import routing_statistics
 
-    result = score_folder(model, GenerationEval(tasks, seed, num_prompts, max_new_tokens, batch_size, device))
+    settings = GenerationEval(tasks, seed, num_prompts, max_new_tokens, batch_size, device)
+    examples = settings.task_set().examples("held_out", num_prompts, seed)
+    # Routing first: it is quick, and a bad folder (either one) stops the command before generating.
+    routing = routing_statistics(model, examples, routing_base, batch_size, device)
+    result = {**score_folder(model, settings), "routing": routing}
     if output is not None:
         with open(output, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=1)
     kinds = ", ".join(f"{kind} {accuracy:.3f}" for kind, accuracy in result["per_kind"].items())
     print(f"exact match {result['accuracy']:.4f} ({result['correct']}/{result['total']}; {kinds})")
+    print(f"routing over {routing['tokens']} tokens ({routing['num_experts']} experts, top-{routing['top_k']}); "
+          "entropy and kind/expert mutual information (normalised) in nats"
+          + (f"; change of top-k set vs {routing_base}" if routing_base else ""))
+    base = routing.get("base")
+    base_layers = base["layers"] if base else [None] * len(routing["layers"])
+    named = [(f"layer {i}", stats, base_stats) for i, (stats, base_stats) in enumerate(zip(routing["layers"], base_layers))]
+    for name, stats, base_stats in named + [("mean", routing, base)]:
+        line = (f"  {name}: entropy {stats['token_entropy']:.4f}, MI {stats['kind_expert_mi']:.4f}"
+                f" ({stats['kind_expert_mi_normalised']:.3f})")
+        if base_stats is not None:
+            line += (f", routing change vs base {stats['routing_change']:.4f}"
+                     f" (base: entropy {base_stats['token_entropy']:.4f}, MI {base_stats['kind_expert_mi']:.4f})")
+        print(line)
 
 
 # --------------------------------------------------------------------------- the command

@@ -30,11 +30,15 @@ The package: :mod:`~lightning_moe.study.command` (the command, its checks),
 :mod:`~lightning_moe.study.records` (reading the runs' event files, statistics over seeds),
 :mod:`~lightning_moe.study.report` (``report.md``, CSV files, plots) and
 :mod:`~lightning_moe.study.exact_match` (with ``generation``: every run's exported model and the
-base scored by exact match of greedy answers to held-out task prompts).
+base scored by exact match of greedy answers to held-out task prompts) and
+:mod:`~lightning_moe.study.routing_stats` (on the same prompts: each run's routing change against
+the base, routing entropy and task-kind/expert mutual information).
 """
 
 from lightning_moe.study.command import compare, main
 from lightning_moe.study.exact_match import GenerationEval
+from lightning_moe.study.routing_stats import kind_expert_mutual_information, routing_statistics
 from lightning_moe.study.runner import Configuration, StepTimer
 
-__all__ = ["Configuration", "GenerationEval", "StepTimer", "compare", "main"]
+__all__ = ["Configuration", "GenerationEval", "StepTimer", "compare", "kind_expert_mutual_information", "main",
+           "routing_statistics"]

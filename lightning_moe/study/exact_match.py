@@ -33,6 +33,7 @@ from lightning_moe.errors import ConfigError
 Generate = Callable[[list[list[dict[str, str]]]], list[str]]
 _GREEDY_GENERATE = Path(__file__).with_name("greedy_generate.py")
 RESULT_FILE = "exact_match.json"
+ROUTING_FILE = "routing_stats.json"
 
 
 @dataclass
@@ -136,8 +137,16 @@ def evaluate_study_runs(runs: list[dict[str, Any]], settings: GenerationEval, ba
     Each run gets ``metrics["exact_match"]`` (and ``metrics["exact_match_per_kind"]``); the export
     goes to ``<run_dir>/hf`` and the answers to ``<run_dir>/exact_match.json``. Returns the base
     model's result (``None`` without a base model folder).
+
+    With a base model, the same held-out conversations also give each run's routing statistics
+    against the base (:mod:`~lightning_moe.study.routing_stats`, kept in ``<run_dir>/routing_stats.json``):
+    ``metrics["routing_change"]`` (share of tokens whose top-k experts changed, mean over MoE
+    layers) and ``metrics["routing_change_per_layer"]``, ``metrics["routing_entropy_tasks"]`` and
+    ``metrics["kind_expert_mi"]`` (means over layers); the base's own ``token_entropy`` and
+    ``kind_expert_mi`` join its returned result.
     """
     from lightning_moe.hf.export import export_checkpoint
+    from lightning_moe.study.routing_stats import routing_statistics_saved
 
     settings.task_set()  # a bad setting fails before anything is exported
     for run in runs:
@@ -153,7 +162,16 @@ def evaluate_study_runs(runs: list[dict[str, Any]], settings: GenerationEval, ba
         result = evaluate_saved(str(folder), settings, run_dir / RESULT_FILE)
         run["metrics"]["exact_match"] = result["accuracy"]
         run["metrics"]["exact_match_per_kind"] = result["per_kind"]
+        if base_model is not None:
+            routing = routing_statistics_saved(str(folder), settings, str(Path(base_model).absolute()),
+                                               run_dir / ROUTING_FILE)
+            run["metrics"].update(routing_change=routing["routing_change"],
+                                  routing_change_per_layer=[layer["routing_change"] for layer in routing["layers"]],
+                                  routing_entropy_tasks=routing["token_entropy"], kind_expert_mi=routing["kind_expert_mi"])
     if base_model is None:
         return None
-    result = evaluate_saved(str(Path(base_model).absolute()), settings, output_dir / f"base_{RESULT_FILE}")
-    return {key: result[key] for key in ("model", "accuracy", "correct", "total", "per_kind")}
+    base_model = str(Path(base_model).absolute())
+    result = evaluate_saved(base_model, settings, output_dir / f"base_{RESULT_FILE}")
+    routing = routing_statistics_saved(base_model, settings, None, output_dir / f"base_{ROUTING_FILE}")
+    return {**{key: result[key] for key in ("model", "accuracy", "correct", "total", "per_kind")},
+            **{key: routing[key] for key in ("token_entropy", "kind_expert_mi")}}
