@@ -180,14 +180,16 @@ def test_report_gives_the_exact_match_interval_and_routing_change(tmp_path):
     report = (tmp_path / "report.md").read_text()
 
     _, _, (low, high) = _hand_interval([0.06, 0.05, 0.02, 0.07, 0.05])
-    assert f"| `better` | 0.560 ± 0.043 | 0.560, 0.570, 0.500, 0.620, 0.550 | 0.050 ± 0.019 | [{low:+.3f}, {high:+.3f}] | 5/5 | yes |" in report
+    better = "| `better` | 0.560 ± 0.043 | 0.560, 0.570, 0.500, 0.620, 0.550 | 0.050 ± 0.019 |"
+    assert f"{better} [{low:+.3f}, {high:+.3f}] | 5/5 | yes |" in report
     assert "[+0.027, +0.073]" in report  # the same interval, rounded by hand
     _, _, (low, high) = _hand_interval([0.02, -0.02, 0.0, 0.0, -0.01])
     assert f"[{low:+.3f}, {high:+.3f}] | 1/5 | no |" in report
     # The pair: same − better, seed by seed -0.04, -0.07, -0.02, -0.07, -0.06.
     _, _, (low, high) = _hand_interval([-0.04, -0.07, -0.02, -0.07, -0.06])
-    assert f"| `same` − `better` |" in report and f"[{low:+.3f}, {high:+.3f}] | 0/5 | yes |" in report
-    assert "## Routing change" in report and "| `ref` | 0.120 ± 0.016 |" in report and "| `same` | 0.300 ± 0.000 |" in report
+    assert "| `same` − `better` |" in report and f"[{low:+.3f}, {high:+.3f}] | 0/5 | yes |" in report
+    assert "## Routing change" in report
+    assert "| `ref` | 0.120 ± 0.016 |" in report and "| `same` | 0.300 ± 0.000 |" in report
 
     with open(tmp_path / "summary.csv") as handle:
         rows = {row["configuration"]: row for row in csv.DictReader(handle)}
@@ -199,7 +201,7 @@ def test_report_gives_the_exact_match_interval_and_routing_change(tmp_path):
 
 
 def test_report_without_exact_match_or_routing_change_has_neither(tmp_path):
-    runs = [_run(name, s, final=2.0 + 0.01 * s * (name == "better")) for name in ("ref", "better", "same") for s in range(2)]
+    runs = [_run(name, s, final=2.0 + 0.01 * s) for name in ("ref", "better", "same") for s in range(2)]
     target, summary = summarise(runs, "ref")
     study = {**_study([["better", "same"]]), "generation": None, "base_exact_match": None}
     write_report(tmp_path, {"study": study, "target_val_loss": target, "summary": summary,

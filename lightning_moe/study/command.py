@@ -67,7 +67,8 @@ def compare(
         overrides: recipe keys set in every run (dotted keys, e.g. ``model.d_model``).
         reference: the configuration the others are compared with (default: the first).
         pairs: further ``(configuration, baseline)`` pairs whose paired difference the
-            report gives, e.g. an estimator against the control that shares its forward pass.
+            report gives (validation loss, and exact match with ``generation``), e.g. an
+            estimator against the control that shares its forward pass.
         output_dir: where runs, plots and reports go.
         name: the study's name, the report's title.
         num_threads: ``torch.set_num_threads`` for the runs (default: torch's). On a CPU
@@ -91,7 +92,8 @@ def compare(
         generation: score every finished run's exported last checkpoint by exact match of its
             greedy answers to held-out task prompts (:mod:`~lightning_moe.study.exact_match`), and
             the recipe's ``model.pretrained`` folder as step 0; the report tables the accuracy
-            beside validation loss. E.g. ``{tasks: "synthetic:tasks?difficulty=3", num_prompts: 500}``.
+            beside validation loss, with its seed-paired difference to ``reference`` (95 % interval)
+            and the prompts only one of the two answers right. E.g. ``{tasks: "synthetic:tasks?difficulty=3", num_prompts: 500}``.
 
     Returns the contents of ``results.json``.
     """

@@ -347,17 +347,23 @@ def _exact_match_lines(
         "",
         "## Exact match on held-out prompts",
         "",
-        f"Greedy answers of each run's exported last checkpoint to {settings['num_prompts']} held-out prompts of"
-        f" `{settings['tasks']}` (seed {settings['seed']}; never trained on), generated with plain transformers;"
-        " a reply counts when it equals the right answer.",
-        f"Δ is paired by seed against `{study['reference']}` (a share of the prompts: 0.050 is 5 accuracy points),"
-        " with the same Student-t interval as validation loss. *b / c*: prompts answered right only by the"
-        " configuration / only by the reference, the same prompts paired within each seed and summed over seeds;"
-        " its McNemar p treats every (seed, prompt) pair as independent, so it shows prompt-sampling noise only,"
-        " beside the seed interval.",
+        (
+            f"Greedy answers of each run's exported last checkpoint to {settings['num_prompts']} held-out prompts of"
+            f" `{settings['tasks']}` (seed {settings['seed']}; never trained on), generated with plain transformers;"
+            " a reply counts when it equals the right answer."
+        ),
+        (
+            f"Δ is paired by seed against `{study['reference']}` (a share of the prompts: 0.050 is 5 accuracy"
+            " points), with the same Student-t interval as validation loss. *b / c*: prompts answered right only by"
+            " the configuration / only by the reference, the same prompts paired within each seed and summed over"
+            " seeds; its McNemar p treats every (seed, prompt) pair as independent, so it shows prompt-sampling"
+            " noise only, beside the seed interval."
+        ),
         "",
-        "| configuration | exact match | per seed | Δ vs reference | 95 % interval of Δ | higher on | beyond seed noise"
-        " | b / c (McNemar p) | final val loss |",
+        (
+            "| configuration | exact match | per seed | Δ vs reference | 95 % interval of Δ | higher on"
+            " | beyond seed noise | b / c (McNemar p) | final val loss |"
+        ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     if base is not None:
@@ -403,15 +409,18 @@ def _routing_change_lines(summary: dict, names: list[str]) -> list[str]:
         "",
         "## Routing change from the base model",
         "",
-        "Share of (token, layer) whose top-k expert set differs from the base model's on the same tokens"
-        " (mean ± std over seeds).",
+        (
+            "Share of (token, layer) whose top-k expert set differs from the base model's on the same tokens"
+            " (mean ± std over seeds)."
+        ),
         "",
         "| " + " | ".join(header) + " |",
         "|---" * len(header) + "|",
     ]
     for name in present:
         per_layer = [_fmt(s, 3) for s in summary[name].get("routing_change_per_layer", [])]
-        row = [f"`{name}`", _fmt(summary[name]["routing_change"], 3), *per_layer, *["–"] * (num_layers - len(per_layer))]
+        per_layer += ["–"] * (num_layers - len(per_layer))
+        row = [f"`{name}`", _fmt(summary[name]["routing_change"], 3), *per_layer]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
