@@ -14,12 +14,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from lightning_moe.cli import main  # noqa: E402
-from lightning_moe.data.sft_tasks import TaskSet  # noqa: E402
-from lightning_moe.errors import ConfigError  # noqa: E402
-from lightning_moe.hf.tiny import build_tiny_model  # noqa: E402
-from lightning_moe.study.exact_match import GenerationEval, evaluate_study_runs  # noqa: E402
-from lightning_moe.study.routing_stats import kind_expert_mutual_information, routing_statistics  # noqa: E402
+from lightning_moe.cli import main
+from lightning_moe.data.sft_tasks import TaskSet
+from lightning_moe.errors import ConfigError
+from lightning_moe.hf.tiny import build_tiny_model
+from lightning_moe.study.exact_match import GenerationEval, evaluate_study_runs
+from lightning_moe.study.routing_stats import kind_expert_mutual_information, routing_statistics
 
 TASKS = "synthetic:tasks?kinds=arithmetic,lookup,reverse&difficulty=2"
 
@@ -180,13 +180,19 @@ def test_a_routing_base_without_a_model_is_one_line(folders, tmp_path, capsys):
                                        "(no config.json in it)\n")
 
 
-def test_study_runs_get_routing_change_against_the_base_and_keep_it(folders, tmp_path):
+def study_run(tmp_path, folder):
+    """A finished study run whose exported folder is a copy of ``folder`` (newer than its checkpoint)."""
     run_dir = tmp_path / "runs" / "topk" / "seed_0"
     (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")  # older than the export below: nothing is exported
-    shutil.copytree(folders["olmoe"], run_dir / "hf")
-    os.utime(run_dir / "checkpoints" / "last.ckpt", (0, 0))
-    runs = [{"status": "done", "run_dir": str(run_dir), "metrics": {}}]
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")
+    os.utime(run_dir / "checkpoints" / "last.ckpt", (0, 0))  # older than the export: nothing is exported
+    shutil.copytree(folder, run_dir / "hf")
+    return {"status": "done", "run_dir": str(run_dir), "metrics": {}}
+
+
+def test_study_runs_get_routing_change_against_the_base_and_keep_it(folders, tmp_path):
+    runs = [study_run(tmp_path, folders["olmoe"])]
+    run_dir = tmp_path / "runs" / "topk" / "seed_0"
     settings = GenerationEval(TASKS, seed=1, num_prompts=4, max_new_tokens=2)
     base = evaluate_study_runs(runs, settings, folders["olmoe"], tmp_path)
     metrics = runs[0]["metrics"]
@@ -195,8 +201,19 @@ def test_study_runs_get_routing_change_against_the_base_and_keep_it(folders, tmp
     assert metrics["routing_change"] == 0.0 and metrics["routing_change_per_layer"] == [0.0, 0.0]
     assert metrics["routing_entropy_tasks"] == pytest.approx(base["token_entropy"])
     assert metrics["kind_expert_mi"] == pytest.approx(base["kind_expert_mi"]) and base["kind_expert_mi"] > 0
-    assert saved["tokens"] == routing_statistics(folders["olmoe"], settings.task_set().examples(
-        "held_out", 4, 1))["tokens"]
+    held_out = settings.task_set().examples("held_out", 4, 1)  # the prompts exact match asked
+    assert saved["tokens"] == routing_statistics(folders["olmoe"], held_out)["tokens"]
+    assert [a["prompt"] for a in json.loads((run_dir / "exact_match.json").read_text())["answers"]] == [
+        e.prompt for e in held_out]
     stamp = (run_dir / "routing_stats.json").stat().st_mtime_ns
     evaluate_study_runs(runs, settings, folders["olmoe"], tmp_path)
     assert (run_dir / "routing_stats.json").stat().st_mtime_ns == stamp
+
+
+def test_a_sigmoid_routed_study_keeps_exact_match_without_routing(folders, tmp_path, capsys):
+    runs = [study_run(tmp_path, folders["glm4_moe"])]
+    base = evaluate_study_runs(runs, GenerationEval(TASKS, seed=1, num_prompts=2, max_new_tokens=2),
+                               folders["glm4_moe"], tmp_path)
+    assert "compare: no routing statistics: base_model=" in capsys.readouterr().out
+    assert "exact_match" in runs[0]["metrics"] and "routing_change" not in runs[0]["metrics"]
+    assert "accuracy" in base and "token_entropy" not in base

@@ -143,12 +143,19 @@ def evaluate_study_runs(runs: list[dict[str, Any]], settings: GenerationEval, ba
     ``metrics["routing_change"]`` (share of tokens whose top-k experts changed, mean over MoE
     layers) and ``metrics["routing_change_per_layer"]``, ``metrics["routing_entropy_tasks"]`` and
     ``metrics["kind_expert_mi"]`` (means over layers); the base's own ``token_entropy`` and
-    ``kind_expert_mi`` join its returned result.
+    ``kind_expert_mi`` join its returned result. A base of a family whose routers do not select the
+    top-k of their logits gets no routing statistics (a line says so), its exact match still counts.
     """
     from lightning_moe.hf.export import export_checkpoint
-    from lightning_moe.study.routing_stats import routing_statistics_saved
+    from lightning_moe.study.routing_stats import check_routing_folder, routing_statistics_saved
 
     settings.task_set()  # a bad setting fails before anything is exported
+    routing_base = base_model = None if base_model is None else str(Path(base_model).absolute())
+    try:
+        check_routing_folder(routing_base, "base_model")
+    except ConfigError as refusal:
+        print(f"compare: no routing statistics: {refusal}")
+        routing_base = None
     for run in runs:
         if run["status"] != "done":
             continue
@@ -162,16 +169,16 @@ def evaluate_study_runs(runs: list[dict[str, Any]], settings: GenerationEval, ba
         result = evaluate_saved(str(folder), settings, run_dir / RESULT_FILE)
         run["metrics"]["exact_match"] = result["accuracy"]
         run["metrics"]["exact_match_per_kind"] = result["per_kind"]
-        if base_model is not None:
-            routing = routing_statistics_saved(str(folder), settings, str(Path(base_model).absolute()),
-                                               run_dir / ROUTING_FILE)
+        if routing_base is not None:
+            routing = routing_statistics_saved(str(folder), settings, routing_base, run_dir / ROUTING_FILE)
             run["metrics"].update(routing_change=routing["routing_change"],
                                   routing_change_per_layer=[layer["routing_change"] for layer in routing["layers"]],
                                   routing_entropy_tasks=routing["token_entropy"], kind_expert_mi=routing["kind_expert_mi"])
     if base_model is None:
         return None
-    base_model = str(Path(base_model).absolute())
     result = evaluate_saved(base_model, settings, output_dir / f"base_{RESULT_FILE}")
-    routing = routing_statistics_saved(base_model, settings, None, output_dir / f"base_{ROUTING_FILE}")
-    return {**{key: result[key] for key in ("model", "accuracy", "correct", "total", "per_kind")},
-            **{key: routing[key] for key in ("token_entropy", "kind_expert_mi")}}
+    base = {key: result[key] for key in ("model", "accuracy", "correct", "total", "per_kind")}
+    if routing_base is not None:
+        routing = routing_statistics_saved(base_model, settings, None, output_dir / f"base_{ROUTING_FILE}")
+        base.update(token_entropy=routing["token_entropy"], kind_expert_mi=routing["kind_expert_mi"])
+    return base

@@ -37,7 +37,7 @@ import torch
 from lightning_moe.data.sft_tasks import TaskExample
 from lightning_moe.errors import ConfigError
 
-__all__ = ["TOPK_OF_LOGITS_FAMILIES", "kind_expert_mutual_information", "routing_statistics",
+__all__ = ["TOPK_OF_LOGITS_FAMILIES", "check_routing_folder", "kind_expert_mutual_information", "routing_statistics",
            "routing_statistics_saved"]
 
 #: model_types whose routers choose the top-k experts of the logits ``output_router_logits`` returns.
@@ -92,7 +92,7 @@ class _LayerTally:
         return out
 
 
-def _check(folder: str | None, field: str) -> None:
+def check_routing_folder(folder: str | None, field: str) -> None:
     """A folder that is no model, or of a family selected otherwise than by top-k, refused in one line."""
     if folder is None:
         return
@@ -162,8 +162,8 @@ def routing_statistics(model_folder: str, examples: list[TaskExample], base_fold
         raise ConfigError(f"batch_size={batch_size!r} must be a positive integer")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    _check(model_folder, "model")
-    _check(base_folder, "routing_base")  # both folders before either loads
+    check_routing_folder(model_folder, "model")
+    check_routing_folder(base_folder, "routing_base")  # both folders before either loads
     model, tokenizer = _load(model_folder, device)
     num_experts, top_k = _shape(model)
     rows = _token_ids(tokenizer, examples)
