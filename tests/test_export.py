@@ -211,3 +211,24 @@ def test_a_hub_name_that_cannot_be_fetched_fails_at_once_with_the_offline_hint(t
     assert len(message.splitlines()) == 1
     assert "`pretrained`='nobody-here/no-such-moe-model-7f3a9c'" in message
     assert "HF_HUB_OFFLINE" in message and "local" in message
+
+
+def test_a_model_pretrained_from_a_config_exports_with_the_data_tokenizer(tmp_path, tiny_base, monkeypatch):
+    """A base pretrained from scratch (``model.config``) on a Hugging Face tokenizer is exported with that
+    tokenizer, so the folder post-trains and generates as any released model does; ``--tokenizer`` overrides it."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_base, tmp_path / "tokenizer-folder", ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    corpus = tmp_path / "corpus.py"
+    corpus.write_text("".join(f"def g{i}(x, y):\n    return (x - {i}) * y // {i + 1}\n" for i in range(40)))
+    config = transformers.AutoConfig.from_pretrained(tiny_base).to_dict()
+    module = HFMoELanguageModel(config=config, estimator="topk", dtype="float32")
+    data = TextDataModule(source=str(corpus), tokenizer="tokenizer-folder", seq_len=SEQ, batch_size=4,
+                          cache_dir=str(tmp_path / "cache"))
+    trainer = fit_quietly(module, data, [], max_steps=1, limit_val_batches=0)
+    trainer.save_checkpoint(tmp_path / "scratch.ckpt")
+    shutil.move(tmp_path / "tokenizer-folder", tmp_path / "moved")  # the checkpoint carries the tokenizer itself
+    export(tmp_path / "scratch.ckpt", "--output", tmp_path / "exported")
+    reference = transformers.AutoTokenizer.from_pretrained(tiny_base)
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    assert exported(TEXT)["input_ids"] == reference(TEXT)["input_ids"]
+    assert exported.chat_template == reference.chat_template and exported.eos_token == reference.eos_token

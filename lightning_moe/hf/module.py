@@ -150,6 +150,8 @@ class HFMoELanguageModel(CausalLMTraining):
     # The tokenizer's files for checkpoints (name -> bytes), read from `tokenizer_source` at the
     # first save or restored from a loaded checkpoint; {} when there is none.
     _stored_tokenizer: dict[str, bytes] | None = None
+    # The data's tokenizer, for a model built from a config (see `tokenizer_source`).
+    _data_tokenizer: str | None = None
     # Where a ``meta_init`` model's parameters are still to come from (None once filled, or when built whole).
     _pending_weights: PendingWeights | None = None
 
@@ -211,8 +213,10 @@ class HFMoELanguageModel(CausalLMTraining):
 
     @property
     def tokenizer_source(self) -> str | None:
-        """Where the model's own tokenizer is (``pretrained``; ``None`` for a model built from a config)."""
-        return self.hparams.pretrained
+        """Where the model's own tokenizer is: ``pretrained``; for a model built from a config, the
+        tokenizer of the data it trains on (``data.tokenizer``, once :meth:`setup` has seen it), so
+        that its checkpoints and export carry the tokenizer its token ids mean; else ``None``."""
+        return self.hparams.pretrained or self._data_tokenizer
 
     def load_tokenizer(self) -> Any:
         """The model's own ``transformers`` tokenizer: the one its checkpoint carried, else from
@@ -298,6 +302,11 @@ class HFMoELanguageModel(CausalLMTraining):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self._trainer, "datamodule", None)
+        data_tokenizer = getattr(getattr(datamodule, "tokenizer", None), "name", None)
+        if self.hparams.pretrained is None and isinstance(data_tokenizer, str) and data_tokenizer != "bytes":
+            # A model pretrained from a config: its token ids are the data tokenizer's.
+            local = os.path.expanduser(data_tokenizer)
+            self._data_tokenizer = os.path.abspath(local) if os.path.exists(local) else data_tokenizer
         data_vocab_size = getattr(datamodule, "vocab_size", None)
         if data_vocab_size is not None and data_vocab_size > self.vocab_size:
             raise ConfigError(
