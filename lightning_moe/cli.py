@@ -149,18 +149,29 @@ def evaluate_generation(
 
     from lightning_moe.study.exact_match import GenerationEval
     from lightning_moe.study.exact_match import evaluate_generation as score_folder
-    from lightning_moe.study.routing_stats import routing_statistics
+    from lightning_moe.study.routing_stats import check_routing_folder, routing_statistics
 
     settings = GenerationEval(tasks, seed, num_prompts, max_new_tokens, batch_size, device)
     examples = settings.task_set().examples("held_out", num_prompts, seed)
     # Routing first: it is quick, and a bad folder (either one) stops the command before generating.
-    routing = routing_statistics(model, examples, routing_base, batch_size, device)
+    check_routing_folder(routing_base, "routing_base")
+    refusal = None
+    try:
+        check_routing_folder(model, "model")
+    except ConfigError as err:  # a family routed otherwise is still scored (a missing folder: exact match says so)
+        if routing_base is not None:
+            raise
+        refusal = err
+    routing = None if refusal else routing_statistics(model, examples, routing_base, batch_size, device)
     result = {**score_folder(model, settings), "routing": routing}
     if output is not None:
         with open(output, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=1)
     kinds = ", ".join(f"{kind} {accuracy:.3f}" for kind, accuracy in result["per_kind"].items())
     print(f"exact match {result['accuracy']:.4f} ({result['correct']}/{result['total']}; {kinds})")
+    if routing is None:
+        print(f"routing not measured: {refusal}")
+        return
     print(f"routing over {routing['tokens']} tokens ({routing['num_experts']} experts, top-{routing['top_k']}); "
           "entropy and kind/expert mutual information (normalised) in nats"
           + (f"; change of top-k set vs {routing_base}" if routing_base else ""))

@@ -22,6 +22,7 @@ from lightning_moe.study.exact_match import GenerationEval, evaluate_study_runs
 from lightning_moe.study.routing_stats import kind_expert_mutual_information, routing_statistics
 
 TASKS = "synthetic:tasks?kinds=arithmetic,lookup,reverse&difficulty=2"
+TOPK_FAMILIES = ("olmoe", "qwen3_moe", "qwen2_moe", "mixtral", "phimoe")
 
 
 def numpy_mutual_information(samples):
@@ -47,7 +48,7 @@ def test_mutual_information_against_its_definition():
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("routing")
-    return {family: build_tiny_model(family, str(root / family)) for family in ("olmoe", "qwen3_moe", "glm4_moe")}
+    return {family: build_tiny_model(family, str(root / family)) for family in TOPK_FAMILIES + ("glm4_moe",)}
 
 
 def examples(n=12, seed=3):
@@ -56,14 +57,20 @@ def examples(n=12, seed=3):
 
 def brute_force(folder, examples):
     """Per MoE layer: each real token's router logits [T, E] in float64 (computed by hand from the
-    hidden states entering the router), and each token's kind index; one conversation at a time."""
+    hidden states entering the router), and each token's kind index; one conversation at a time.
+    Checks on the way that the experts each router itself selects are the top k of those logits."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     routers = [m for m in model.modules() if type(m).__name__.lower().endswith("topkrouter")]
     assert len(routers) == model.config.num_hidden_layers
-    captured = []
-    hooks = [r.register_forward_hook(lambda m, args, out: captured.append(
-        args[0].reshape(-1, args[0].shape[-1]).double() @ m.weight.double().T)) for r in routers]
+    captured, k = [], model.config.num_experts_per_tok
+
+    def by_hand(router, args, out):
+        logits = args[0].reshape(-1, args[0].shape[-1]).double() @ router.weight.double().T
+        assert [frozenset(row) for row in out[2].tolist()] == topk_sets(logits, k)  # the router's own selection
+        captured.append(logits)
+
+    hooks = [r.register_forward_hook(by_hand) for r in routers]
     logits, kinds = [[] for _ in routers], []
     names = sorted({e.kind for e in examples})
     for example in examples:
@@ -77,14 +84,14 @@ def brute_force(folder, examples):
         kinds += [names.index(example.kind)] * ids.shape[1]
     for hook in hooks:
         hook.remove()
-    return [torch.cat(layer) for layer in logits], kinds, model.config.num_experts_per_tok
+    return [torch.cat(layer) for layer in logits], kinds, k
 
 
 def topk_sets(logits_TE, k):
     return [frozenset(row) for row in logits_TE.topk(k, dim=-1).indices.tolist()]
 
 
-@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe"])
+@pytest.mark.parametrize("family", TOPK_FAMILIES)
 def test_entropy_and_mutual_information_equal_brute_force(folders, family):
     chosen = examples()
     result = routing_statistics(folders[family], chosen, batch_size=5)  # uneven batches: padding in each
@@ -170,6 +177,19 @@ def test_command_prints_routing_and_writes_it(folders, tmp_path, capsys):
     routing = json.loads(output.read_text())["routing"]
     assert routing["routing_change"] == 0.0 and routing["base_model"] == folders["olmoe"]
     assert len(routing["layers"]) == 2 and routing["tokens"] > 0
+
+
+def test_command_scores_a_sigmoid_routed_model_and_says_why_routing_is_missing(folders, tmp_path, capsys):
+    output = tmp_path / "result.json"
+    main(["evaluate-generation", folders["glm4_moe"], "--tasks", TASKS, "--num_prompts", "2", "--max_new_tokens", "2",
+          "--output", str(output)])
+    assert "\nrouting not measured: model=" in capsys.readouterr().out
+    written = json.loads(output.read_text())
+    assert written["total"] == 2 and written["routing"] is None
+    with pytest.raises(SystemExit) as exit_:  # asked for routing against a base: refused before generating
+        main(["evaluate-generation", folders["glm4_moe"], "--tasks", TASKS, "--routing_base", folders["olmoe"]])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: model=") and "model_type 'glm4_moe'" in err
 
 
 def test_a_routing_base_without_a_model_is_one_line(folders, tmp_path, capsys):
