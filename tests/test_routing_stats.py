@@ -192,6 +192,22 @@ def test_command_scores_a_sigmoid_routed_model_and_says_why_routing_is_missing(f
     assert exit_.value.code == 2 and err.startswith("error: model=") and "model_type 'glm4_moe'" in err
 
 
+def test_a_folder_lacking_weights_or_a_chat_template_is_refused_in_one_line(folders, tmp_path):
+    no_weights, no_template = tmp_path / "no_weights", tmp_path / "no_template"
+    for copy in (no_weights, no_template):
+        shutil.copytree(folders["olmoe"], copy)
+    (no_weights / "model.safetensors").unlink()
+    torch.save({}, no_weights / "pytorch_model.bin")  # transformers would start every weight at random
+    (no_template / "chat_template.jinja").unlink()
+    config = json.loads((no_template / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"^routing_base=.*no_weights' lacks \d+ of its model's weights \(e.g. "):
+        routing_statistics(folders["olmoe"], examples(2), base_folder=str(no_weights))
+    with pytest.raises(ConfigError, match=r"^model=.*no_template' has no tokenizer with a chat template"):
+        routing_statistics(str(no_template), examples(2))
+
+
 def test_a_routing_base_without_a_model_is_one_line(folders, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["evaluate-generation", folders["olmoe"], "--tasks", TASKS, "--routing_base", str(tmp_path)])

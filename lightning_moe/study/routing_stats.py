@@ -108,16 +108,33 @@ def check_routing_folder(folder: str | None, field: str) -> None:
         )
 
 
-def _load(folder: str, device: str) -> tuple[Any, Any]:
-    """The folder's model (eval, on ``device``) and tokenizer."""
+def _load(folder: str, field: str, device: str) -> tuple[Any, Any]:
+    """The folder's model (eval, on ``device``) and tokenizer; a folder lacking weights refused in one line.
+
+    transformers would start missing weights at random and carry on: routing statistics of such a
+    model mean nothing. Its load report is kept quiet (error level) while loading, so the one line
+    is all that shows.
+    """
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder).to(device).eval()
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        model, loading = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if loading["missing_keys"]:
+        missing = sorted(loading["missing_keys"])
+        raise ConfigError(f"{field}={folder!r} lacks {len(missing)} of its model's weights (e.g. {missing[0]}); "
+                          "give a folder saved whole (save_pretrained, lightning-moe export)")
+    model = model.to(device).eval()
     return model, transformers.AutoTokenizer.from_pretrained(folder)
 
 
-def _token_ids(tokenizer: Any, examples: list[TaskExample]) -> list[list[int]]:
+def _token_ids(tokenizer: Any, examples: list[TaskExample], folder: str, field: str) -> list[list[int]]:
     """Each example's whole conversation (prompt and right answer) as the chat template renders it."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"{field}={folder!r} has no tokenizer with a chat template, which renders the conversations")
     texts = [tokenizer.apply_chat_template(e.messages(), tokenize=False) for e in examples]
     return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
@@ -164,16 +181,16 @@ def routing_statistics(model_folder: str, examples: list[TaskExample], base_fold
         device = "cuda" if torch.cuda.is_available() else "cpu"
     check_routing_folder(model_folder, "model")
     check_routing_folder(base_folder, "routing_base")  # both folders before either loads
-    model, tokenizer = _load(model_folder, device)
+    model, tokenizer = _load(model_folder, "model", device)
     num_experts, top_k = _shape(model)
-    rows = _token_ids(tokenizer, examples)
+    rows = _token_ids(tokenizer, examples, model_folder, "model")
     base = None
     if base_folder is not None:
-        base, base_tokenizer = _load(base_folder, device)
+        base, base_tokenizer = _load(base_folder, "routing_base", device)
         if _shape(base) != (num_experts, top_k):
             raise ConfigError(f"routing_base={base_folder!r} has (experts, experts per token) {_shape(base)}; "
                               f"model={model_folder!r} has {(num_experts, top_k)}")
-        if _token_ids(base_tokenizer, examples) != rows:
+        if _token_ids(base_tokenizer, examples, base_folder, "routing_base") != rows:
             raise ConfigError(f"routing_base={base_folder!r} tokenizes the conversations differently from "
                               f"model={model_folder!r}; routing can only be compared token by token")
     kinds = sorted({e.kind for e in examples})
