@@ -244,6 +244,11 @@ def test_study_runs_get_routing_change_against_the_base_and_keep_it(folders, tmp
     stamp = (run_dir / "routing_stats.json").stat().st_mtime_ns
     evaluate_study_runs(runs, settings, folders["olmoe"], tmp_path)
     assert (run_dir / "routing_stats.json").stat().st_mtime_ns == stamp
+    # Exported anew (a newer checkpoint, here the same weights written again): measured anew.
+    later = (run_dir / "routing_stats.json").stat().st_mtime + 5
+    os.utime(run_dir / "hf" / "config.json", (later, later))
+    evaluate_study_runs(runs, settings, folders["olmoe"], tmp_path)
+    assert (run_dir / "routing_stats.json").stat().st_mtime_ns != stamp
 
 
 def test_a_sigmoid_routed_study_keeps_exact_match_without_routing(folders, tmp_path, capsys):

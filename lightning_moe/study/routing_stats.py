@@ -30,12 +30,15 @@ import json
 import math
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lightning_moe.data.sft_tasks import TaskExample
 from lightning_moe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lightning_moe.study.exact_match import GenerationEval
 
 __all__ = ["TOPK_OF_LOGITS_FAMILIES", "check_routing_folder", "kind_expert_mutual_information", "routing_statistics",
            "routing_statistics_saved"]
@@ -177,6 +180,8 @@ def routing_statistics(model_folder: str, examples: list[TaskExample], base_fold
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r} must be a positive integer")
+    if not examples:
+        raise ConfigError("routing statistics need at least one example conversation; none were given")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     check_routing_folder(model_folder, "model")
@@ -228,12 +233,14 @@ def _summary(layers: list[dict[str, float]]) -> dict[str, Any]:
     return {"layers": layers, **{name: sum(layer[name] for layer in layers) / len(layers) for name in names}}
 
 
-def routing_statistics_saved(model_folder: str, settings: Any, base_folder: str | None,
+def routing_statistics_saved(model_folder: str, settings: GenerationEval, base_folder: str | None,
                              result_file: Path) -> dict[str, Any]:
-    """:func:`routing_statistics` on ``settings``' held-out examples (a ``GenerationEval``: the ones exact
-    match asks), kept in ``result_file`` and reused while the folders and settings are the same."""
+    """:func:`routing_statistics` on ``settings``' held-out examples (the ones exact match asks), kept in
+    ``result_file`` and reused while the folders and settings are the same and neither folder was
+    written again since (a run exported anew from a newer checkpoint is measured anew)."""
     asked = {"settings": asdict(settings), "base_model": base_folder}
-    if result_file.is_file():
+    folders = [Path(f) / "config.json" for f in (model_folder, base_folder) if f is not None]
+    if result_file.is_file() and all(f.is_file() and f.stat().st_mtime <= result_file.stat().st_mtime for f in folders):
         kept = json.loads(result_file.read_text())
         if kept.get("model") == str(model_folder) and kept.get("asked") == asked:
             return kept
