@@ -137,3 +137,29 @@ def test_compare_tables_exact_match_of_every_run_and_of_the_base(tiny_folder, tm
     stamp = (Path(run["run_dir"]) / "exact_match.json").stat().st_mtime_ns
     compare(**study, report_only=True)
     assert (Path(run["run_dir"]) / "exact_match.json").stat().st_mtime_ns == stamp
+
+
+def test_a_kept_score_is_reused_only_until_the_folder_is_written_again(tmp_path, monkeypatch):
+    """A run exported anew (from a newer checkpoint: a resumed or extended run) is scored anew, not
+    reported with the answers of the model it replaced."""
+    import os
+    from pathlib import Path
+
+    from lightning_moe.study import exact_match
+
+    folder = Path(build_tiny_model("olmoe", str(tmp_path / "model"), vocab_size=320))
+    settings = GenerationEval(TASKS, num_prompts=3, max_new_tokens=2)
+    calls = []
+
+    def fake(model, asked):
+        calls.append(model)
+        return {"model": model, "accuracy": len(calls) / 10}
+
+    result_file = tmp_path / "exact_match.json"
+    monkeypatch.setattr(exact_match, "evaluate_generation", fake)
+    assert exact_match.evaluate_saved(str(folder), settings, result_file)["accuracy"] == 0.1
+    assert exact_match.evaluate_saved(str(folder), settings, result_file)["accuracy"] == 0.1  # kept
+    later = result_file.stat().st_mtime + 5
+    os.utime(folder / "config.json", (later, later))  # the folder written again after the score
+    assert exact_match.evaluate_saved(str(folder), settings, result_file)["accuracy"] == 0.2
+    assert len(calls) == 2

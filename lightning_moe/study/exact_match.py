@@ -120,8 +120,11 @@ def evaluate_generation(model: str, settings: GenerationEval, generate: Generate
 
 
 def evaluate_saved(model: str, settings: GenerationEval, result_file: Path) -> dict[str, Any]:
-    """:func:`evaluate_generation`, kept in ``result_file`` and reused while the model and settings are the same."""
-    if result_file.is_file():
+    """:func:`evaluate_generation`, kept in ``result_file`` and reused while the model and settings are the
+    same and the folder was not written again since (a run exported anew from a newer checkpoint is scored anew)."""
+    config = Path(model) / "config.json"
+    fresh = result_file.is_file() and config.is_file() and config.stat().st_mtime <= result_file.stat().st_mtime
+    if fresh:
         kept = json.loads(result_file.read_text())
         if kept.get("model") == str(model) and kept.get("asked") == asdict(settings):
             return kept
