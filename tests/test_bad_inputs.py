@@ -123,11 +123,13 @@ def save_distributed_copy(checkpoint, folder):
 
 
 def save_hf_checkpoint(folder):
-    """``tiny/``: a tiny OLMoE folder (also the posttrain recipe's ``runs/tiny-olmoe``); ``hf.ckpt``: a checkpoint of it."""
+    """``tiny/``: a tiny OLMoE folder (also the posttrain recipe's ``runs/tiny-olmoe``); ``hf.ckpt``: a checkpoint of it;
+    ``tiny-glm4/``: a tiny GLM-4.5-shaped folder."""
     from lightning_moe.hf import HFMoELanguageModel
     from lightning_moe.hf.tiny import build_tiny_model
 
     build_tiny_model("olmoe", str(folder / "tiny"), vocab_size=320)
+    build_tiny_model("glm4_moe", str(folder / "tiny-glm4"), vocab_size=320)  # routers that select by sigmoid scores
     (folder / "runs").mkdir(exist_ok=True)
     (folder / "runs" / "tiny-olmoe").symlink_to(folder / "tiny")
     module = HFMoELanguageModel(pretrained=str(folder / "tiny"), dtype="float32")
