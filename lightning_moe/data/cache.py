@@ -164,11 +164,10 @@ class Corpus:
             return [json.loads(line) for line, keep in zip(fh, chosen) if keep]
 
 
-def open_cache(path: str, expected_meta: dict[str, Any], verify: bool = True) -> Corpus:
-    """The corpus cached in folder ``path``; :class:`CacheDamaged` if any file is missing, short or altered.
-
-    ``verify`` reads every file once to check its CRC-32 (sizes are always checked).
-    """
+def read_checked_meta(path: str, expected_meta: dict[str, Any], verify: bool) -> dict[str, Any]:
+    """The ``meta.json`` of the cache folder ``path``, after checking it has ``expected_meta``'s values
+    and that every file it lists is there, whole (and, with ``verify``, of the same CRC-32);
+    :class:`CacheDamaged` otherwise. Both caches (text and chat) open through this."""
     try:
         with open(os.path.join(path, "meta.json"), encoding="utf-8") as fh:
             meta = json.load(fh)
@@ -179,6 +178,15 @@ def open_cache(path: str, expected_meta: dict[str, Any], verify: bool = True) ->
             raise CacheDamaged(f"meta.json has {key}={meta.get(key)!r}, expected {value!r}")
     for name, record in meta["files"].items():
         _check_file(os.path.join(path, name), record, verify)
+    return meta
+
+
+def open_cache(path: str, expected_meta: dict[str, Any], verify: bool = True) -> Corpus:
+    """The corpus cached in folder ``path``; :class:`CacheDamaged` if any file is missing, short or altered.
+
+    ``verify`` reads every file once to check its CRC-32 (sizes are always checked).
+    """
+    meta = read_checked_meta(path, expected_meta, verify)
     with np.load(os.path.join(path, "index.npz")) as index:
         shard, offset, length, split = (index[k] for k in ("shard", "offset", "length", "split"))
         counts = index["train_counts"]

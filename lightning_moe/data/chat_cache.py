@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lightning_moe.data.build_lock import OWNER_RECORD
-from lightning_moe.data.cache import CacheDamaged, _check_file, _record, build_once
+from lightning_moe.data.cache import _record, build_once, read_checked_meta
 from lightning_moe.data.loading import IGNORE_INDEX
 from lightning_moe.data.packing import PackedBatch, assign_rows, example_windows, row_position_ids
 
@@ -164,16 +164,7 @@ def open_rows_cache(path: str, key: str, verify: bool) -> dict[str, Any]:
 
     ``verify`` reads every file once to check its CRC-32 (sizes are always checked).
     """
-    try:
-        with open(os.path.join(path, "meta.json"), encoding="utf-8") as fh:
-            meta = json.load(fh)
-    except (OSError, ValueError) as err:
-        raise CacheDamaged(f"meta.json unreadable: {err}") from None
-    if meta.get("key") != key:
-        raise CacheDamaged(f"meta.json has key={meta.get('key')!r}, expected {key!r}")
-    for name, record in meta["files"].items():
-        _check_file(os.path.join(path, name), record, verify)
-    return meta
+    return read_checked_meta(path, {"key": key}, verify)
 
 
 def build_rows_cache(
